@@ -1,0 +1,37 @@
+"""All loading and saving of weights and embeddings: formats, safety rules, key allow-lists."""
+from ldm.checkpoint._io import CheckpointError, UntrustedPickleError
+from ldm.checkpoint.embeddings import (
+    EmbeddingFile,
+    load_embeddings,
+    save_embeddings,
+    tensor_fingerprint,
+)
+from ldm.checkpoint.weights import (
+    Checkpoint,
+    LoadReport,
+    ema_key,
+    is_ignorable_extra,
+    load_weights,
+    read_checkpoint,
+    read_checkpoint_meta,
+    read_state_dict,
+    save_checkpoint,
+)
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "EmbeddingFile",
+    "LoadReport",
+    "UntrustedPickleError",
+    "ema_key",
+    "is_ignorable_extra",
+    "load_embeddings",
+    "load_weights",
+    "read_checkpoint",
+    "read_checkpoint_meta",
+    "read_state_dict",
+    "save_checkpoint",
+    "save_embeddings",
+    "tensor_fingerprint",
+]

@@ -1,0 +1,200 @@
+"""The personalization dataset: a few photos of one subject, captioned with the placeholder token.
+
+Constructor keys follow textual inversion's ``PersonalizedBase`` plus the seed's prompt-engineering
+keys (``class_word``, ``descriptive_p``, ``use_random_prompt``) and a ``seed``. All photos are
+decoded once, cropped/resized and kept in memory, so ``__getitem__`` does no disk IO.
+
+Randomness (flips, templates, descriptive words) comes from a per-dataset ``random.Random``, never
+the global ``random`` module. In the main process it is seeded with ``seed``. Inside a DataLoader
+worker it is re-seeded on first use from ``(seed, worker seed)``; torch derives the worker seed from
+its own RNG for each worker and epoch, so workers draw different captions and runs are reproducible
+when torch is seeded too (e.g. Lightning's ``seed_everything``). No ``worker_init_fn`` is needed.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, get_worker_info
+
+from ldm.data.images import DataRootError, ScanResult, check_data_root, iter_image_folder
+from ldm.data.prompts import PromptBuilder
+
+__all__ = ["PersonalizedBase", "BaseImages", "DataRootError"]
+
+logger = logging.getLogger(__name__)
+
+INTERPOLATIONS = {
+    "linear": Image.Resampling.BILINEAR,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class BaseImages(NamedTuple):
+    """The resized training images and their mirror images, float [N, 3, H, W] in [-1, 1]."""
+
+    images: torch.Tensor
+    flipped: torch.Tensor
+
+
+def _to_unit_range(img: Image.Image) -> np.ndarray:
+    """uint8 RGB image -> float32 H x W x 3 array in [-1, 1]."""
+    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+
+
+class PersonalizedBase(Dataset):
+    """Photos of one subject from ``data_root``, each item ``{"image", "caption", "image_index", "flipped"}``.
+
+    ``len`` is ``num_images * repeats`` for ``set="train"`` and ``num_images`` otherwise; item ``k``
+    shows image ``k % num_images``, flipped horizontally with probability ``flip_p``.
+    """
+
+    def __init__(
+        self,
+        data_root: str | Path,
+        size: int | None = None,
+        repeats: int = 100,
+        interpolation: str = "bicubic",
+        flip_p: float = 0.5,
+        set: str = "train",  # noqa: A002 - textual inversion's config key
+        placeholder_token: str = "*",
+        per_image_tokens: bool = False,
+        center_crop: bool = False,
+        mixing_prob: float = 0.25,
+        coarse_class_text: str | None = None,
+        class_word: str | None = None,
+        descriptive_p: float = 0.0,
+        use_random_prompt: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got '{interpolation}'")
+        if size is not None and (not isinstance(size, int) or size <= 0):
+            raise ValueError(f"size must be a positive integer (e.g. 512) or None, got {size!r}")
+        if not isinstance(repeats, int) or repeats <= 0:
+            raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p}")
+        self.data_root = check_data_root(data_root)
+        self.size = size
+        self.repeats = repeats
+        self.interpolation = interpolation
+        self.flip_p = flip_p
+        self.split = set
+        self.center_crop = center_crop
+        self.seed = seed
+        self.prompts = PromptBuilder(
+            placeholder_token=placeholder_token,
+            class_word=class_word,
+            coarse_class_text=coarse_class_text,
+            use_random_prompt=use_random_prompt,
+            descriptive_p=descriptive_p,
+            per_image_tokens=per_image_tokens,
+            mixing_prob=mixing_prob,
+        )
+        self.scan, self._images, self._num_upscaled = self._load_folder()
+        self._mirrored = [ImageOps.mirror(img) for img in self._images]
+        self.prompts.check_num_images(self.num_images)
+        self._rng = random.Random(seed)
+        self._rng_worker_seed: int | None = None
+        logger.info(self.summary())
+
+    # ----------------------------------------------------------------------------------- loading
+    def _prepare(self, img: Image.Image) -> Image.Image:
+        """Optional centre crop to a square (textual inversion's offsets), then resize."""
+        if self.center_crop:
+            w, h = img.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            img = img.crop((left, top, left + side, top + side))
+        if self.size is not None:
+            img = img.resize((self.size, self.size), resample=INTERPOLATIONS[self.interpolation])
+        return img
+
+    def _load_folder(self) -> tuple[ScanResult, list[Image.Image], int]:
+        scan, images, num_upscaled = ScanResult(), [], 0
+        for path, image, reason in iter_image_folder(self.data_root):
+            if image is None:
+                scan.skipped.append((path, reason))
+                continue
+            if self.size is not None and min(image.size) < self.size:
+                num_upscaled += 1
+            scan.images.append(path)
+            images.append(self._prepare(image))
+        if not images:
+            raise DataRootError(
+                f"no usable images in {self.data_root}: found {scan.num_entries} files, "
+                f"skipped: {scan.describe_skipped()} — put 5-20 photos of one person there"
+            )
+        return scan, images, num_upscaled
+
+    # ------------------------------------------------------------------------------- public API
+    @property
+    def num_images(self) -> int:
+        return len(self._images)
+
+    @property
+    def image_paths(self) -> list[Path]:
+        return list(self.scan.images)
+
+    @property
+    def skipped(self) -> list[tuple[Path, str]]:
+        return list(self.scan.skipped)
+
+    def base_images(self) -> BaseImages:
+        """All images as prepared for training, un-flipped and flipped, float [N, 3, H, W] in [-1, 1]."""
+        sizes = {img.size for img in self._images}
+        if len(sizes) > 1:
+            raise ValueError(f"training images have different sizes {sorted(sizes)}: set size (e.g. 512)")
+        images = torch.stack([TF.pil_to_tensor(img) for img in self._images]).float() / 127.5 - 1.0
+        flipped = torch.stack([TF.pil_to_tensor(img) for img in self._mirrored]).float() / 127.5 - 1.0
+        return BaseImages(images=images, flipped=flipped)
+
+    def summary(self) -> str:
+        """A human-readable description of what the dataset will train on."""
+        example = self.prompts.build(random.Random(self.seed), 0)
+        size = "original" if self.size is None else f"{self.size}x{self.size}"
+        lines = [
+            f"PersonalizedBase({self.split}): {self.num_images} images from {self.data_root}, "
+            f"{len(self)} items (repeats={self.repeats if self.split == 'train' else 1})",
+            f"skipped {len(self.scan.skipped)}: {self.scan.describe_skipped()}",
+            f"size {size} ({self.interpolation}, center_crop={self.center_crop}), flip_p={self.flip_p}"
+            + (f", {self._num_upscaled} images smaller than size are upscaled" if self._num_upscaled else ""),
+            f"prompts: {self.prompts.describe()}; example: '{example}'",
+        ]
+        return "\n  ".join(lines)
+
+    # --------------------------------------------------------------------------- torch Dataset
+    def _worker_rng(self) -> random.Random:
+        """The dataset RNG, re-seeded once per DataLoader worker (see the module docstring)."""
+        info = get_worker_info()
+        if info is not None and info.seed != self._rng_worker_seed:
+            self._rng = random.Random(f"{self.seed}/{info.seed}")
+            self._rng_worker_seed = info.seed
+        return self._rng
+
+    def __len__(self) -> int:
+        return self.num_images * self.repeats if self.split == "train" else self.num_images
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        image_index = index % self.num_images
+        rng = self._worker_rng()
+        flipped = rng.random() < self.flip_p
+        image = self._mirrored[image_index] if flipped else self._images[image_index]
+        return {
+            "image": _to_unit_range(image),  # H x W x 3, channels last like textual inversion
+            "caption": self.prompts.build(rng, image_index),
+            "image_index": image_index,
+            "flipped": flipped,
+        }

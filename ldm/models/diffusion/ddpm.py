@@ -1,0 +1,510 @@
+"""Lightning glue for DDPM and Latent Diffusion (Rombach et al. 2022).
+
+The maths lives elsewhere: the noise schedule in :mod:`schedule`, the losses in :mod:`losses`, the
+latent cache in :mod:`latent_cache`, the facial term in :mod:`ldm.modules.face_loss`, the samplers
+in :mod:`ddim`/:mod:`plms`. These classes assemble the parts from a config and run the steps.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from einops import rearrange
+from torch import nn
+
+from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
+from ldm.models.diffusion.losses import per_sample_loss
+from ldm.models.diffusion.schedule import diffusion_buffers, extract, make_beta_schedule, vlb_weights
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the denoiser as ``diffusion_model`` and routes conditioning to it by kind."""
+
+    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: str | None):
+        super().__init__()
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning_key '{conditioning_key}' is not one of {CONDITIONING_KEYS}")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat: Sequence[torch.Tensor] | None = None,
+                c_crossattn: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key == "concat":
+            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t)
+        if key == "crossattn":
+            return self.diffusion_model(x, t, context=torch.cat(list(c_crossattn), dim=1))
+        if key == "hybrid":
+            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t,
+                                        context=torch.cat(list(c_crossattn), dim=1))
+        return self.diffusion_model(x, t, y=c_crossattn[0])  # "adm": class-conditional
+
+
+class DDPM(pl.LightningModule):
+    """Denoising diffusion in pixel space; the base of :class:`LatentDiffusion`."""
+
+    def __init__(
+        self,
+        unet_config: Mapping[str, Any],
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        loss_type: str = "l2",
+        ckpt_path: str | None = None,
+        ignore_keys: Sequence[str] = (),
+        load_only_unet: bool = False,
+        monitor: str = "val/loss",
+        use_ema: bool = True,
+        first_stage_key: str = "image",
+        image_size: int = 256,
+        channels: int = 3,
+        log_every_t: int = 100,
+        clip_denoised: bool = True,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas: Sequence[float] | None = None,
+        original_elbo_weight: float = 0.0,
+        v_posterior: float = 0.0,
+        l_simple_weight: float = 1.0,
+        conditioning_key: str | None = None,
+        parameterization: str = "eps",
+        scheduler_config: Mapping[str, Any] | None = None,
+        use_positional_encodings: bool = False,
+        learn_logvar: bool = False,
+        logvar_init: float = 0.0,
+    ):
+        super().__init__()
+        if parameterization not in ("eps", "x0"):
+            raise ValueError(f"parameterization '{parameterization}' is not supported: use eps or x0")
+        self.parameterization = parameterization
+        self.cond_stage_model = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.use_positional_encodings = use_positional_encodings
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model)
+        self.scheduler_config = scheduler_config
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.loss_type = loss_type
+        if monitor is not None:
+            self.monitor = monitor
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        # Not a buffer: released checkpoints have no logvar key unless it was learned.
+        self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
+        if ckpt_path:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
+                          linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3) -> None:
+        """Compute the schedule in float64 and register the 12 float32 buffers of an SD checkpoint."""
+        if given_betas is not None:
+            betas = torch.as_tensor(given_betas, dtype=torch.float64)
+        else:
+            betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self.num_timesteps = int(betas.shape[0])
+        self.linear_start, self.linear_end = linear_start, linear_end
+        for name, value in diffusion_buffers(betas, self.v_posterior).items():
+            self.register_buffer(name, value)
+        self.register_buffer("lvlb_weights", vlb_weights(betas, self.parameterization, self.v_posterior),
+                             persistent=False)
+
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False,
+                       use_ema: bool = False, trust_pickle: bool = False) -> None:
+        """Load weights from a checkpoint through the project's checkpoint module (strict keys)."""
+        from ldm.checkpoint import load_weights, read_state_dict
+
+        state = read_state_dict(path, trust_pickle=trust_pickle)
+        state = {k: v for k, v in state.items() if not any(k.startswith(i) for i in ignore_keys)}
+        if only_model:
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            load_weights(self.model, state)
+        else:
+            load_weights(self, state, use_ema=use_ema, allow_missing_prefixes=self.weights_not_in_checkpoints())
+        self.on_weights_loaded()
+        logger.info("Restored weights from %s", path)
+
+    def weights_not_in_checkpoints(self) -> tuple[str, ...]:
+        """State-dict prefixes a base checkpoint may lack (e.g. a new embedding)."""
+        return ()
+
+    def on_weights_loaded(self) -> None:
+        """Hook run after base weights are loaded."""
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None):
+        """Temporarily swap the EMA weights into the model (no-op without EMA)."""
+        if not self.use_ema:
+            yield None
+            return
+        self.model_ema.store(self.model.parameters())
+        self.model_ema.copy_to(self.model)
+        if context is not None:
+            logger.info("%s: switched to EMA weights", context)
+        try:
+            yield None
+        finally:
+            self.model_ema.restore(self.model.parameters())
+            if context is not None:
+                logger.info("%s: restored training weights", context)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None):
+        """Sample x_t ~ q(x_t | x_0) (DDPM eq. 4)."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return (extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise)
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+        """x_0 from x_t and the predicted noise (inverse of eq. 4)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * noise)
+
+    def sample_timesteps(self, batch_size: int) -> torch.Tensor:
+        """Uniformly random training timesteps, one per sample."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=self.device).long()
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond=None, return_ids: bool = False):
+        """Run the denoiser; ``cond`` is a tensor, a list of tensors or a dict of kind -> list."""
+        if not isinstance(cond, dict):
+            if cond is not None and not isinstance(cond, list):
+                cond = [cond]
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond} if cond is not None else {}
+        output = self.model(x_noisy, t, **cond)
+        return output[0] if isinstance(output, tuple) and not return_ids else output
+
+    def per_sample_losses(self, x_start: torch.Tensor, cond, t: torch.Tensor,
+                          noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Simple and VLB losses of each sample, shape [B] each, from one denoiser call."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_noisy = self.q_sample(x_start, t, noise)
+        prediction = self.apply_model(x_noisy, t, cond)
+        target = noise if self.parameterization == "eps" else x_start
+        simple = per_sample_loss(prediction, target, self.loss_type)
+        logvar_t = self.logvar.to(self.device)[t]
+        weighted = simple / torch.exp(logvar_t) + logvar_t
+        vlb = self.lvlb_weights[t] * simple
+        return weighted, vlb
+
+    def reduce_losses(self, weighted: torch.Tensor, vlb: torch.Tensor, prefix: str):
+        """Total loss and the logged terms, as in LDM's ``p_losses``."""
+        loss_dict = {f"{prefix}/loss_simple": weighted.mean().detach()}
+        if self.learn_logvar:
+            loss_dict[f"{prefix}/loss_gamma"] = weighted.mean().detach()
+            loss_dict["logvar"] = self.logvar.data.mean()
+        loss = self.l_simple_weight * weighted.mean()
+        loss_dict[f"{prefix}/loss_vlb"] = vlb.mean().detach()
+        loss = loss + self.original_elbo_weight * vlb.mean()
+        return loss, loss_dict
+
+    def p_losses(self, x_start: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor | None = None):
+        """The training loss at timesteps ``t``: returns ``(loss, loss_dict)``."""
+        prefix = "train" if self.training else "val"
+        loss, loss_dict = self.reduce_losses(*self.per_sample_losses(x_start, cond, t, noise), prefix)
+        loss_dict[f"{prefix}/loss"] = loss.detach()
+        return loss, loss_dict
+
+    def get_input(self, batch: Mapping[str, Any], key: str) -> torch.Tensor:
+        return self.batch_images(batch, key)
+
+    def batch_images(self, batch: Mapping[str, Any], key: str) -> torch.Tensor:
+        """Images of a batch as float [B, C, H, W] (datasets yield channels-last)."""
+        x = torch.as_tensor(batch[key])
+        if x.ndim == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        return self.p_losses(x, None, self.sample_timesteps(x.shape[0]), *args, **kwargs)
+
+    def shared_step(self, batch: Mapping[str, Any]):
+        return self(self.get_input(batch, self.first_stage_key))
+
+    def training_step(self, batch, batch_idx):
+        loss, loss_dict = self.shared_step(batch)
+        if not torch.isfinite(loss):
+            logger.error("Loss is %s at step %d: stopping; the last good weights are kept.",
+                         loss.item(), self.global_step)
+            self.trainer.should_stop = True
+            return None  # skips the optimizer step, so nothing is overwritten with NaN
+        self.log_dict(loss_dict, prog_bar=True, on_step=True, on_epoch=False, batch_size=self._batch_size(batch))
+        self.log("global_step", float(self.global_step), prog_bar=False, on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        _, loss_dict = self.shared_step(batch)
+        with self.ema_scope():
+            _, loss_dict_ema = self.shared_step(batch)
+        loss_dict.update({f"{k}_ema": v for k, v in loss_dict_ema.items()})
+        self.log_dict(loss_dict, prog_bar=False, on_step=False, on_epoch=True, batch_size=self._batch_size(batch))
+
+    def _batch_size(self, batch) -> int:
+        return len(batch[self.first_stage_key])
+
+    def on_train_batch_end(self, *args, **kwargs):
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; subclasses choose what trains."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return [{"params": params, "lr": self.learning_rate}]
+
+    def configure_optimizers(self):
+        groups = [g for g in self.trainable_parameters() if g["params"]]
+        if not groups:
+            raise ValueError("nothing to train: every parameter is frozen by this config "
+                             "(enable the embedding manager, unfreeze_model or the UNet)")
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate)
+        if self.scheduler_config is None:
+            return optimizer
+        schedule = instantiate_from_config(self.scheduler_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
+        return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion in the latent space of a frozen autoencoder, conditioned by a text encoder.
+
+    With ``personalization_config`` (textual inversion), every UNet, VAE and text-encoder weight is
+    frozen and only the embedding manager's vectors train, unless ``unfreeze_model`` is set.
+    """
+
+    def __init__(
+        self,
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any] | str,
+        num_timesteps_cond: int | None = None,
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        concat_mode: bool = True,
+        cond_stage_forward: str | None = None,
+        conditioning_key: str | None = None,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        personalization_config: Mapping[str, Any] | None = None,
+        embedding_reg_weight: float = 0.0,
+        unfreeze_model: bool = False,
+        model_lr: float = 0.0,
+        facial_loss_config: Mapping[str, Any] | None = None,
+        *args,
+        **kwargs,
+    ):
+        self.num_timesteps_cond = num_timesteps_cond or 1
+        self.scale_by_std = scale_by_std
+        if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
+            raise ValueError("num_timesteps_cond cannot exceed timesteps")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_forward = cond_stage_forward
+        self.clip_denoised = False
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+        self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
+        self.cond_stage_model = self._build_cond_stage(cond_stage_config)
+        self.latent_cache = LatentCache()
+        self.embedding_manager = None
+        self.embedding_reg_weight = embedding_reg_weight
+        self.unfreeze_model = unfreeze_model
+        self.model_lr = model_lr
+        if personalization_config is not None:
+            self._personalize(personalization_config)
+        self.facial_loss = (instantiate_from_config(facial_loss_config)
+                            if facial_loss_config is not None else None)
+        self.restarted_from_ckpt = False
+        if ckpt_path:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+
+    @staticmethod
+    def _frozen(module: nn.Module) -> nn.Module:
+        module.eval()
+        for param in module.parameters():
+            param.requires_grad = False
+        return module
+
+    def _build_cond_stage(self, config):
+        if config == "__is_first_stage__":
+            return self.first_stage_model
+        if config == "__is_unconditional__":
+            return None
+        model = instantiate_from_config(config)
+        return model if self.cond_stage_trainable else self._frozen(model)
+
+    def _personalize(self, config: Mapping[str, Any]) -> None:
+        self.embedding_manager = instantiate_from_config(config, embedder=self.cond_stage_model)
+        if not self.unfreeze_model:
+            self._frozen(self.model)
+            self._frozen(self.cond_stage_model)
+        # Only the embedding (and, when unfrozen, the UNet) is saved in training checkpoints.
+        self.strict_loading = False
+        for param in self.embedding_manager.embedding_parameters():
+            param.requires_grad = True
+
+    def weights_not_in_checkpoints(self) -> tuple[str, ...]:
+        return ("embedding_manager.",) if self.embedding_manager is not None else ()
+
+    def on_weights_loaded(self) -> None:
+        """Re-read e_p and the init words from the freshly loaded text encoder."""
+        if self.embedding_manager is not None:
+            self.embedding_manager.initialize_from_embedder()
+
+    def train(self, mode: bool = True):
+        """Switch modes, keeping frozen parts in eval mode (the original patched ``train``)."""
+        super().train(mode)
+        self.first_stage_model.eval()
+        if self.cond_stage_model is not None and not self.cond_stage_trainable:
+            self.cond_stage_model.eval()
+        return self
+
+    # --- first stage -------------------------------------------------------------------------
+    def encode_first_stage(self, x: torch.Tensor):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior) -> torch.Tensor:
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder_posterior of type {type(encoder_posterior)} is not supported")
+        return self.scale_factor * z
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def encode_to_latents(self, images: torch.Tensor, cache_keys=None) -> torch.Tensor:
+        """Scaled latents of images [B, 3, H, W]; posteriors are cached by key when keys are given."""
+        if cache_keys is None:
+            with torch.no_grad():
+                return self.get_first_stage_encoding(self.encode_first_stage(images)).detach()
+        posterior = self.latent_cache.posterior(cache_keys, images, self._encode_posterior)
+        return self.scale_factor * posterior.sample()
+
+    @torch.no_grad()
+    def _encode_posterior(self, images: torch.Tensor) -> DiagonalGaussianDistribution:
+        return self.encode_first_stage(images)
+
+    # --- conditioning ------------------------------------------------------------------------
+    def get_learned_conditioning(self, c):
+        """Text (or other) conditioning; the embedding manager injects the learned vectors."""
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        encode = getattr(self.cond_stage_model, "encode", None)
+        if not callable(encode):
+            return self.cond_stage_model(c)
+        c = encode(c, embedding_manager=self.embedding_manager) if self.embedding_manager else encode(c)
+        return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+
+    # --- training ----------------------------------------------------------------------------
+    def get_input(self, batch: Mapping[str, Any], key: str, **_) -> list:
+        """Latents and raw conditioning of a batch: ``[z, c]``."""
+        images = self.batch_images(batch, key).to(self.device)
+        z = self.encode_to_latents(images, batch_cache_keys(batch, "image"))
+        return [z, batch[self.cond_stage_key]]
+
+    def shared_step(self, batch: Mapping[str, Any], **_):
+        z, c = self.get_input(batch, self.first_stage_key)
+        face = self.facial_loss.face_latents(self, batch) if self.facial_loss is not None else None
+        return self(z, c, face=face)
+
+    def forward(self, x: torch.Tensor, c, face=None, *args, **kwargs):
+        t = self.sample_timesteps(x.shape[0])
+        cond = self.get_learned_conditioning(c)
+        prefix = "train" if self.training else "val"
+        if face is None:
+            loss, loss_dict = self.p_losses(x, cond, t)
+        else:
+            loss, loss_dict = self.facial_loss.losses(self, x, cond, t, face, prefix)
+        if self.embedding_manager is not None and self.embedding_reg_weight > 0:
+            reg = self.embedding_manager.embedding_to_coarse_loss()
+            loss = loss + self.embedding_reg_weight * reg
+            loss_dict[f"{prefix}/loss_embedding_reg"] = reg.detach()
+            loss_dict[f"{prefix}/loss"] = loss.detach()
+        return loss, loss_dict
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        if self.embedding_manager is None:
+            groups = super().trainable_parameters()
+            if self.cond_stage_trainable:
+                groups[0]["params"] += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+            return groups
+        groups = [{"params": list(self.embedding_manager.embedding_parameters()), "lr": self.learning_rate}]
+        if self.unfreeze_model:
+            model_params = [p for p in self.model.parameters() if p.requires_grad]
+            groups.append({"params": model_params, "lr": self.model_lr})
+        return groups
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt:
+            z = self.encode_to_latents(self.batch_images(batch, self.first_stage_key).to(self.device))
+            self.scale_factor = 1.0 / (z / self.scale_factor).flatten().std()
+            logger.info("scale_by_std: scale_factor set to %.5f", float(self.scale_factor))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Textual inversion keeps only trainable weights in training checkpoints (no 4 GB copies)."""
+        if self.embedding_manager is None or self.unfreeze_model:
+            return
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k.startswith("embedding_manager.")}
+
+    # --- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_images(self, prompts: Sequence[str], *, ddim_steps: int = 50, scale: float = 5.0,
+                      eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decoded DDIM samples for ``prompts``, in [-1, 1], shape [B, 3, H, W]."""
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        cond = self.get_learned_conditioning(list(prompts))
+        uncond = self.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+        shape = (self.channels, self.image_size, self.image_size)
+        samples, _ = DDIMSampler(self).sample(
+            S=ddim_steps, conditioning=cond, batch_size=len(prompts), shape=shape, verbose=False,
+            unconditional_guidance_scale=scale, unconditional_conditioning=uncond, eta=eta,
+            generator=generator)
+        return self.decode_first_stage(samples).clamp(-1, 1)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 4, ddim_steps: int = 50,
+                   unconditional_guidance_scale: float = 5.0, **_) -> dict[str, torch.Tensor]:
+        """Inputs, reconstructions and samples with the batch's prompts, for the image logger."""
+        images = self.batch_images(batch, self.first_stage_key)[:N].to(self.device)
+        prompts = list(batch[self.cond_stage_key][:N])
+        z = self.encode_to_latents(images)
+        with self.ema_scope():
+            samples = self.sample_images(prompts, ddim_steps=ddim_steps, scale=unconditional_guidance_scale)
+        return {"inputs": images, "reconstruction": self.decode_first_stage(z).clamp(-1, 1),
+                "samples_scaled": samples}
