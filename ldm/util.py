@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 
 def get_obj_from_str(path: str) -> Any:
@@ -42,3 +45,35 @@ def default(value: Any, fallback: Any) -> Any:
     if value is not None:
         return value
     return fallback() if callable(fallback) else fallback
+
+
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
+    """Run ``writer(tmp)`` on a temp file next to ``path``, fsync it, then rename it over ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        writer(tmp)
+        with tmp.open("rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms (Windows) cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

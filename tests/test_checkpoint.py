@@ -175,10 +175,11 @@ def test_untrusted_global_loads_only_with_trust_pickle(tmp_path: Path) -> None:
 def test_lightning_training_checkpoint_metadata_is_neutralised(tmp_path: Path, monkeypatch) -> None:
     np = pytest.importorskip("numpy")
     # A stand-in pickled under Lightning's real name, so the test needs no Lightning import.
-    fake = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    fake = sys.modules["pytorch_lightning.callbacks.model_checkpoint"]
     ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": fake.__name__})
     fake.ModelCheckpoint = ModelCheckpoint
-    monkeypatch.setitem(sys.modules, fake.__name__, fake)
     state = {"w": torch.randn(3)}
     ckpt = {
         "state_dict": state,
@@ -186,7 +187,7 @@ def test_lightning_training_checkpoint_metadata_is_neutralised(tmp_path: Path, m
         "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(0.25)}, "cb": ModelCheckpoint()},
     }
     torch.save(ckpt, tmp_path / "sd.ckpt")
-    monkeypatch.delitem(sys.modules, fake.__name__)
+    monkeypatch.undo()  # loading must not need the class
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "sd.ckpt", weights_only=True)  # plain weights_only refuses it
     loaded = read_checkpoint(tmp_path / "sd.ckpt")

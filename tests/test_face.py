@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("dlib", reason="dlib is not installed: pip install dlib-bin")
-face = pytest.importorskip("ldm.modules.face")
+from ldm.modules import face  # noqa: E402
 from ldm.data.images import load_rgb  # noqa: E402
 
 FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "faces"

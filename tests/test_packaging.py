@@ -251,3 +251,10 @@ def test_make_test_skips_install_when_stamp_is_fresh(make_sandbox: Path) -> None
         assert "pip install" in plan, f"editing {name} must trigger a reinstall:\n{plan}"
         assert "-m venv" not in plan, f"editing {name} must not recreate the venv:\n{plan}"
         os.utime(make_sandbox / name, (past, past))
+
+
+def test_make_rebuilds_venv_whose_interpreter_is_gone(make_sandbox: Path) -> None:
+    (make_sandbox / ".venv").mkdir()
+    (make_sandbox / ".venv" / ".installed").write_text("")
+    plan = _make(make_sandbox, "-n", "test").stdout
+    assert "-m venv" in plan and "pip install" in plan, f"a stamp without an interpreter must not count:\n{plan}"

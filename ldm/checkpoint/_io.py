@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -102,12 +100,16 @@ def sniff_format(path: Path) -> str:
     """'safetensors', 'torch-zip', 'pickle' or 'text' from the first bytes of ``path``."""
     with path.open("rb") as handle:
         head = handle.read(16)
-    if path.suffix == SAFETENSORS_SUFFIX or (len(head) >= 9 and head[8:9] == b"{"):
+    if path.suffix == SAFETENSORS_SUFFIX:
         return "safetensors"
     if head.startswith(b"PK"):
         return "torch-zip"
     if head.startswith(b"\x80"):
         return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
+        header_length = struct.unpack("<Q", head[:8])[0]
+        if header_length <= path.stat().st_size - 8:
+            return "safetensors"
     if _looks_like_text(head):
         return "text"
     return "unknown"
@@ -207,38 +209,6 @@ def _first_line_after(message: str, marker: str) -> str:
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:300]
-
-
-def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
-    """Run ``writer(tmp)`` on a temp file next to ``path``, fsync it, then rename it over ``path``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        writer(tmp)
-        with tmp.open("rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-    return target
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms (Windows) cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def encode_metadata(values: dict[str, Any]) -> dict[str, str]:

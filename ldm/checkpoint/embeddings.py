@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
+from ldm.util import atomic_write
 from ldm.checkpoint._io import (
     PARAMETER_DICT_GLOBAL,
     SAFETENSORS_SUFFIX,
     CheckpointError,
     ParameterDictStub,
-    atomic_write,
     check_readable,
     decode_metadata,
     detach_for_safetensors,

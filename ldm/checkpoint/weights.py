@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
+from ldm.util import atomic_write
 from ldm.checkpoint._io import (
     SAFETENSORS_SUFFIX,
     CheckpointError,
-    atomic_write,
     check_readable,
     decode_metadata,
     detach_for_safetensors,

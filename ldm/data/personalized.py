@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +74,7 @@ class PersonalizedBase(Dataset):
         descriptive_p: float = 0.0,
         use_random_prompt: bool = False,
         seed: int | None = None,
+        face_crops: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if interpolation not in INTERPOLATIONS:
@@ -106,6 +107,7 @@ class PersonalizedBase(Dataset):
         self.prompts.check_num_images(self.num_images)
         self._rng = random.Random(seed)
         self._rng_worker_seed: int | None = None
+        self._faces = self._prepare_faces(face_crops) if face_crops is not None else None
         logger.info(self.summary())
 
     # ----------------------------------------------------------------------------------- loading
@@ -136,6 +138,23 @@ class PersonalizedBase(Dataset):
                 f"skipped: {scan.describe_skipped()} — put 5-20 photos of one person there"
             )
         return scan, images, num_upscaled
+
+    def _prepare_faces(self, options: Mapping[str, Any]) -> list[tuple[Image.Image, Image.Image] | None]:
+        """Aligned face crops (and their mirror images) per photo, via the cached dlib pipeline."""
+        from ldm.modules.face import FaceCropper, default_cache_dir, write_crops
+
+        if self.size is None:
+            raise ValueError("face crops need a training size: set size (e.g. 512)")
+        options = dict(options)
+        crops_dir = options.pop("crops_dir", None)
+        options.setdefault("cache_dir", default_cache_dir())
+        crops = FaceCropper(size=self.size, **options).prepare(self.image_paths)
+        if crops_dir:
+            write_crops(dict(zip(self.image_paths, crops)), crops_dir)
+        if not any(crops):
+            logger.warning("No face found in any of the %d photos: training continues without the facial loss "
+                           "term (check the photos, or try --face_detector hog/cnn)", self.num_images)
+        return [None if c is None else (c.image, ImageOps.mirror(c.image)) for c in crops]
 
     # ------------------------------------------------------------------------------- public API
     @property
@@ -171,6 +190,9 @@ class PersonalizedBase(Dataset):
             + (f", {self._num_upscaled} images smaller than size are upscaled" if self._num_upscaled else ""),
             f"prompts: {self.prompts.describe()}; example: '{example}'",
         ]
+        if self._faces is not None:
+            lines.append(f"faces: {sum(f is not None for f in self._faces)} of {self.num_images} photos have a "
+                         "usable face (the others add no face term)")
         return "\n  ".join(lines)
 
     # --------------------------------------------------------------------------- torch Dataset
@@ -192,9 +214,15 @@ class PersonalizedBase(Dataset):
         rng = self._worker_rng()
         flipped = rng.random() < self.flip_p
         image = self._mirrored[image_index] if flipped else self._images[image_index]
-        return {
+        item = {
             "image": _to_unit_range(image),  # H x W x 3, channels last like textual inversion
             "caption": self.prompts.build(rng, image_index),
             "image_index": image_index,
             "flipped": flipped,
         }
+        if self._faces is not None:
+            face = self._faces[image_index]
+            item["has_face"] = face is not None
+            item["face"] = (_to_unit_range(face[int(flipped)]) if face is not None
+                            else np.zeros_like(item["image"]))
+        return item

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ldm.data.images import ImageReadError, load_rgb, to_rgb
+from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class FaceCrop:
 
 
 @dataclass
-class _Detection:
+class Detection:
     box: tuple[int, int, int, int]
     landmarks: np.ndarray  # [68, 2]
     shape: Any  # dlib.full_object_detection, for the recognition model
@@ -138,7 +138,7 @@ class FaceDetector:
         boxes = [tuple(int(round(v / scale)) for v in (r.left(), r.top(), r.right(), r.bottom())) for r in rects]
         return sorted(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
 
-    def detect(self, image: Image.Image) -> _Detection | str:
+    def detect(self, image: Image.Image) -> Detection | str:
         """The largest face with its landmarks, or a string saying why there is none."""
         boxes = self.boxes(image)
         if not boxes:
@@ -149,7 +149,7 @@ class FaceDetector:
             return f"largest face is {side} px, below min_face_size={self.min_face_size}"
         shape = self._predictor(_as_uint8(image), _import_dlib().rectangle(*box))
         landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)  # [68, 2]
-        return _Detection(box=box, landmarks=landmarks, shape=shape, num_faces=len(boxes))
+        return Detection(box=box, landmarks=landmarks, shape=shape, num_faces=len(boxes))
 
 
 def ffhq_quad(landmarks: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -195,15 +195,10 @@ def align_crop(image: Image.Image, quad: np.ndarray, size: int) -> Image.Image:
     return region.transform((size, size), Image.Transform.QUAD, data, Image.Resampling.BICUBIC)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def default_cache_dir() -> Path:
+    """Where face crops are cached: ``$MOMENTUM_TI_CACHE`` or ``$XDG_CACHE_HOME/momentum-ti``, ``/faces``."""
+    root = os.environ.get("MOMENTUM_TI_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "momentum-ti"
+    return Path(root) / "faces"
 
 
 class FaceCropper:
@@ -318,14 +313,14 @@ class FaceCropper:
         if isinstance(result, str):
             meta = {"face": False, "reason": result}
         else:
-            _atomic_write(self.cache_dir / f"{key}.png", lambda f: result.image.save(f, format="PNG"))
+            atomic_write(self.cache_dir / f"{key}.png", lambda tmp: result.image.save(tmp, format="PNG"))
             meta = {
                 "face": True, "box": list(result.box), "landmarks": result.landmarks.tolist(),
                 "quad": result.quad.tolist(), "num_faces": result.num_faces,
             }
         meta["settings"] = self.settings()
         # the JSON is written last: it is the marker that the entry is complete
-        _atomic_write(self.cache_dir / f"{key}.json", lambda f: f.write(json.dumps(meta).encode()))
+        atomic_write(self.cache_dir / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
 def write_crops(crops: Mapping[str | Path, FaceCrop | None], out_dir: str | Path) -> list[Path]:

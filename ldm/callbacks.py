@@ -1,0 +1,130 @@
+"""Lightning callbacks of the training entrypoint: embedding files, sample grids, signals."""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchvision
+from PIL import Image
+from pytorch_lightning.utilities import rank_zero_only
+
+from ldm.util import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+class EmbeddingCheckpoint(pl.Callback):
+    """Writes ``embeddings_gs-N.pt`` every N steps, ``embeddings_ep-N.pt`` each epoch and
+    ``embeddings.pt`` at the end (also after Ctrl-C, SIGUSR1 or SIGTERM)."""
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 500):
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps = every_n_train_steps
+        self.signal_received: str | None = None
+        self._previous_handlers: dict[int, object] = {}
+
+    def _save(self, pl_module, name: str) -> None:
+        manager = getattr(pl_module, "embedding_manager", None)
+        if manager is None or not pl_module.trainer.is_global_zero:
+            return
+        if not all(torch.isfinite(p).all() for p in manager.embedding_parameters()):
+            logger.error("Embedding holds NaN/Inf: %s not written, the last good file is kept", name)
+            return
+        path = manager.save(self.dirpath / name, step=pl_module.global_step)
+        logger.info("Saved embedding %s", path)
+
+    def on_fit_start(self, trainer, pl_module):
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        for signum in (getattr(signal, "SIGUSR1", None), getattr(signal, "SIGTERM", None)):
+            if signum is not None and trainer.is_global_zero:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only record it: saving happens between steps, where the weights are consistent.
+        self.signal_received = signal.Signals(signum).name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = pl_module.global_step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+            self._save(pl_module, f"embeddings_gs-{step}.pt")
+        if self.signal_received:
+            logger.warning("%s received: saving the embedding and a resumable checkpoint", self.signal_received)
+            self._save(pl_module, "embeddings.pt")
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            if self.signal_received == "SIGTERM":
+                trainer.should_stop = True
+            self.signal_received = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._save(pl_module, f"embeddings_ep-{trainer.current_epoch}.pt")
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(pl_module, "embeddings.pt")
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            logger.warning("Interrupted: saving the embedding before exit")
+            self._save(pl_module, "embeddings.pt")
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+
+def to_grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
+    """A grid PIL image of images [N, 3, H, W] in [-1, 1]."""
+    images = images.detach().float().cpu().clamp(-1, 1)
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+    grid = torchvision.utils.make_grid((images + 1) / 2, nrow=nrow)  # [3, H', W'] in [0, 1]
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+class ImageLogger(pl.Callback):
+    """Every ``batch_frequency`` steps, writes grids from ``pl_module.log_images`` to ``images/train``.
+
+    Failures here (a missing font, odd sizes) are logged and never stop training.
+    """
+
+    def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True,
+                 increase_log_steps: bool = True, rescale: bool = True, disabled: bool = False,
+                 log_on_batch_idx: bool = False, log_first_step: bool = False,
+                 log_images_kwargs: dict | None = None, save_dir: str | Path | None = None):
+        self.batch_frequency = max(1, int(batch_frequency))
+        self.max_images = max_images
+        self.disabled = disabled
+        self.log_first_step = log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        self.save_dir = Path(save_dir) if save_dir else None
+
+    def _due(self, step: int) -> bool:
+        return (step % self.batch_frequency == 0 and step > 0) or (self.log_first_step and step == 0)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = pl_module.global_step
+        if self.disabled or self.max_images <= 0 or not self._due(step) or not hasattr(pl_module, "log_images"):
+            return
+        root = (self.save_dir or Path(trainer.log_dir or ".") / "images") / "train"
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                images = pl_module.log_images(batch, N=self.max_images, **self.log_images_kwargs)
+            root.mkdir(parents=True, exist_ok=True)
+            for name, tensor in images.items():
+                path = root / f"{name}_gs-{step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
+                grid = to_grid_image(tensor[: self.max_images])
+                atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        except Exception as err:  # sample logging must never crash a training run
+            logger.warning("Sample logging failed at step %d (training continues): %s", step, err)
+        finally:
+            pl_module.train(was_training)

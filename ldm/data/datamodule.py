@@ -1,0 +1,53 @@
+"""``main.DataModuleFromConfig``: a LightningDataModule assembled from dataset configs."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from ldm.util import instantiate_from_config
+
+
+class DataModuleFromConfig(pl.LightningDataModule):
+    """Train/validation/test datasets from ``{target, params}`` configs, with the LDM keys.
+
+    Datasets seed their own per-worker randomness, so no ``worker_init_fn`` is needed.
+    """
+
+    def __init__(self, batch_size: int, train: Mapping[str, Any] | None = None,
+                 validation: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
+                 predict: Mapping[str, Any] | None = None, wrap: bool = False, num_workers: int | None = None,
+                 shuffle_test_loader: bool = False, use_worker_init_fn: bool = False,
+                 shuffle_val_dataloader: bool = False):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers if num_workers is not None else batch_size * 2
+        self.dataset_configs = {name: cfg for name, cfg in
+                                {"train": train, "validation": validation, "test": test, "predict": predict}.items()
+                                if cfg is not None}
+        self.shuffle_test_loader = shuffle_test_loader
+        self.shuffle_val_dataloader = shuffle_val_dataloader
+        self.datasets: dict[str, Any] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        for name, cfg in self.dataset_configs.items():
+            if name not in self.datasets:
+                self.datasets[name] = instantiate_from_config(cfg)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[name], batch_size=self.batch_size, num_workers=self.num_workers,
+                          shuffle=shuffle,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=self.shuffle_val_dataloader)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=self.shuffle_test_loader)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

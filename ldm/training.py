@@ -1,0 +1,212 @@
+"""What ``main.py`` runs: merge configs and flags, build data, model and trainer, then fit."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoint import CheckpointError
+from ldm.data.images import DataRootError
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A problem with the user's input found before training: reported in one line, exit code 2."""
+
+
+@dataclass
+class RunPaths:
+    logdir: Path
+    ckptdir: Path
+    cfgdir: Path
+    resume_ckpt: Path | None
+
+
+def resolve_paths(opt: argparse.Namespace, now: str) -> tuple[RunPaths, list[str]]:
+    """The log dir of this run (new, or the one being resumed) and the configs to merge."""
+    bases = list(opt.base)
+    if opt.resume:
+        target = Path(opt.resume)
+        if not target.exists():
+            raise TrainingError(f"cannot resume: {target} does not exist (pass a log dir or its last.ckpt)")
+        if target.is_file():
+            logdir, ckpt = target.parent.parent, target
+        else:
+            logdir, ckpt = target, target / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise TrainingError(f"cannot resume: {ckpt} not found (was the run saved at least once?)")
+        bases = sorted(str(p) for p in (logdir / "configs").glob("*-project.yaml")) + bases
+        return RunPaths(logdir, logdir / "checkpoints", logdir / "configs", ckpt), bases
+    if not bases:
+        raise TrainingError("no config given: pass --base configs/stable-diffusion/v1-finetune.yaml")
+    parts = []
+    if opt.datadir_in_name and opt.data_root:
+        parts.append(Path(opt.data_root).resolve().name)
+    if opt.name:
+        parts.append(opt.name)
+    elif not parts:
+        parts.append(Path(bases[0]).stem)
+    parts.append(now + opt.postfix)
+    logdir = Path(opt.logdir) / "_".join(parts)
+    return RunPaths(logdir, logdir / "checkpoints", logdir / "configs", None), bases
+
+
+def load_config(bases: list[str], dotlist: list[str]) -> DictConfig:
+    missing = [b for b in bases if not Path(b).is_file()]
+    if missing:
+        raise TrainingError(f"config file not found: {missing[0]}")
+    try:
+        return OmegaConf.merge(*[OmegaConf.load(b) for b in bases], OmegaConf.from_dotlist(dotlist))
+    except Exception as err:
+        raise TrainingError(f"could not read the configs {bases}: {err}") from err
+
+
+def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) -> None:
+    """Write the seed's command-line flags into the merged config, where the parts read them."""
+    model = config.model.params
+    if opt.actual_resume:
+        if not Path(opt.actual_resume).is_file():
+            raise TrainingError(f"--actual_resume {opt.actual_resume} does not exist: pass an SD/DreamBooth .ckpt "
+                                "or .safetensors file")
+        model.ckpt_path = str(opt.actual_resume)
+    personalization = model.get("personalization_config")
+    if personalization is not None:
+        params = personalization.setdefault("params", {})
+        if opt.placeholder_string:
+            params.placeholder_strings = [opt.placeholder_string]
+        if opt.init_word:
+            params.initializer_words = [opt.init_word]
+        if opt.gamma is not None:
+            if not 0.0 <= opt.gamma <= 1.0:
+                raise TrainingError(f"--gamma must be in [0, 1] (1 = plain textual inversion), got {opt.gamma}")
+            params.gamma = opt.gamma
+    if opt.use_facial_loss:
+        model.facial_loss_config = {"target": "ldm.modules.face_loss.FacialLoss",
+                                    "params": {"weight": opt.facial_loss_weight}}
+    data = config.get("data")
+    if data is None:
+        return
+    placeholder = opt.placeholder_string or (
+        personalization.params.placeholder_strings[0] if personalization is not None else None)
+    for split in ("train", "validation"):
+        part = data.params.get(split)
+        if part is None:
+            continue
+        params = part.setdefault("params", {})
+        if opt.data_root:
+            params.data_root = opt.data_root
+        if placeholder:
+            params.placeholder_token = placeholder
+        if opt.class_word:
+            params.class_word = opt.class_word
+        if opt.descriptive_p is not None:
+            params.descriptive_p = opt.descriptive_p
+        if opt.use_random_prompt:
+            params.use_random_prompt = True
+        if opt.use_facial_loss:
+            params.face_crops = {"detector": opt.face_detector, "crops_dir": str(paths.logdir / "faces")}
+
+
+def trainer_device_args(opt: argparse.Namespace) -> dict:
+    """accelerator/devices/strategy from the seed's ``--gpus`` or explicit flags; CPU when no GPU."""
+    gpus = parse_gpu_ids(opt.gpus)
+    if opt.accelerator in (None, "gpu", "cuda", "auto") and (gpus or opt.accelerator in ("gpu", "cuda")):
+        if not torch.cuda.is_available():
+            logger.warning("No CUDA GPU found: training on the CPU instead (slow; fine for the tiny config)")
+            return {"accelerator": "cpu", "devices": 1}
+        devices = gpus or int(opt.devices or 1)
+        count = len(devices) if isinstance(devices, list) else devices
+        return {"accelerator": "gpu", "devices": devices, "strategy": "ddp" if count > 1 else "auto"}
+    accelerator = opt.accelerator or "cpu"
+    devices = int(opt.devices or 1)
+    if accelerator == "cpu":
+        logger.info("Training on the CPU")
+    return {"accelerator": accelerator, "devices": devices, "strategy": "ddp" if devices > 1 else "auto"}
+
+
+def parse_gpu_ids(gpus: str | None) -> list[int]:
+    """'0,' -> [0]; '0,1' -> [0, 1]; None or '' -> []."""
+    if not gpus:
+        return []
+    try:
+        return [int(g) for g in str(gpus).split(",") if g.strip()]
+    except ValueError as err:
+        raise TrainingError(f"--gpus must list GPU ids like '0,' or '0,1', got '{gpus}'") from err
+
+
+def build_trainer(config: DictConfig, opt: argparse.Namespace, paths: RunPaths, device_args: dict):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from ldm.callbacks import EmbeddingCheckpoint
+
+    lightning = config.get("lightning", OmegaConf.create())
+    trainer_cfg = OmegaConf.to_container(lightning.get("trainer", OmegaConf.create()), resolve=True)
+    for key in ("max_steps", "max_epochs"):
+        if getattr(opt, key) is not None:
+            trainer_cfg[key] = getattr(opt, key)
+    every = int(lightning.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500))
+    if opt.precision == "16-mixed" and device_args["accelerator"] == "cpu":
+        raise TrainingError("--precision 16-mixed needs a GPU; use 32 or bf16-mixed on the CPU")
+    callbacks = [
+        ModelCheckpoint(dirpath=paths.ckptdir, save_last=True, save_top_k=0, every_n_train_steps=every),
+        EmbeddingCheckpoint(paths.ckptdir, every_n_train_steps=every),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    for name, cfg in lightning.get("callbacks", {}).items():
+        params = cfg.setdefault("params", {})
+        if cfg.get("target") == "main.ImageLogger":
+            params.save_dir = str(paths.logdir / "images")
+        callbacks.append(instantiate_from_config(cfg))
+    loggers = [CSVLogger(paths.logdir, name="", version="csv"),
+               TensorBoardLogger(paths.logdir, name="", version="tensorboard")]
+    trainer_cfg.pop("gpus", None)
+    trainer_cfg.update(device_args)
+    return pl.Trainer(default_root_dir=paths.logdir, callbacks=callbacks, logger=loggers,
+                      precision=opt.precision, num_nodes=opt.num_nodes,
+                      accumulate_grad_batches=opt.accumulate_grad_batches, **trainer_cfg)
+
+
+def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
+    """Set up and run one training (or resumed) run; returns the process exit code."""
+    import pytorch_lightning as pl
+
+    paths, bases = resolve_paths(opt, now)
+    config = load_config(bases, dotlist)
+    apply_flags(config, opt, paths)
+    device_args = trainer_device_args(opt)
+    pl.seed_everything(opt.seed, workers=True)
+    try:
+        data = instantiate_from_config(config.data)
+        data.setup("fit")  # fails fast on an empty or unreadable data root
+        model = instantiate_from_config(config.model)
+        if opt.embedding_manager_ckpt:
+            if getattr(model, "embedding_manager", None) is None:
+                raise TrainingError("--embedding_manager_ckpt needs a config with personalization_config")
+            model.embedding_manager.load(opt.embedding_manager_ckpt)
+    except (DataRootError, CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
+        raise TrainingError(str(err).splitlines()[0]) from err
+    batch = int(config.data.params.batch_size)
+    device_count = len(device_args["devices"]) if isinstance(device_args["devices"], list) else device_args["devices"]
+    base_lr = float(config.model.base_learning_rate)
+    factor = batch * device_count * opt.accumulate_grad_batches * opt.num_nodes
+    model.learning_rate = base_lr * factor if opt.scale_lr else base_lr
+    logger.info("learning rate %.2e (%s)", model.learning_rate,
+                f"{factor} x base {base_lr:.2e}" if opt.scale_lr else "base, --scale_lr off")
+    trainer = build_trainer(config, opt, paths, device_args)
+    if trainer.is_global_zero:
+        paths.cfgdir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, paths.cfgdir / f"{now}-project.yaml")
+    logger.info("Logging to %s", paths.logdir)
+    if not opt.train:
+        logger.info("Nothing to do without -t/--train (the config and model were checked)")
+        return 0
+    trainer.fit(model, data, ckpt_path=str(paths.resume_ckpt) if paths.resume_ckpt else None)
+    return 1 if trainer.interrupted else 0

@@ -1,0 +1,91 @@
+"""Training entrypoint: momentum textual inversion (and LDM training) with PyTorch Lightning.
+
+    python main.py --base configs/stable-diffusion/v1-finetune.yaml -t \\
+        --actual_resume models/ldm/dreambooth/<name>.ckpt -n <name> --gpus 0, \\
+        --data_root inputs/<person>/ --gamma 0.1 --descriptive_p 0.1 --use_random_prompt --class_word woman
+
+Any extra ``key.path=value`` argument overrides the merged config (OmegaConf dotlist).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+
+from ldm.callbacks import EmbeddingCheckpoint, ImageLogger  # noqa: F401  (configs name main.ImageLogger)
+from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
+
+logger = logging.getLogger("main")
+
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got '{value}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--name", default="", help="postfix of the log dir name")
+    p.add_argument("-r", "--resume", default="", help="resume from a log dir or a checkpoint in one")
+    p.add_argument("-b", "--base", nargs="*", default=[], metavar="base_config.yaml",
+                   help="configs merged left to right; later ones and key=value arguments win")
+    p.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False, help="train")
+    p.add_argument("--no-test", type=str2bool, nargs="?", const=True, default=False, help="kept for compatibility")
+    p.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    p.add_argument("-f", "--postfix", default="", help="postfix for the log dir name")
+    p.add_argument("-l", "--logdir", default="logs", help="directory for logs and checkpoints")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
+                   help="lr = base_learning_rate * batch * devices * accumulation")
+    p.add_argument("--datadir_in_name", type=str2bool, nargs="?", const=True, default=True,
+                   help="prefix the log dir name with the data folder's name")
+    p.add_argument("--actual_resume", default=None, help="SD / DreamBooth checkpoint to start from")
+    p.add_argument("--trust_pickle", action="store_true",
+                   help="allow checkpoints that need arbitrary code to unpickle (only for files you trust)")
+    p.add_argument("--data_root", default=None, help="folder with the photos of the person")
+    p.add_argument("--embedding_manager_ckpt", default=None, help="embedding file to start from")
+    p.add_argument("--placeholder_string", default=None, help="placeholder token (default '*')")
+    p.add_argument("--init_word", default=None, help="word the vectors start from (e.g. woman)")
+    p.add_argument("--gamma", type=float, default=None, help="momentum ratio in [0, 1] (seed: 0.1; 1 = plain TI)")
+    p.add_argument("--descriptive_p", type=float, default=None, help="probability of each descriptive word")
+    p.add_argument("--use_random_prompt", action="store_true", help="random TI object templates")
+    p.add_argument("--class_word", default=None, help="train on '* <class_word>' (e.g. woman)")
+    p.add_argument("--use_facial_loss", action="store_true", help="add the dlib face-crop loss term")
+    p.add_argument("--facial_loss_weight", type=float, default=1.0, help="lambda of the face term")
+    p.add_argument("--face_detector", choices=("cnn", "hog"), default="cnn", help="dlib face detector")
+    p.add_argument("--gpus", default=None, help="GPU ids as in the seed, e.g. '0,' or '0,1'")
+    p.add_argument("--accelerator", default=None, help="cpu, gpu or auto (default: gpu when --gpus)")
+    p.add_argument("--devices", default=None, help="number of devices (e.g. 2 CPU processes for DDP)")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--max_epochs", type=int, default=None, help="stop after this many epochs")
+    p.add_argument("--precision", choices=PRECISIONS, default="32", help="training precision")
+    p.add_argument("--accumulate_grad_batches", type=int, default=1)
+    p.add_argument("--num_nodes", type=int, default=1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    opt, unknown = parser.parse_known_args(argv)
+    from ldm.training import TrainingError, run_training
+
+    bad = [u for u in unknown if "=" not in u]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like model.params.key=value)")
+    try:
+        return run_training(opt, unknown, now=datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
+    except TrainingError as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
