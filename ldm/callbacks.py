@@ -35,8 +35,7 @@ class EmbeddingCheckpoint(pl.Callback):
         if not all(torch.isfinite(p).all() for p in manager.embedding_parameters()):
             logger.error("Embedding holds NaN/Inf: %s not written, the last good file is kept", name)
             return
-        path = manager.save(self.dirpath / name, step=pl_module.global_step)
-        logger.info("Saved embedding %s", path)
+        manager.save(self.dirpath / name, step=pl_module.global_step)
 
     def on_fit_start(self, trainer, pl_module):
         self.dirpath.mkdir(parents=True, exist_ok=True)
