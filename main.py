@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_facial_loss", action="store_true", help="add the dlib face-crop loss term")
     p.add_argument("--facial_loss_weight", type=float, default=1.0, help="lambda of the face term")
     p.add_argument("--face_detector", choices=("cnn", "hog"), default="cnn", help="dlib face detector")
+    p.add_argument("--reg_data_root", default=None,
+                   help="DreamBooth: class images for prior preservation (scripts/make_class_images.py makes them)")
+    p.add_argument("--prior_loss_weight", type=float, default=None, help="DreamBooth: prior-loss weight (default 1.0)")
+    p.add_argument("--identifier", default=None, help="DreamBooth: the subject's rare token (default sks)")
+    p.add_argument("--train_text_encoder", action="store_true", help="DreamBooth: train the text encoder too")
+    p.add_argument("--export_format", choices=("ckpt", "safetensors"), default=None,
+                   help="DreamBooth: format of checkpoints/model_pruned.* written at the end (default ckpt)")
+    p.add_argument("--export_half", action="store_true", help="DreamBooth: write the pruned model in fp16")
     p.add_argument("--gpus", default=None, help="GPU ids as in the seed, e.g. '0,' or '0,1'")
     p.add_argument("--accelerator", default=None, help="cpu, gpu or auto (default: gpu when --gpus)")
     p.add_argument("--devices", default=None, help="number of devices (e.g. 2 CPU processes for DDP)")

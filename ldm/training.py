@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError
 from ldm.data.images import DataRootError
+from ldm.dreambooth import apply_dreambooth, dreambooth_callbacks, prepare_dreambooth_model
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) ->
         params = part.setdefault("params", {})
         if opt.data_root:
             params.data_root = opt.data_root
+        if str(part.get("target", "")).endswith("PersonalizedBase") and params.get("seed") is None:
+            params.seed = opt.seed  # flips and captions reproducible with --seed
         if placeholder:
             params.placeholder_token = placeholder
         if opt.class_word:
@@ -159,6 +162,7 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, paths: RunPaths, 
         ModelCheckpoint(dirpath=paths.ckptdir, save_last=True, save_top_k=0, every_n_train_steps=every),
         EmbeddingCheckpoint(paths.ckptdir, every_n_train_steps=every),
         LearningRateMonitor(logging_interval="step"),
+        *dreambooth_callbacks(config, paths.ckptdir),
     ]
     for name, cfg in lightning.get("callbacks", {}).items():
         params = cfg.setdefault("params", {})
@@ -185,9 +189,11 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     device_args = trainer_device_args(opt)
     pl.seed_everything(opt.seed, workers=True)
     try:
+        apply_dreambooth(config, opt)
         data = instantiate_from_config(config.data)
         data.setup("fit")  # fails fast on an empty or unreadable data root
         model = instantiate_from_config(config.model)
+        prepare_dreambooth_model(model, config)
         if opt.embedding_manager_ckpt:
             if getattr(model, "embedding_manager", None) is None:
                 raise TrainingError("--embedding_manager_ckpt needs a config with personalization_config")
@@ -199,6 +205,7 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     base_lr = float(config.model.base_learning_rate)
     factor = batch * device_count * opt.accumulate_grad_batches * opt.num_nodes
     model.learning_rate = base_lr * factor if opt.scale_lr else base_lr
+    model.training_seed = opt.seed
     logger.info("learning rate %.2e (%s)", model.learning_rate,
                 f"{factor} x base {base_lr:.2e}" if opt.scale_lr else "base, --scale_lr off")
     trainer = build_trainer(config, opt, paths, device_args)

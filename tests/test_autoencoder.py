@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers_diffusers import diffusers_vae
 from ldm.models.autoencoder import AutoencoderKL, VQModelInterface
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -40,16 +41,7 @@ def _randomize(model: torch.nn.Module) -> None:
 
 def _diffusers_vae(config_path: Path, state: dict[str, torch.Tensor]):
     """diffusers' AutoencoderKL loaded with our weights through its own single-file conversion."""
-    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
-
-    checkpoint = {PREFIX + k: v for k, v in state.items()}
-    original_config = OmegaConf.to_container(_config(config_path), resolve=True)
-    vae_config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
-    converted = convert_ldm_vae_checkpoint(checkpoint, vae_config)
-    reference = DiffusersAutoencoderKL(**vae_config).eval()
-    reference.load_state_dict(converted, strict=True)  # every diffusers key must come from our weights
-    return reference
+    return diffusers_vae({PREFIX + k: v for k, v in state.items()}, config_path)
 
 
 def test_full_config_reproduces_sd_v1_first_stage_keys() -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from clip.simple_tokenizer import SimpleTokenizer
-from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 from omegaconf import OmegaConf
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from helpers_diffusers import transformers_clip
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizer import CLIPBPETokenizer
 from ldm.util import instantiate_from_config
@@ -73,18 +73,13 @@ def _build(seed: int, text_config: dict | None) -> FrozenCLIPEmbedder:
 
 def _reference(model: FrozenCLIPEmbedder, tmp_path: Path) -> CLIPTextModel:
     """transformers CLIPTextModel loaded with our SD-layout weights through diffusers' converter."""
-    config_dir = tmp_path / "clip_config"
-    model.text_model.config.save_pretrained(config_dir)
-    checkpoint = {f"cond_stage_model.{k}": v.clone() for k, v in model.state_dict().items()}
-    ref = create_diffusers_clip_model_from_ldm(
-        CLIPTextModel, checkpoint, config=str(config_dir), local_files_only=True
-    )
-    ref.set_attn_implementation("eager")  # independent attention path from ours (SDPA)
+    checkpoint = {f"cond_stage_model.{k}": v for k, v in model.state_dict().items()}
+    ref = transformers_clip(checkpoint, model.text_model.config, tmp_path)
     ours = {f"transformer.text_model.{k}": v for k, v in ref.state_dict().items()}
     assert ours.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert torch.equal(ours[key], value), f"diffusers conversion did not load {key}"
-    return ref.eval()
+    return ref
 
 
 @pytest.fixture(scope="module")

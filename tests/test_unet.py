@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from omegaconf import OmegaConf
 
+from helpers_diffusers import diffusers_unet, randomize_
 from ldm.modules.attention import CrossAttention
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, timestep_embedding
@@ -29,37 +27,9 @@ def build_unet(config_path: Path, **overrides) -> UNetModel:
     return instantiate_from_config(OmegaConf.load(config_path).model.params.unet_config, **overrides)
 
 
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give zero-initialised convs and default norms random values so that every weight matters."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        noise = torch.randn(param.shape, generator=gen)
-        if param.ndim == 1 and name.endswith("weight"):  # norm scales (ones)
-            param.copy_(1.0 + 0.1 * noise)
-        elif param.ndim == 1:  # biases
-            param.add_(0.05 * noise)
-        elif not param.any():  # zero_module weights: scale like PyTorch's default init
-            param.copy_(noise / math.sqrt(3 * param[0].numel()))
-    return model
-
-
 def to_diffusers(ours: UNetModel, config_path: Path):
-    """Build diffusers' UNet2DConditionModel from our SD-layout weights with diffusers' own converters."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-
-    original_config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
-    checkpoint_sd = {PREFIX + k: v for k, v in ours.state_dict().items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # image_size is only diffusers' sample_size metadata
-        config = create_unet_diffusers_config_from_ldm(original_config, checkpoint_sd, image_size=512)
-    converted = convert_ldm_unet_checkpoint(checkpoint_sd, config)
-    with torch.device("meta"):
-        reference = UNet2DConditionModel(**config)
-    missing, unexpected = reference.load_state_dict(converted, strict=True, assign=True)
-    assert not missing and not unexpected
-    return reference.eval()
+    """diffusers' UNet2DConditionModel with our weights, through diffusers' own converters."""
+    return diffusers_unet({PREFIX + k: v for k, v in ours.state_dict().items()}, config_path)
 
 
 def unet_inputs(model: UNetModel, size: int, seed: int = 1, seq_len: int = 77):

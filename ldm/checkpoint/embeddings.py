@@ -16,6 +16,9 @@ trips); metadata (JSON strings) ``format``, ``string_to_token`` ({p: id}), ``gam
 
 The original TI files (``{"string_to_token", "string_to_param": nn.ParameterDict}``) carry neither
 gamma nor e_p; gamma then comes from ``default_gamma`` (flag/config).
+
+diffusers and AUTOMATIC1111 files (``ldm.checkpoint.interop``) hold effective vectors: they load with
+gamma 1 and no e_p. :func:`load_embeddings` detects every format from the file's content.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ class EmbeddingFile:
     step: int | None = None
     fingerprint: str | None = None
     source_format: str = FORMAT
+    name: str | None = None  # trigger word in other tools (diffusers token, A1111 name), when known
 
     def __post_init__(self) -> None:
         if set(self.params) != set(self.string_to_token):
@@ -144,29 +148,41 @@ def _scalars(emb: EmbeddingFile) -> dict[str, Any]:
     }
 
 
-def load_embeddings(path: str | os.PathLike[str], *, default_gamma: float | None = None) -> EmbeddingFile:
-    """Read our format or an original TI file; gamma falls back to ``default_gamma`` when not stored."""
+def load_embeddings(
+    path: str | os.PathLike[str], *, default_gamma: float | None = None, expected_dim: int | None = None
+) -> EmbeddingFile:
+    """Read any supported embedding file (ours, original TI/seed, diffusers, A1111), detected by content.
+
+    gamma falls back to ``default_gamma`` when the file stores none; ``expected_dim`` (the text
+    encoder's width) turns a dimension mismatch into an error naming the file and both sizes.
+    """
+    from ldm.checkpoint import interop
+
     path = Path(path)
     check_readable(path)
     if sniff_format(path) == "safetensors":
         emb = _from_safetensors(path)
     else:
         obj = safe_torch_load(path, extra_safe={PARAMETER_DICT_GLOBAL: ParameterDictStub})
-        emb = _from_pickle(path, obj)
+        if interop.looks_like_vector_dict(obj) and "string_to_param" not in obj:
+            emb = interop.from_foreign_tensors(path, obj, {})
+        else:
+            emb = _from_pickle(path, obj)
     if emb.gamma is None and default_gamma is not None:
         logger.info("%s stores no gamma; using gamma=%s from the flag/config", path, default_gamma)
         emb = replace(emb, gamma=float(default_gamma))
+    if expected_dim is not None:
+        interop.check_dim(emb, expected_dim, str(path), "the text encoder")
     return emb
 
 
 def _from_safetensors(path: Path) -> EmbeddingFile:
+    from ldm.checkpoint import interop
+
     tensors, metadata = read_safetensors(path)
     meta = decode_metadata(metadata)
     if not isinstance(meta.get("string_to_token"), dict):
-        raise CheckpointError(
-            f"{path}: safetensors file without 'string_to_token' metadata is not a momentum-TI embedding "
-            f"(tensors {sorted(tensors)[:5]}); pass a file written by this project or an original TI .pt"
-        )
+        return interop.from_foreign_tensors(path, tensors, meta)
     groups: dict[str, dict[str, torch.Tensor]] = {group: {} for group in TENSOR_GROUPS}
     for key, tensor in tensors.items():
         group, _, placeholder = key.partition(".")
@@ -182,6 +198,8 @@ def _from_pickle(path: Path, obj: Any) -> EmbeddingFile:
             f"{path}: not an embedding file (expected 'string_to_token' and 'string_to_param', got {keys}); "
             "model checkpoints go to --ckpt/--actual_resume"
         )
+    from ldm.checkpoint import interop
+
     params = obj["string_to_param"]
     if isinstance(params, ParameterDictStub):
         params = params.params
@@ -189,6 +207,8 @@ def _from_pickle(path: Path, obj: Any) -> EmbeddingFile:
         raise CheckpointError(f"{path}: 'string_to_param' is a {type(params).__name__}, expected a dict of tensors")
     meta = dict(obj)
     meta["string_to_token"] = {p: _token_id(path, p, t) for p, t in obj["string_to_token"].items()}
+    if "format" not in meta and interop.is_a1111_pickle(meta):
+        meta.update(format=interop.A1111_FORMAT, gamma=1.0)  # A1111 stores the vectors the model sees
     base = obj.get("base_vectors")
     return _build(path, meta, _vectors(path, params), _vectors(path, base) if base else None)
 
@@ -204,6 +224,7 @@ def _build(path: Path, meta: Mapping[str, Any], params: dict[str, torch.Tensor],
             step=None if step is None else int(step),
             fingerprint=meta.get("text_encoder_fingerprint"),
             source_format=str(meta.get("format", ORIGINAL_FORMAT)),
+            name=meta.get("name") if isinstance(meta.get("name"), str) else None,
         )
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None

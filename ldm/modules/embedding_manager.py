@@ -114,9 +114,11 @@ class EmbeddingManager(nn.Module):
         return self.vectors.parameters()
 
     def effective_vectors(self, index: int) -> torch.Tensor:
-        """e = e_p + gamma * (v - e_p) for placeholder ``index``: [n, D]."""
-        base = self.base_vectors[index]
-        return base + self.gamma * (self.vectors[index] - base)
+        """e = e_p + gamma * (v - e_p) for placeholder ``index``: [n, D].
+
+        ``torch.lerp`` is exact at the ends: gamma = 1 gives v (plain TI) and gamma = 0 gives e_p.
+        """
+        return torch.lerp(self.base_vectors[index], self.vectors[index], self.gamma)
 
     def _vectors_in_use(self) -> int:
         if not self.progressive_words:

@@ -45,14 +45,18 @@ class FacialLoss:
         keys = [keys[i] for i in rows.tolist()] if keys is not None else None
         return FaceBatch(latents=model.encode_to_latents(crops, keys), rows=rows.to(model.device))
 
-    def losses(self, model, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, face: FaceBatch, prefix: str):
-        """Main and face terms from one UNet call on the concatenated batch: ``(loss, loss_dict)``."""
+    def losses(self, model, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, face: FaceBatch, prefix: str,
+               noise: torch.Tensor | None = None):
+        """Main and face terms from one UNet call on the concatenated batch: ``(loss, loss_dict)``.
+
+        ``noise`` [B + F, C, h, w] (optional) is the noise of the image rows followed by the face rows.
+        """
         n = x.shape[0]
         # [B + F, C, h, w]: the face crops reuse their photo's prompt and timestep
         x_all = torch.cat([x, face.latents.to(x.dtype)])
         cond_all = torch.cat([cond, cond[face.rows]])
         t_all = torch.cat([t, t[face.rows]])
-        weighted, vlb = model.per_sample_losses(x_all, cond_all, t_all)
+        weighted, vlb = model.per_sample_losses(x_all, cond_all, t_all, noise)
         loss, loss_dict = model.reduce_losses(weighted[:n], vlb[:n], prefix)
         face_loss, _ = model.reduce_losses(weighted[n:], vlb[n:], prefix)
         loss = loss + self.weight * face_loss

@@ -15,6 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ldm.models.diffusion.auxiliary import AuxiliaryRows, batched_losses
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
 from ldm.models.diffusion.losses import per_sample_loss
 from ldm.models.diffusion.schedule import diffusion_buffers, extract, make_beta_schedule, vlb_weights
@@ -109,6 +110,7 @@ class DDPM(pl.LightningModule):
             self.monitor = monitor
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         self.learn_logvar = learn_logvar
+        self.training_seed: int | None = None  # set by the entrypoint (--seed): see step_rng
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
         # Not a buffer: released checkpoints have no logvar key unless it was learned.
         self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
@@ -240,8 +242,25 @@ class DDPM(pl.LightningModule):
     def shared_step(self, batch: Mapping[str, Any]):
         return self(self.get_input(batch, self.first_stage_key))
 
+    @contextmanager
+    def step_rng(self):
+        """Seed torch's RNG from (``training_seed``, micro-batch count, rank) for one training step.
+
+        Each step's timesteps, noise and latent samples then depend only on the step, so a run
+        resumed with ``-r`` draws what the uninterrupted run would have. No-op without a seed.
+        """
+        if self.training_seed is None:
+            yield
+            return
+        count = self.trainer.fit_loop.epoch_loop.total_batch_idx  # restored from the checkpoint on resume
+        seed = (self.training_seed * 1_000_003 + count) * 1_009 + self.global_rank
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed % 2**63)
+            yield
+
     def training_step(self, batch, batch_idx):
-        loss, loss_dict = self.shared_step(batch)
+        with self.step_rng():
+            loss, loss_dict = self.shared_step(batch)
         if not torch.isfinite(loss):
             logger.error("Loss is %s at step %d: stopping; the last good weights are kept.",
                          loss.item(), self.global_step)
@@ -310,6 +329,7 @@ class LatentDiffusion(DDPM):
         unfreeze_model: bool = False,
         model_lr: float = 0.0,
         facial_loss_config: Mapping[str, Any] | None = None,
+        prior_loss_config: Mapping[str, Any] | None = None,
         *args,
         **kwargs,
     ):
@@ -344,6 +364,7 @@ class LatentDiffusion(DDPM):
             self._personalize(personalization_config)
         self.facial_loss = (instantiate_from_config(facial_loss_config)
                             if facial_loss_config is not None else None)
+        self.prior_loss = instantiate_from_config(prior_loss_config) if prior_loss_config is not None else None
         self.restarted_from_ckpt = False
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
@@ -439,16 +460,24 @@ class LatentDiffusion(DDPM):
     def shared_step(self, batch: Mapping[str, Any], **_):
         z, c = self.get_input(batch, self.first_stage_key)
         face = self.facial_loss.face_latents(self, batch) if self.facial_loss is not None else None
-        return self(z, c, face=face)
+        prior = self.prior_loss.class_batch(self, batch) if self.prior_loss is not None else None
+        return self(z, c, face=face, prior=prior)
 
-    def forward(self, x: torch.Tensor, c, face=None, *args, **kwargs):
+    def forward(self, x: torch.Tensor, c, face=None, prior=None, *args, **kwargs):
+        """Loss of latents ``x`` with prompts ``c``, plus the face and prior-preservation rows if given."""
         t = self.sample_timesteps(x.shape[0])
-        cond = self.get_learned_conditioning(c)
         prefix = "train" if self.training else "val"
-        if face is None:
-            loss, loss_dict = self.p_losses(x, cond, t)
-        else:
-            loss, loss_dict = self.facial_loss.losses(self, x, cond, t, face, prefix)
+        if prior is None:
+            cond = self.get_learned_conditioning(c)
+        else:  # one text-encoder call for the subject and class prompts: [B + P, L, D]
+            cond, class_cond = self.get_learned_conditioning(list(c) + prior.captions).split(
+                [len(c), len(prior.captions)])
+        terms = []
+        if face is not None:
+            terms.append(AuxiliaryRows("face", self.facial_loss.weight, face.latents, cond[face.rows], t[face.rows]))
+        if prior is not None:
+            terms.append(self.prior_loss.rows(self, prior, class_cond))
+        loss, loss_dict = batched_losses(self, x, cond, t, terms, prefix)
         if self.embedding_manager is not None and self.embedding_reg_weight > 0:
             reg = self.embedding_manager.embedding_to_coarse_loss()
             loss = loss + self.embedding_reg_weight * reg

@@ -1,0 +1,290 @@
+"""Embedding files of other tools: diffusers and AUTOMATIC1111, read and written.
+
+Layouts (all hold the *effective* vectors the text encoder sees, i.e. gamma 1 and no e_p)::
+
+    diffusers   learned_embeds.safetensors / .bin   {token: e [n, D]}   (older files: [D])
+    A1111 .pt   {"string_to_token": {"*": 265}, "string_to_param": {"*": e [n, D]}, "name": str,
+                 "step": int, "sd_checkpoint": str | None, "sd_checkpoint_name": str | None}
+    A1111 .safetensors   {"emb_params": e [n, D]}  (the kohya/A1111 single-tensor convention;
+                 A1111 and diffusers read any one-tensor file, the trigger word is the file name)
+
+Our placeholders must be single CLIP tokens; a diffusers token such as ``<cat-toy>`` is not, so a
+one-token diffusers file becomes placeholder ``*`` and keeps its token as ``EmbeddingFile.name``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.checkpoint._io import SAFETENSORS_SUFFIX, CheckpointError, detach_for_safetensors
+from ldm.checkpoint.embeddings import EmbeddingFile, save_embeddings, tensor_fingerprint
+from ldm.checkpoint.weights import TEXT_ENCODER_PREFIX, TEXT_MODEL_PREFIX, read_state_dict
+from ldm.util import atomic_write
+
+logger = logging.getLogger(__name__)
+
+DIFFUSERS_FORMAT = "diffusers"
+A1111_FORMAT = "a1111"
+A1111_SAFETENSORS_KEY = "emb_params"
+DEFAULT_PLACEHOLDER = "*"
+TOKEN_TABLE_SUFFIX = "embeddings.token_embedding.weight"
+MAX_FOREIGN_TOKENS = 16  # more one-tensor entries than this is a model state dict, not an embedding
+MAX_VECTORS = 75  # a prompt holds at most 75 tokens between BOS and EOS
+MIN_DIM = 16  # narrower "vectors" are not token embeddings
+EXPORT_SUFFIXES = {
+    "ours": (".pt", ".safetensors"),
+    "ti": (".pt",),
+    "diffusers": (".safetensors", ".bin"),
+    "a1111": (".pt", ".safetensors"),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer():
+    """The offline CLIP BPE tokenizer of SD v1 (ids of ``openai/clip-vit-large-patch14``)."""
+    from ldm.modules.encoders.tokenizer import CLIPBPETokenizer
+
+    return CLIPBPETokenizer()
+
+
+def single_token(text: str, tokenizer=None) -> int | None:
+    """The CLIP id of ``text`` when it is exactly one token, else None."""
+    ids = (tokenizer or default_tokenizer()).encode(text)
+    return ids[0] if len(ids) == 1 else None
+
+
+def not_an_embedding(path: Path, found: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: not an embedding file ({found}); expected this project's format, an original TI/seed .pt, "
+        "a diffusers learned_embeds file or an AUTOMATIC1111 embedding"
+    )
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+def from_foreign_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, Any]) -> EmbeddingFile:
+    """A diffusers ``{token: e}`` or A1111 ``{"emb_params": e}`` file (safetensors or pickle)."""
+    if {"clip_l", "clip_g"} <= set(tensors):
+        raise CheckpointError(
+            f"{path}: an SDXL embedding (clip_l/clip_g vectors); this project runs SD v1 (768-d CLIP ViT-L/14)"
+        )
+    _check_vector_dict(path, tensors)
+    vectors = {str(k): t.detach().float().reshape(-1, t.shape[-1]) for k, t in tensors.items()}  # [D] -> [1, D]
+    step = metadata.get("step")
+    common = dict(base=None, gamma=1.0, step=None if step is None else int(step))
+    if set(vectors) == {A1111_SAFETENSORS_KEY}:
+        name = str(metadata.get("name") or path.stem)
+        return EmbeddingFile({DEFAULT_PLACEHOLDER: _star_id()}, {DEFAULT_PLACEHOLDER: vectors[A1111_SAFETENSORS_KEY]},
+                             source_format=A1111_FORMAT, name=name, **common)
+    ids = {token: single_token(token) for token in vectors}
+    if all(i is not None for i in ids.values()):
+        name = next(iter(vectors)) if len(vectors) == 1 else None
+        return EmbeddingFile(ids, vectors, source_format=DIFFUSERS_FORMAT, name=name, **common)
+    if len(vectors) == 1:
+        token = next(iter(vectors))
+        logger.warning("%s: diffusers token '%s' is not one CLIP token; it is placeholder '%s' here (write '%s' "
+                       "in prompts)", path, token, DEFAULT_PLACEHOLDER, DEFAULT_PLACEHOLDER)
+        return EmbeddingFile({DEFAULT_PLACEHOLDER: _star_id()}, {DEFAULT_PLACEHOLDER: vectors[token]},
+                             source_format=DIFFUSERS_FORMAT, name=token, **common)
+    bad = sorted(t for t, i in ids.items() if i is None)
+    raise CheckpointError(f"{path}: diffusers tokens {bad} are not single CLIP tokens; save each token in its own "
+                          "file (each then loads as placeholder '*') or rename them to one-token words")
+
+
+def looks_like_vector_dict(obj: Any) -> bool:
+    """True for a small ``{str: tensor}`` mapping (the diffusers/A1111-safetensors layouts)."""
+    return (isinstance(obj, Mapping) and 0 < len(obj) <= MAX_FOREIGN_TOKENS
+            and all(isinstance(v, torch.Tensor) for v in obj.values()))
+
+
+def _check_vector_dict(path: Path, tensors: Mapping[str, Any]) -> None:
+    if not looks_like_vector_dict(tensors):
+        keys = sorted(map(str, tensors))[:8]
+        raise not_an_embedding(path, f"{len(tensors)} entries, keys {keys}")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.dim() not in (1, 2) or tensor.shape[-1] < MIN_DIM or (
+                tensor.dim() == 2 and tensor.shape[0] > MAX_VECTORS):
+            raise not_an_embedding(path, f"'{key}' is a {tensor.dtype} tensor of shape {tuple(tensor.shape)}, "
+                                         f"not [n, D] vectors")
+
+
+def _star_id() -> int:
+    token_id = single_token(DEFAULT_PLACEHOLDER)
+    assert token_id is not None, "'*' is one token in CLIP's vocabulary"
+    return token_id
+
+
+def is_a1111_pickle(obj: Mapping[str, Any]) -> bool:
+    """A1111's ``.pt`` is the TI layout plus ``name``/``step``/``sd_checkpoint`` entries."""
+    return "name" in obj or "sd_checkpoint" in obj or "sd_checkpoint_name" in obj
+
+
+# --------------------------------------------------------------------------------- e_p from a checkpoint
+
+
+def token_table(ckpt: str | os.PathLike[str], *, trust_pickle: bool = False) -> torch.Tensor:
+    """The text encoder's token-embedding table ``[vocab, D]`` of an SD checkpoint (no model is built)."""
+    state = read_state_dict(ckpt, trust_pickle=trust_pickle)
+    for prefix in (TEXT_MODEL_PREFIX, TEXT_ENCODER_PREFIX):
+        table = state.get(prefix + TOKEN_TABLE_SUFFIX)
+        if table is not None:
+            return table.detach().float()
+    raise CheckpointError(f"{ckpt}: no text-encoder token table ('{TEXT_MODEL_PREFIX}{TOKEN_TABLE_SUFFIX}'); "
+                          "pass the full SD v1 checkpoint (not a UNet-only or LoRA file)")
+
+
+def check_dim(emb: EmbeddingFile, dim: int, source: str, target: str) -> None:
+    """Error naming ``source`` and both dimensions when the vectors do not fit ``target``."""
+    for placeholder, vectors in emb.params.items():
+        if vectors.shape[1] != dim:
+            raise CheckpointError(
+                f"{source}: vectors of '{placeholder}' have dimension {vectors.shape[1]} but {target} uses {dim} "
+                "(an SD2 embedding for SD1, or the reverse?); use the checkpoint the embedding was trained for"
+            )
+
+
+def with_base_from_table(emb: EmbeddingFile, table: torch.Tensor, source: str) -> EmbeddingFile:
+    """``emb`` with e_p read from ``table`` (rows of its placeholders' token ids)."""
+    check_dim(emb, table.shape[1], source, "the checkpoint's text encoder")
+    fingerprint = tensor_fingerprint(table)
+    if emb.fingerprint and emb.fingerprint != fingerprint:
+        logger.warning("%s was trained on another text encoder (fingerprint %s, checkpoint %s); e_p comes from the "
+                       "checkpoint", source, emb.fingerprint, fingerprint)
+    base = {}
+    for placeholder, token_id in emb.string_to_token.items():
+        if not 0 <= token_id < table.shape[0]:
+            raise CheckpointError(f"{source}: token id {token_id} of '{placeholder}' is outside the checkpoint's "
+                                  f"vocabulary of {table.shape[0]}")
+        base[placeholder] = table[token_id].expand_as(emb.params[placeholder]).clone()
+    return replace(emb, base=base, fingerprint=fingerprint)
+
+
+# --------------------------------------------------------------------------------- writing
+
+
+def check_export_suffix(path: str | os.PathLike[str], target: str) -> None:
+    suffixes = EXPORT_SUFFIXES[target]
+    if Path(path).suffix not in suffixes:
+        raise CheckpointError(f"{path}: a {target} embedding file must end in {' or '.join(suffixes)}")
+
+
+def export_embedding(path: str | os.PathLike[str], emb: EmbeddingFile, target: str, *,
+                     token: str | None = None, checkpoint_name: str | None = None) -> Path:
+    """Write ``emb`` for ``target`` ('ours', 'ti', 'diffusers', 'a1111'); foreign files get effective vectors."""
+    check_export_suffix(path, target)
+    effective = {p: e.detach().float().cpu().contiguous() for p, e in emb.effective().items()}
+    if target == "ours":
+        return save_embeddings(path, emb)
+    if target == "ti":
+        payload = {"string_to_token": {p: torch.tensor(i) for p, i in emb.string_to_token.items()},
+                   "string_to_param": effective}
+        return _save_pickle(path, payload, emb, target)
+    if len(effective) != 1:
+        raise CheckpointError(f"{target} files hold one placeholder but this embedding has {sorted(effective)}; "
+                              "select one with --placeholder")
+    placeholder, vectors = next(iter(effective.items()))
+    name = token or emb.name or placeholder
+    if target == "diffusers":
+        _warn_if_in_vocab(name)
+        if Path(path).suffix == SAFETENSORS_SUFFIX:
+            return _save_safetensors(path, {name: vectors}, {"format": "pt"}, emb, target)
+        return _save_pickle(path, {name: vectors}, emb, target)
+    if Path(path).suffix == SAFETENSORS_SUFFIX:
+        metadata = {"format": "pt", "name": name, **({"step": str(emb.step)} if emb.step is not None else {})}
+        return _save_safetensors(path, {A1111_SAFETENSORS_KEY: vectors}, metadata, emb, target)
+    payload = {"string_to_token": {DEFAULT_PLACEHOLDER: _star_id()}, "string_to_param": {DEFAULT_PLACEHOLDER: vectors},
+               "name": name, "step": emb.step, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint_name}
+    return _save_pickle(path, payload, emb, target)
+
+
+def _warn_if_in_vocab(token: str) -> None:
+    if token in default_tokenizer().vocab:  # the check diffusers' loader makes
+        logger.warning("token '%s' is already in CLIP's vocabulary: diffusers' load_textual_inversion refuses it; "
+                       "load it with token='<your-token>' or export with --token '<your-token>'", token)
+
+
+def _save_pickle(path, payload: dict, emb: EmbeddingFile, target: str) -> Path:
+    written = atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    _log_export(written, emb, target)
+    return written
+
+
+def _save_safetensors(path, tensors: dict, metadata: dict, emb: EmbeddingFile, target: str) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = detach_for_safetensors(tensors)
+    written = atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    _log_export(written, emb, target)
+    return written
+
+
+def _log_export(path: Path, emb: EmbeddingFile, target: str) -> None:
+    logger.info("Wrote %s embedding %s (effective vectors, gamma %s) to %s", target, sorted(emb.params), emb.gamma, path)
+
+
+# --------------------------------------------------------------------------------- editing
+
+
+def tokenizer_from_config(config_path: str | os.PathLike[str] | None):
+    """The tokenizer of a config's text encoder: a local CLIPTokenizer directory, else SD v1's CLIP BPE."""
+    if config_path is None:
+        return default_tokenizer()
+    from omegaconf import OmegaConf
+
+    from ldm.modules.encoders.modules import DEFAULT_CLIP_VERSION
+
+    config = OmegaConf.load(config_path)
+    version = OmegaConf.select(config, "model.params.cond_stage_config.params.version", default=DEFAULT_CLIP_VERSION)
+    if version == DEFAULT_CLIP_VERSION:
+        return default_tokenizer()
+    if not os.path.isdir(version):
+        raise CheckpointError(f"{config_path}: cond_stage_config version {version!r} is neither "
+                              f"{DEFAULT_CLIP_VERSION!r} nor a local tokenizer directory")
+    from transformers import CLIPTokenizer
+
+    from ldm.modules.encoders.tokenizer import PretrainedTokenizerAdapter
+
+    return PretrainedTokenizerAdapter(CLIPTokenizer.from_pretrained(version, local_files_only=True))
+
+
+def select_placeholder(emb: EmbeddingFile, placeholder: str, source: str) -> EmbeddingFile:
+    """``emb`` reduced to one placeholder."""
+    if placeholder not in emb.params:
+        raise CheckpointError(f"{source} has no placeholder '{placeholder}'; it has {sorted(emb.params)}")
+    keep = [placeholder]
+    return replace(emb, string_to_token={p: emb.string_to_token[p] for p in keep},
+                   params={p: emb.params[p] for p in keep},
+                   base=None if emb.base is None else {p: emb.base[p] for p in keep})
+
+
+def rename_placeholder(emb: EmbeddingFile, old: str, new: str, tokenizer, source: str) -> EmbeddingFile:
+    """``emb`` with placeholder ``old`` called ``new`` (which must be a single CLIP token)."""
+    from ldm.modules.embedding_manager import single_token_id
+
+    if old not in emb.params:
+        raise CheckpointError(f"{source} has no placeholder '{old}' to rename; it has {sorted(emb.params)}")
+    token_id = single_token_id(tokenizer, new, "new placeholder")
+    if new != old and new in emb.params:
+        raise CheckpointError(f"{source} already has a placeholder '{new}'; rename to another word")
+
+    def renamed(per: dict | None) -> dict | None:
+        return None if per is None else {(new if p == old else p): t for p, t in per.items()}
+
+    tokens = {(new if p == old else p): (token_id if p == old else i) for p, i in emb.string_to_token.items()}
+    return replace(emb, string_to_token=tokens, params=renamed(emb.params), base=renamed(emb.base), name=None)
+
+
+def needs_base_error(source: str, emb: EmbeddingFile) -> CheckpointError:
+    return CheckpointError(
+        f"{source}: gamma {emb.gamma} needs e_p (the placeholder's row of the text encoder it was trained on), "
+        f"which this {emb.source_format} file does not store: pass --ckpt <the SD/DreamBooth checkpoint it was "
+        "trained on> and --config"
+    )

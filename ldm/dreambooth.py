@@ -1,0 +1,104 @@
+"""DreamBooth mode of ``main.py``: a config with a ``dreambooth`` section fine-tunes the model itself.
+
+The section (see ``configs/stable-diffusion/v1-finetune_unfrozen.yaml``) and its flags decide the
+identifier, prior preservation, which parts train and the pruned export written at the end:
+
+    identifier: sks            # --identifier; one CLIP token, prompts read 'a photo of a sks woman'
+    prior_loss_weight: 1.0     # --prior_loss_weight; prior preservation is on with --reg_data_root
+    train_unet: true
+    train_text_encoder: false  # --train_text_encoder
+    export_format: ckpt        # --export_format ckpt|safetensors -> checkpoints/model_pruned.<format>
+    export_half: false         # --export_half
+    export_ema: false          # keep model_ema.* in the export (needs use_ema)
+
+Bad input raises ``ValueError`` with a one-line message; ``ldm.training`` reports it and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from ldm.export import EXPORT_FORMATS, PrunedExport, export_path
+from ldm.modules.embedding_manager import single_token_id
+
+logger = logging.getLogger(__name__)
+
+SECTION = "dreambooth"
+SECTION_FLAGS = ("identifier", "prior_loss_weight", "train_text_encoder", "export_format", "export_half")
+DATA_FLAGS = ("reg_data_root",)
+PRIOR_LOSS_TARGET = "ldm.modules.prior_loss.PriorPreservationLoss"
+UNFROZEN_CONFIG = "configs/stable-diffusion/v1-finetune_unfrozen.yaml"
+
+
+def _given(opt: argparse.Namespace, name: str) -> bool:
+    return getattr(opt, name, None) not in (None, False)
+
+
+def apply_dreambooth(config: DictConfig, opt: argparse.Namespace) -> None:
+    """Write the DreamBooth flags into the config: its section, the datasets and the model."""
+    section = config.get(SECTION)
+    if section is None:
+        given = [name for name in SECTION_FLAGS + DATA_FLAGS if _given(opt, name)]
+        if given:
+            raise ValueError(f"--{given[0]} is a DreamBooth option: train with --base {UNFROZEN_CONFIG}")
+        return
+    if _given(opt, "placeholder_string"):
+        raise ValueError("DreamBooth names the subject with --identifier (default sks), not --placeholder_string")
+    for name in SECTION_FLAGS:
+        if _given(opt, name):
+            section[name] = getattr(opt, name)
+    identifier = str(section.get("identifier", "sks"))
+    if not identifier.strip() or len(identifier.split()) != 1:
+        raise ValueError(f"--identifier must be one rare word such as 'sks', got '{identifier}'")
+    if section.get("export_format", "ckpt") not in EXPORT_FORMATS:
+        raise ValueError(f"dreambooth.export_format must be one of {EXPORT_FORMATS}, got '{section.export_format}'")
+    data = config.data.params
+    for split in ("train", "validation"):
+        part = data.get(split)
+        if part is None:
+            continue
+        params = part.setdefault("params", {})
+        params.placeholder_token = identifier
+        if _given(opt, "reg_data_root"):
+            params.reg_data_root = str(opt.reg_data_root)
+    model = config.model.params
+    if data.train.params.get("reg_data_root"):
+        model.prior_loss_config = {"target": PRIOR_LOSS_TARGET,
+                                   "params": {"weight": float(section.get("prior_loss_weight", 1.0))}}
+    elif _given(opt, "prior_loss_weight"):
+        logger.warning("--prior_loss_weight has no effect without --reg_data_root (prior preservation is off)")
+    if section.get("train_text_encoder", False):
+        model.cond_stage_trainable = True
+        model.cond_stage_config.setdefault("params", {}).freeze = False
+
+
+def prepare_dreambooth_model(model: pl.LightningModule, config: DictConfig) -> None:
+    """Check the identifier against the tokenizer and freeze what the section does not train."""
+    section = config.get(SECTION)
+    if section is None:
+        return
+    single_token_id(model.cond_stage_model.tokenizer, str(section.get("identifier", "sks")), "identifier")
+    if not section.get("train_unet", True):
+        model.model.requires_grad_(False)
+    parts = {"UNet": model.model, "text encoder": model.cond_stage_model}
+    counts = {name: sum(p.numel() for p in part.parameters() if p.requires_grad) for name, part in parts.items()}
+    if not any(counts.values()):
+        raise ValueError("nothing to train: the UNet is frozen (dreambooth.train_unet=false) and so is the text "
+                         "encoder; set dreambooth.train_unet=true or pass --train_text_encoder")
+    logger.info("DreamBooth trains %s; prior preservation %s",
+                ", ".join(f"{name} ({n / 1e6:.1f}M parameters)" for name, n in counts.items() if n),
+                "on" if getattr(model, "prior_loss", None) is not None else "off (no --reg_data_root)")
+
+
+def dreambooth_callbacks(config: DictConfig, ckptdir: str | Path) -> list[pl.Callback]:
+    """The export of ``model_pruned.<format>`` at the end of a DreamBooth run (none otherwise)."""
+    section = config.get(SECTION)
+    if section is None:
+        return []
+    path = export_path(ckptdir, section.get("export_format", "ckpt"))
+    return [PrunedExport(path, half=bool(section.get("export_half", False)),
+                         include_ema=bool(section.get("export_ema", False)))]

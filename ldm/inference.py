@@ -1,0 +1,107 @@
+"""Model loading for the scripts (sampling, evaluation, demo): one place, no per-script copies.
+
+``load_model`` builds a :class:`LatentDiffusion` from an LDM YAML config, loads a checkpoint through
+:mod:`ldm.checkpoint` (strict keys, safe unpickling) and returns it frozen, in eval mode, on a
+device. ``attach_embedding`` puts a textual-inversion embedding file (any format
+:func:`ldm.checkpoint.load_embeddings` reads) on the model's text encoder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoint import CheckpointError
+from ldm.checkpoint._io import check_readable, describe_unreadable, sniff_format
+from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; otherwise the named device."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was requested but CUDA is not available; use --device cpu or auto")
+    return resolved
+
+
+def load_config(config_path: PathLike) -> DictConfig:
+    """An LDM YAML config with a ``model.target``; clear errors for a missing or malformed file."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found; pass an LDM YAML such as "
+                                "configs/stable-diffusion/v1-inference.yaml")
+    try:
+        config = OmegaConf.load(path)
+    except Exception as err:  # yaml/omegaconf raise several unrelated error types for bad files
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"config {path} is not valid YAML ({first_line}); pass an LDM YAML config") from None
+    model = config.get("model") if isinstance(config, DictConfig) else None
+    if not isinstance(model, DictConfig) or "target" not in model:
+        raise ValueError(f"config {path} has no 'model.target'; pass an LDM model config "
+                         "(e.g. configs/stable-diffusion/v1-inference.yaml)")
+    return config
+
+
+def check_weights_file(ckpt_path: PathLike) -> Path:
+    """Cheap checks (exists, non-empty, a tensor file and not text) before the model is built."""
+    path = Path(ckpt_path)
+    check_readable(path)
+    kind = sniff_format(path)
+    if kind not in ("safetensors", "torch-zip", "pickle"):
+        raise describe_unreadable(path, kind)
+    return path
+
+
+def load_model(config_path: PathLike, ckpt_path: PathLike, *, use_ema: bool = False, trust_pickle: bool = False,
+               device: str | torch.device | None = None) -> torch.nn.Module:
+    """A frozen model in eval mode on ``device`` with the weights of ``ckpt_path``.
+
+    ``use_ema`` loads the checkpoint's EMA shadows into the UNet; the config's own ``use_ema`` and
+    ``ckpt_path`` are ignored (weights are loaded here, once).
+    """
+    config = load_config(config_path)
+    check_weights_file(ckpt_path)
+    target = resolve_device(device)
+    model_config = OmegaConf.to_container(config.model, resolve=True)
+    params = model_config.setdefault("params", {})
+    params["use_ema"] = False
+    params.pop("ckpt_path", None)
+    model = instantiate_from_config(model_config)
+    model.init_from_ckpt(str(ckpt_path), use_ema=use_ema, trust_pickle=trust_pickle)
+    model = model.to(target).eval()
+    model.requires_grad_(False)
+    logger.info("Loaded %s with %s on %s%s", config_path, ckpt_path, target, " (EMA weights)" if use_ema else "")
+    return model
+
+
+def attach_embedding(model: torch.nn.Module, path: PathLike, gamma: float | None = None) -> EmbeddingManager:
+    """Load an embedding file onto ``model.cond_stage_model`` and set ``model.embedding_manager``.
+
+    ``gamma`` re-mixes a momentum embedding (``e = e_p + gamma * (v - e_p)``); ``None`` keeps the
+    stored gamma. Raises ValueError (CheckpointError) for a file that is not an embedding or whose
+    vectors do not fit the text encoder.
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: embedding file not found; check --embedding_path")
+    manager = EmbeddingManager.from_file(model.cond_stage_model, path, gamma=gamma)
+    manager = manager.to(model.device).eval()
+    manager.requires_grad_(False)
+    model.embedding_manager = manager
+    return manager
+
+
+def latent_downsampling(model: torch.nn.Module) -> int | None:
+    """The first stage's spatial downsampling factor (8 for SD v1), when it can be read."""
+    encoder = getattr(model.first_stage_model, "encoder", None)
+    levels = getattr(encoder, "num_resolutions", None)
+    return 2 ** (levels - 1) if isinstance(levels, int) else None

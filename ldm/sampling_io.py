@@ -1,0 +1,49 @@
+"""Writing sampled images: numbered PNGs with their settings in PNG text chunks, never overwriting."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm.util import atomic_write
+
+SAMPLE_PATTERN = re.compile(r"^(\d+)\.png$")
+GRID_PATTERN = re.compile(r"^grid-(\d+)\.png$")
+
+
+def next_free_index(directory: str | os.PathLike[str], pattern: re.Pattern[str] = SAMPLE_PATTERN) -> int:
+    """One past the highest number among the files of ``directory`` matching ``pattern`` (0 if none)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return 0
+    numbers = [int(match.group(1)) for entry in folder.iterdir() if (match := pattern.match(entry.name))]
+    return max(numbers, default=-1) + 1
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """PIL images of a batch [B, 3, H, W] in [-1, 1]."""
+    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = array.permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+    return [Image.fromarray(np.ascontiguousarray(item)) for item in array]
+
+
+def save_png(path: str | os.PathLike[str], image: Image.Image, text: Mapping[str, object]) -> Path:
+    """Write ``image`` atomically with ``text`` as PNG tEXt/iTXt chunks (values stringified, None skipped)."""
+    info = PngInfo()
+    for key, value in text.items():
+        if value is not None:
+            info.add_itxt(key, str(value))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_png_text(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The text chunks of a PNG written by :func:`save_png` (or any other PNG)."""
+    with Image.open(path) as image:
+        image.load()
+        return dict(getattr(image, "text", {}))

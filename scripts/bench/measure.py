@@ -1,0 +1,159 @@
+"""Median wall time and peak memory of a callable, on CPU (resident set size) or CUDA (allocator peak).
+
+CPU peak memory is the highest resident set size sampled every millisecond by a background thread
+while the call runs, minus the resident size just before it. Before the call, glibc is asked to hand
+freed heap pages back to the OS (``malloc_trim``), so pages that an earlier call freed but kept are
+not silently reused, which would hide the call's own memory. tracemalloc does not see torch's
+allocations and ``getrusage`` only reports a process-lifetime maximum, hence the sampling.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import gc
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_STATM = "/proc/self/statm"
+
+
+@dataclass
+class Measurement:
+    """Median seconds over the timed repeats, every timed run, and the peak extra bytes (None: unknown)."""
+
+    median_s: float
+    times_s: list[float]
+    peak_bytes: int | None
+
+
+def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``bf16``/``fp16``; nothing for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name is not None else None
+
+
+def _malloc_trim() -> None:
+    """Return free heap pages to the OS where glibc is the allocator (a no-op elsewhere)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open(_STATM) as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE  # statm: size resident shared ... (pages)
+    except OSError:
+        return None
+
+
+class RssSampler:
+    """Tracks the highest resident set size while active (every ``interval_s`` seconds)."""
+
+    def __init__(self, interval_s: float = 1e-3):
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes() or 0)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = _rss_bytes() or 0
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes() or 0)
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[list[int | None]]:
+    """Yields a one-item list that holds the peak extra bytes of the block once it exits."""
+    result: list[int | None] = [None]
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield result
+        synchronize(device)
+        result[0] = torch.cuda.max_memory_allocated(device) - base
+        return
+    _malloc_trim()
+    base = _rss_bytes()
+    if base is None:  # no /proc: peak memory is not measured on this OS
+        yield result
+        return
+    with RssSampler() as sampler:
+        yield result
+    result[0] = max(sampler.peak - base, 0)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes (device work included)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_pair(ours: Callable[[], object], reference: Callable[[], object], device: torch.device,
+                 repeats: int, warmup: int = 1) -> tuple[Measurement, Measurement]:
+    """Time both callables alternately (so machine load hits both alike), then one memory run each."""
+    for _ in range(warmup):
+        ours()
+        reference()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        times[0].append(timed(ours, device))
+        times[1].append(timed(reference, device))
+    peaks = []
+    for fn in (ours, reference):
+        with peak_memory(device) as peak:
+            fn()
+        peaks.append(peak[0])
+    return tuple(Measurement(statistics.median(t), t, p) for t, p in zip(times, peaks))  # type: ignore[return-value]
+
+
+def tensor_bytes(*objects: object) -> int:
+    """Bytes held by the tensors in (nested dicts, lists and tuples of) ``objects``."""
+    total = 0
+    stack = list(objects)
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return total

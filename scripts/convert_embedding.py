@@ -1,0 +1,93 @@
+"""Convert a textual-inversion embedding between this project, original TI, diffusers and AUTOMATIC1111.
+
+    python scripts/convert_embedding.py --input run/checkpoints/embeddings.pt \\
+        --output learned_embeds.safetensors --to diffusers --token "<me>"
+
+The input format is detected from the file. Exports write the effective vectors the model sees,
+e = e_p + gamma * (v - e_p); --gamma re-mixes before exporting. Files that store no e_p (the seed's
+.pt files) need --ckpt, the checkpoint they were trained on, for any gamma other than 1.
+Targets: ours (.pt/.safetensors, keeps v, e_p and gamma), ti (.pt, original TI layout),
+diffusers (.safetensors/.bin, {token: e}), a1111 (.pt with name/step, or .safetensors {"emb_params": e}).
+"""
+import sys
+from pathlib import Path
+
+# Run as `python scripts/convert_embedding.py` without installing: put the repository root first on
+# the import path, so `ldm` below is this checkout's package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from ldm.checkpoint import EmbeddingFile, load_embeddings  # noqa: E402
+from ldm.checkpoint import interop  # noqa: E402
+from ldm.modules.embedding_manager import check_gamma  # noqa: E402
+
+logger = logging.getLogger("convert_embedding")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="embedding file in any supported format")
+    p.add_argument("--output", required=True, help="file to write (its suffix picks .pt/.bin/.safetensors)")
+    p.add_argument("--to", required=True, choices=sorted(interop.EXPORT_SUFFIXES), help="target format")
+    p.add_argument("--ckpt", default=None, help="SD/DreamBooth checkpoint the embedding was trained on (for e_p)")
+    p.add_argument("--config", default=None, help="its LDM config (for a text encoder with its own tokenizer)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="momentum ratio to mix with (default: the stored one; required for seed files)")
+    p.add_argument("--token", default=None,
+                   help="diffusers token / A1111 name to write; for ours/ti the new placeholder (one CLIP token)")
+    p.add_argument("--placeholder", default=None, help="export only this placeholder of a multi-placeholder file")
+    p.add_argument("--trust_pickle", action="store_true", help="fully unpickle --ckpt (only for trusted files)")
+    return p
+
+
+def prepare(args: argparse.Namespace) -> EmbeddingFile:
+    """The embedding to export: loaded, re-mixed, e_p filled from --ckpt, renamed."""
+    source = args.input
+    emb = load_embeddings(source, default_gamma=args.gamma)
+    if args.gamma is not None:
+        emb = replace(emb, gamma=check_gamma(args.gamma))
+    if emb.gamma is None:
+        raise ValueError(f"{source} stores no gamma: pass --gamma (0.1 for the seed's momentum runs, 1 for plain TI)")
+    if args.placeholder is not None:
+        emb = interop.select_placeholder(emb, args.placeholder, source)
+    if args.ckpt is not None:
+        table = interop.token_table(args.ckpt, trust_pickle=args.trust_pickle)
+        interop.check_dim(emb, table.shape[1], source, f"the text encoder of {args.ckpt}")
+        if emb.base is None:
+            emb = interop.with_base_from_table(emb, table, source)
+    if emb.gamma != 1.0 and emb.base is None:
+        raise interop.needs_base_error(source, emb)
+    if args.token is not None and args.to in ("ours", "ti"):
+        if len(emb.params) != 1:
+            raise ValueError(f"--token renames one placeholder but {source} has {sorted(emb.params)}; "
+                             "add --placeholder")
+        tokenizer = interop.tokenizer_from_config(args.config)
+        emb = interop.rename_placeholder(emb, next(iter(emb.params)), args.token, tokenizer, source)
+    return emb
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the conversion; returns the exit code (0 ok, 2 bad flags or input files)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse's own errors and --help
+        return int(exit_.code or 0)
+    try:
+        interop.check_export_suffix(args.output, args.to)
+        emb = prepare(args)
+        checkpoint_name = Path(args.ckpt).name if args.ckpt else None
+        interop.export_embedding(args.output, emb, args.to, token=args.token, checkpoint_name=checkpoint_name)
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+        logger.error("%s", " ".join(str(err).split()))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Prune a training checkpoint (e.g. a DreamBooth run's last.ckpt) into an SD v1 model file.
+
+    python scripts/export_checkpoint.py logs/<run>/checkpoints/last.ckpt models/ldm/dreambooth/<name>.ckpt --half
+
+The output holds the state dict only, in the released SD v1 key layout (no optimizer, no embedding
+manager, no EMA unless --include_ema), as .ckpt or .safetensors (from the output's suffix). It loads
+in ``main.py --actual_resume``, ``scripts/stable_txt2img.py --ckpt`` and diffusers' single-file loader.
+"""
+import sys
+from pathlib import Path
+
+# Run as `python scripts/export_checkpoint.py` without installing: put the repository root first
+# on the import path, so `ldm` below is this checkout's package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from ldm.export import export_checkpoint  # noqa: E402
+
+logger = logging.getLogger("export_checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="training checkpoint, e.g. logs/<run>/checkpoints/last.ckpt")
+    p.add_argument("target", help="output file, .ckpt or .safetensors")
+    p.add_argument("--half", action="store_true", help="write float16 weights (half the size)")
+    p.add_argument("--include_ema", action="store_true", help="keep the EMA weights (model_ema.*)")
+    p.add_argument("--trust_pickle", action="store_true", help="allow checkpoints that need arbitrary code to load")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the script; returns the exit code (0 ok, 2 bad flags or input files)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse's own errors and --help
+        return int(exit_.code or 0)
+    try:
+        path = export_checkpoint(args.source, args.target, half=args.half, include_ema=args.include_ema,
+                                 trust_pickle=args.trust_pickle)
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+        logger.error("%s", " ".join(str(err).split()))
+        return 2
+    logger.info("Wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Text-to-image sampling with Stable Diffusion v1 and a (momentum) textual-inversion embedding.
+
+    python scripts/stable_txt2img.py --ddim_eta 0.0 --n_samples 8 --n_iter 2 --scale 7 --ddim_steps 100 \\
+        --ckpt models/ldm/dreambooth/<name>.ckpt --embedding_path <run>/checkpoints/embeddings_ep-2.pt \\
+        --prompt "photo of a * woman" --outdir outputs/<name>
+
+Writes OUTDIR/samples/NNNNN.png (numbered after the highest existing one; settings in PNG text
+chunks) and one OUTDIR/grid-NNNN.png per run. The negative prompt is the unconditional side of
+classifier-free guidance. Same seed and device give identical images.
+"""
+import sys
+from pathlib import Path
+
+# Run as `python scripts/stable_txt2img.py` without installing: put the repository root (the parent
+# of scripts/) first on the import path, so `ldm` below is this checkout's package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ldm.checkpoint import load_embeddings  # noqa: E402
+from ldm.inference import (  # noqa: E402
+    attach_embedding,
+    check_weights_file,
+    latent_downsampling,
+    load_config,
+    load_model,
+    resolve_device,
+)
+from ldm.modules.embedding_manager import EmbeddingManager, check_gamma  # noqa: E402
+from ldm.sampling_io import GRID_PATTERN, next_free_index, save_png, to_pil_images  # noqa: E402
+
+logger = logging.getLogger("stable_txt2img")
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "disfigured, deformed, ugly, bad anatomy, bad proportions, extra limbs, missing limbs, extra fingers, "
+    "fused fingers, mutated hands, poorly drawn hands, poorly drawn face, cross-eyed, long neck, duplicate, "
+    "cropped, out of frame, blurry, lowres, jpeg artifacts, watermark, signature, text"
+)
+
+
+class UsageError(ValueError):
+    """A flag value or input file the script cannot use; the message says which and what to pass."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default="a painting of a virus monster playing guitar", help="the prompt to render")
+    p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                   help="unconditional prompt of classifier-free guidance ('' for the plain empty prompt)")
+    p.add_argument("--from-file", dest="from_file", default=None, help="file with one prompt per line")
+    p.add_argument("--outdir", default="outputs/txt2img-samples", help="directory to write results to")
+    p.add_argument("--skip_grid", action="store_true", help="do not write the grid of all samples")
+    p.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
+    p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling (instead of DDIM)")
+    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--fixed_code", action="store_true", help="reuse one starting noise for every iteration")
+    p.add_argument("--n_iter", type=int, default=2, help="how many batches to sample per prompt batch")
+    p.add_argument("--H", type=int, default=512, help="image height in pixels")
+    p.add_argument("--W", type=int, default=512, help="image width in pixels")
+    p.add_argument("--C", type=int, default=4, help="latent channels")
+    p.add_argument("--f", type=int, default=8, help="downsampling factor of the autoencoder")
+    p.add_argument("--n_samples", type=int, default=8, help="batch size: samples per prompt per iteration")
+    p.add_argument("--n_rows", type=int, default=0, help="images per grid row (0: n_samples)")
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml", help="model config")
+    p.add_argument("--ckpt", default="models/ldm/stable-diffusion-v1/model.ckpt", help="model checkpoint")
+    p.add_argument("--embedding_path", default=None, help="textual-inversion embedding file (any supported format)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="re-mix a momentum embedding: e = e_p + gamma * (v - e_p) (default: the stored gamma)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the sampling noise")
+    p.add_argument("--precision", choices=("full", "autocast"), default="autocast",
+                   help="autocast: float16 on CUDA (CPU always runs float32)")
+    p.add_argument("--use_ema", action="store_true", help="load the checkpoint's EMA weights into the UNet")
+    p.add_argument("--trust_pickle", action="store_true",
+                   help="allow checkpoints that need arbitrary code to unpickle (only for files you trust)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Numeric flags that need no file or model."""
+    positive = {"--ddim_steps": args.ddim_steps, "--n_iter": args.n_iter, "--n_samples": args.n_samples,
+                "--H": args.H, "--W": args.W, "--C": args.C, "--f": args.f}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--H", args.H), ("--W", args.W)):
+        if value % args.f or value % 8:
+            raise UsageError(f"{flag}={value} is not divisible by 8 and --f={args.f}; pass a multiple such as "
+                             f"{max(args.f, 8) * max(1, round(value / max(args.f, 8)))}")
+    if args.n_rows < 0 or args.ddim_eta < 0 or args.seed < 0:
+        raise UsageError("--n_rows, --ddim_eta and --seed must not be negative")
+    if args.plms and args.ddim_eta != 0:
+        raise UsageError(f"--plms is deterministic and needs --ddim_eta 0, got {args.ddim_eta}; drop --plms for eta > 0")
+    if args.gamma is not None:
+        if args.embedding_path is None:
+            raise UsageError("--gamma re-mixes an embedding: pass --embedding_path too")
+        try:
+            check_gamma(args.gamma)
+        except ValueError as err:
+            raise UsageError(f"--gamma: {err}") from None
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of this run: --prompt, or the non-empty lines of --from-file."""
+    if args.from_file is None:
+        return [args.prompt]
+    path = Path(args.from_file)
+    if not path.is_file():
+        raise UsageError(f"--from-file {path} not found; pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--from-file {path} has no prompts (empty or blank lines only); write one prompt per line")
+    return prompts
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Fail on bad files before the (large) model is built."""
+    load_config(args.config)
+    check_weights_file(args.ckpt)
+    if args.embedding_path is not None:
+        load_embeddings(args.embedding_path)
+
+
+def check_model_fit(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    if args.C != model.channels:
+        raise UsageError(f"--C={args.C} but the model's latents have {model.channels} channels; pass --C {model.channels}")
+    factor = latent_downsampling(model)
+    if factor is not None and args.f != factor:
+        raise UsageError(f"--f={args.f} but the autoencoder downsamples by {factor}; pass --f {factor}")
+
+
+def warn_missing_placeholders(model: torch.nn.Module, manager: EmbeddingManager, prompts: Sequence[str],
+                              source: str) -> None:
+    """One warning when some prompts do not contain (after tokenizing) a placeholder of the embedding."""
+    tokens = model.cond_stage_model.tokenize(list(prompts))  # [P, L]
+    ids = torch.tensor(manager.token_ids, device=tokens.device)
+    missing = [p for p, has in zip(prompts, torch.isin(tokens, ids).any(dim=1).tolist()) if not has]
+    if missing:
+        logger.warning("%d of %d prompts lack the placeholder %s of %s, so the embedding does not affect them "
+                       "(e.g. %r)", len(missing), len(prompts), manager.placeholders, source, missing[0])
+
+
+def precision_scope(precision: str, device: torch.device):
+    if precision == "autocast" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def make_sampler(model: torch.nn.Module, args: argparse.Namespace):
+    """DDIM or PLMS, with its step schedule built once here so bad step counts fail before any output."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.models.diffusion.plms import PLMSSampler
+
+    sampler = PLMSSampler(model) if args.plms else DDIMSampler(model)
+    try:
+        sampler.make_schedule(ddim_num_steps=args.ddim_steps, ddim_eta=args.ddim_eta, verbose=False)
+    except ValueError as err:
+        raise UsageError(f"--ddim_steps {args.ddim_steps}: {err}") from None
+    return sampler
+
+
+def sample(args: argparse.Namespace, model: torch.nn.Module, sampler, prompts: list[str]) -> None:
+    """Sample every batch n_iter times; write the samples and the grid."""
+    device = model.device
+    batches = [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+    if args.from_file is None:
+        batches = [prompts * args.n_samples]
+    shape = (args.C, args.H // args.f, args.W // args.f)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    fixed_code = torch.randn((args.n_samples, *shape), generator=generator, device=device) if args.fixed_code else None
+    manager = model.embedding_manager
+    settings = {"negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.ddim_steps,
+                "scale": args.scale, "sampler": sampler.name, "eta": args.ddim_eta, "checkpoint": args.ckpt,
+                "embedding": args.embedding_path, "gamma": manager.gamma if args.embedding_path else None,
+                "H": args.H, "W": args.W}
+    sample_dir = Path(args.outdir) / "samples"
+    index = next_free_index(sample_dir)
+    all_images = []
+    jobs = [(iteration, batch) for iteration in range(args.n_iter) for batch in batches]
+    for iteration, batch in tqdm(jobs, desc="Sampling", unit="batch"):
+        x_T = (fixed_code[:len(batch)] if fixed_code is not None
+               else torch.randn((len(batch), *shape), generator=generator, device=device))
+        with torch.no_grad(), precision_scope(args.precision, device):
+            cond = model.get_learned_conditioning(batch)
+            uncond = model.get_learned_conditioning([args.negative_prompt] * len(batch)) if args.scale != 1.0 else None
+            latents, _ = sampler.sample(S=args.ddim_steps, conditioning=cond, batch_size=len(batch), shape=shape,
+                                        verbose=False, unconditional_guidance_scale=args.scale,
+                                        unconditional_conditioning=uncond, eta=args.ddim_eta, x_T=x_T,
+                                        generator=generator)
+            images = model.decode_first_stage(latents).float().clamp(-1, 1).cpu()
+        if not args.skip_save:
+            for prompt, image in zip(batch, to_pil_images(images)):
+                save_png(sample_dir / f"{index:05}.png", image, {"prompt": prompt, **settings, "iteration": iteration})
+                index += 1
+        all_images.append(images)
+    if not args.skip_grid:
+        from ldm.callbacks import to_grid_image
+
+        grid_path = Path(args.outdir) / f"grid-{next_free_index(args.outdir, GRID_PATTERN):04}.png"
+        grid = to_grid_image(torch.cat(all_images), nrow=args.n_rows or args.n_samples)
+        save_png(grid_path, grid, {"prompt": "\n".join(dict.fromkeys(prompts)), **settings})
+        logger.info("Wrote grid %s", grid_path)
+    logger.info("Samples are in %s", Path(args.outdir).resolve())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the script; returns the exit code (0 ok, 2 bad flags or input files)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse's own errors and --help
+        return int(exit_.code or 0)
+    try:
+        validate_args(args)
+        prompts = read_prompts(args)
+        device = resolve_device(args.device)
+        if args.precision == "autocast" and device.type != "cuda":
+            logger.info("--precision autocast applies on CUDA only; sampling in float32 on %s", device)
+        preflight(args)
+        model = load_model(args.config, args.ckpt, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
+                           device=device)
+        check_model_fit(args, model)
+        sampler = make_sampler(model, args)
+        if args.embedding_path is not None:
+            manager = attach_embedding(model, args.embedding_path, gamma=args.gamma)
+            warn_missing_placeholders(model, manager, prompts, args.embedding_path)
+    except (ValueError, OSError) as err:  # CheckpointError and UsageError are ValueErrors
+        logger.error("%s", " ".join(str(err).split()))
+        return 2
+    sample(args, model, sampler, prompts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""scripts/stable_txt2img.py and ldm.inference on the tiny config: outputs, determinism, embeddings, bad input."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm.checkpoint import EmbeddingFile, save_checkpoint, save_embeddings
+from ldm.inference import attach_embedding, load_model
+from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.sampling_io import next_free_index, read_png_text
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = "configs/tiny/v1-inference.yaml"
+PROMPT = "photo of a * woman"
+SMALL = ["--H", "64", "--W", "64", "--ddim_steps", "4", "--n_samples", "2", "--n_iter", "2",
+         "--config", str(ROOT / TINY_CONFIG), "--device", "cpu"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("stable_txt2img", ROOT / "scripts" / "stable_txt2img.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+txt2img = _load_script()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random checkpoint (zero-initialised layers randomised, so outputs depend on the prompt)
+    and embeddings for it: gamma 0.5 with a far-away v, and an SD2-sized (1024-d) one."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(ROOT / TINY_CONFIG).model)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and not param.any():
+                param.normal_(0.0, 0.05)
+    ckpt = save_checkpoint(root / "tiny.ckpt", model.state_dict())
+    manager = EmbeddingManager(model.cond_stage_model, placeholder_strings=["*"], initializer_words=["woman"],
+                               gamma=0.5)
+    with torch.no_grad():
+        manager.vectors[0].normal_(0.0, 1.0)
+    embedding = manager.save(root / "emb.pt", step=7)
+    sd2 = save_embeddings(root / "sd2.pt", EmbeddingFile({"*": 265}, {"*": torch.randn(1, 1024)}, gamma=1.0))
+    text = root / "config_as_ckpt.yaml"
+    text.write_text((ROOT / TINY_CONFIG).read_text())
+    return {"ckpt": ckpt, "embedding": embedding, "sd2": sd2, "yaml": text, "root": root}
+
+
+def run(files: dict[str, Path], outdir: Path, *extra: str, embedding: bool = True) -> int:
+    argv = [*SMALL, "--ckpt", str(files["ckpt"]), "--outdir", str(outdir), "--prompt", PROMPT]
+    if embedding:
+        argv += ["--embedding_path", str(files["embedding"])]
+    return txt2img.main([*argv, *extra])
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def samples(outdir: Path) -> list[Path]:
+    return sorted((outdir / "samples").glob("*.png"))
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def test_writes_samples_grid_and_text_chunks(files, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert run(files, out, "--scale", "7", "--ddim_eta", "0.0") == 0
+    written = samples(out)
+    assert [p.name for p in written] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    assert [p.name for p in out.glob("grid-*.png")] == ["grid-0000.png"]
+    assert Image.open(written[0]).size == (64, 64)
+    assert Image.open(out / "grid-0000.png").size[1] > 2 * 64  # 2 rows (iterations) of 2
+    text = read_png_text(written[0])
+    expected = {"prompt": PROMPT, "negative_prompt": txt2img.DEFAULT_NEGATIVE_PROMPT, "seed": "42", "steps": "4",
+                "scale": "7.0", "sampler": "DDIM", "eta": "0.0", "checkpoint": str(files["ckpt"]),
+                "embedding": str(files["embedding"]), "gamma": "0.5", "H": "64", "W": "64"}
+    assert {k: text.get(k) for k in expected} == expected
+    assert read_png_text(out / "grid-0000.png")["prompt"] == PROMPT
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_second_run_continues_numbering_and_is_identical(files, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert run(files, out) == 0
+    first = {p.name: p.read_bytes() for p in samples(out)}
+    assert run(files, out) == 0
+    written = samples(out)
+    assert [p.name for p in written] == [f"{i:05}.png" for i in range(8)]
+    assert sorted(p.name for p in out.glob("grid-*.png")) == ["grid-0000.png", "grid-0001.png"]
+    for name, data in first.items():
+        assert (out / "samples" / name).read_bytes() == data, f"{name} was overwritten"
+    for i in range(4):  # same seed, same device: identical pixels
+        assert np.array_equal(pixels(written[i]), pixels(written[i + 4])), i
+    assert not np.array_equal(pixels(written[0]), pixels(written[1])), "a batch's samples must differ"
+
+
+def test_different_seed_differs(files, tmp_path) -> None:
+    assert run(files, tmp_path / "a", "--seed", "1", "--skip_grid") == 0
+    assert run(files, tmp_path / "b", "--seed", "2", "--skip_grid") == 0
+    a, b = samples(tmp_path / "a")[0], samples(tmp_path / "b")[0]
+    assert np.abs(pixels(a) - pixels(b)).max() > 0
+    assert read_png_text(b)["seed"] == "2"
+    assert not list((tmp_path / "a").glob("grid-*.png"))
+
+
+def test_plms(files, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert run(files, out, "--plms", "--n_iter", "1") == 0
+    written = samples(out)
+    assert len(written) == 2 and read_png_text(written[0])["sampler"] == "PLMS"
+    assert run(files, tmp_path / "ddim", "--n_iter", "1") == 0
+    assert not np.array_equal(pixels(written[0]), pixels(samples(tmp_path / "ddim")[0]))
+
+
+def test_fixed_code_reuses_noise_across_iterations(files, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert run(files, out, "--fixed_code", "--skip_grid") == 0
+    written = samples(out)
+    assert np.array_equal(pixels(written[0]), pixels(written[2]))
+    assert np.array_equal(pixels(written[1]), pixels(written[3]))
+
+
+def test_from_file_batches_prompts(files, tmp_path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("photo of a * woman\n\n   \na * woman smiling\nportrait of *\n")
+    out = tmp_path / "out"
+    assert run(files, out, "--from-file", str(prompts), "--n_iter", "1") == 0
+    written = samples(out)  # batches of 2 prompts: [p1, p2], [p3]
+    assert [read_png_text(p)["prompt"] for p in written] == [
+        "photo of a * woman", "a * woman smiling", "portrait of *"]
+
+
+def test_skip_save_writes_only_grid(files, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert run(files, out, "--skip_save", "--n_rows", "4") == 0
+    assert not (out / "samples").exists()
+    grid = Image.open(out / "grid-0000.png")
+    assert grid.size[0] > grid.size[1], "4 images per row: one wide row"
+
+
+def test_negative_prompt_is_the_unconditional_side(files, tmp_path) -> None:
+    assert run(files, tmp_path / "a", "--n_iter", "1", "--skip_grid") == 0
+    assert run(files, tmp_path / "b", "--n_iter", "1", "--skip_grid", "--negative_prompt", "") == 0
+    assert run(files, tmp_path / "c", "--n_iter", "1", "--skip_grid", "--negative_prompt", "", "--scale", "1") == 0
+    a, b, c = (samples(tmp_path / d)[0] for d in "abc")
+    assert not np.array_equal(pixels(a), pixels(b))
+    assert read_png_text(b)["negative_prompt"] == ""
+    assert not np.array_equal(pixels(b), pixels(c)), "scale 7.5 vs 1 must differ"
+
+
+# ---------------------------------------------------------------- embeddings and gamma
+
+
+def test_gamma_remixes_the_embedding(files, tmp_path) -> None:
+    for name, extra in (("stored", ()), ("gamma1", ("--gamma", "1")), ("gamma0", ("--gamma", "0"))):
+        assert run(files, tmp_path / name, "--n_iter", "1", "--skip_grid", *extra) == 0
+    assert run(files, tmp_path / "plain", "--n_iter", "1", "--skip_grid", embedding=False) == 0
+    stored, gamma1, gamma0, plain = (pixels(samples(tmp_path / d)[0]) for d in ("stored", "gamma1", "gamma0", "plain"))
+    assert not np.array_equal(stored, gamma1), "--gamma 1 must change a gamma-0.5 embedding's output"
+    assert not np.array_equal(stored, plain), "the embedding must change the output"
+    assert np.array_equal(gamma0, plain), "gamma 0 must equal the plain model"
+    assert read_png_text(samples(tmp_path / "gamma1")[0])["gamma"] == "1.0"
+    assert "embedding" not in read_png_text(samples(tmp_path / "plain")[0])
+
+
+def test_gamma_zero_conditioning_equals_plain_model(files) -> None:
+    model = load_model(ROOT / TINY_CONFIG, files["ckpt"], device="cpu")
+    plain = model.get_learned_conditioning([PROMPT, "a * and a *"])
+    manager = attach_embedding(model, files["embedding"], gamma=0.0)
+    assert model.embedding_manager is manager and manager.gamma == 0.0
+    assert torch.equal(model.get_learned_conditioning([PROMPT, "a * and a *"]), plain)
+    manager.set_gamma(0.5)
+    assert not torch.allclose(model.get_learned_conditioning([PROMPT]), plain[:1])
+
+
+def test_load_model_is_frozen_eval_on_device(files) -> None:
+    model = load_model(ROOT / TINY_CONFIG, files["ckpt"], device="cpu")
+    assert not model.training and not model.model.training and not model.first_stage_model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.device == torch.device("cpu")
+    reference = torch.load(files["ckpt"], weights_only=True)["state_dict"]
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(model.state_dict()[key], reference[key])
+    manager = attach_embedding(model, files["embedding"])
+    assert manager.gamma == 0.5 and manager.placeholders == ["*"]
+    assert not any(p.requires_grad for p in manager.parameters())
+
+
+def test_missing_placeholder_warns(files, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="stable_txt2img"):
+        assert run(files, tmp_path / "out", "--prompt", "a photo of a woman", "--n_iter", "1", "--skip_save") == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "stable_txt2img"]
+    assert len(warnings) == 1 and "['*']" in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stable_txt2img"):
+        assert run(files, tmp_path / "out2", "--n_iter", "1", "--skip_save") == 0
+    assert not [r for r in caplog.records if r.name == "stable_txt2img" and r.levelno >= logging.WARNING]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _empty_prompt_file(files: dict[str, Path]) -> str:
+    empty = files["root"] / "empty.txt"
+    empty.write_text("\n  \n")
+    return str(empty)
+
+
+BAD_INPUTS = {  # case: (extra flags from the files, text the one-line error must contain)
+    "H not /8": (lambda f: ["--H", "60"], "--H=60"),
+    "W not /f": (lambda f: ["--W", "72", "--f", "16"], "--W=72"),
+    "1024-d embedding for a 32-d encoder": (lambda f: ["--embedding_path", str(f["sd2"])], "dimension 1024"),
+    "ckpt as embedding": (lambda f: ["--embedding_path", str(f["ckpt"])], "not an embedding"),
+    "yaml as embedding": (lambda f: ["--embedding_path", str(f["yaml"])], "text file"),
+    "missing embedding": (lambda f: ["--embedding_path", str(f["root"] / "nope.pt")], "not found"),
+    "empty prompt file": (lambda f: ["--from-file", _empty_prompt_file(f)], "no prompts"),
+    "missing prompt file": (lambda f: ["--from-file", str(f["root"] / "nope.txt")], "not found"),
+    "missing ckpt": (lambda f: ["--ckpt", str(f["root"] / "nope.ckpt")], "not found"),
+    "missing config": (lambda f: ["--config", str(f["root"] / "nope.yaml")], "not found"),
+    "yaml as ckpt": (lambda f: ["--ckpt", str(f["yaml"])], "text file"),
+    "gamma out of range": (lambda f: ["--gamma", "1.5"], "[0, 1]"),
+    "plms with eta": (lambda f: ["--plms", "--ddim_eta", "0.5"], "--ddim_eta 0"),
+    "wrong latent channels": (lambda f: ["--C", "3"], "--C 4"),
+    "wrong downsampling": (lambda f: ["--f", "16"], "--f 8"),
+    "too many steps": (lambda f: ["--ddim_steps", "1001"], "--ddim_steps 1001"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_cleanly(files, tmp_path, caplog, case: str) -> None:
+    make_flags, expected = BAD_INPUTS[case]
+    extra = make_flags(files)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        code = run(files, out, *extra)
+    assert code != 0
+    assert not out.exists(), f"{case}: wrote into outdir"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert expected in errors[0], errors[0]
+
+
+def test_unknown_flag_is_a_usage_error(files, tmp_path) -> None:
+    assert txt2img.main(["--no_such_flag"]) == 2
+
+
+# ---------------------------------------------------------------- helpers and the real command line
+
+
+def test_next_free_index_follows_the_highest(tmp_path) -> None:
+    assert next_free_index(tmp_path / "absent") == 0
+    for name in ("00003.png", "00010.png", "notes.png", "00011.jpg", "grid-0005.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert next_free_index(tmp_path) == 11
+
+
+def test_seed_command_line_runs_as_a_subprocess(files, tmp_path) -> None:
+    """The seed's invocation (small numbers), from the repo root, without PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = tmp_path / "outputs" / "run"
+    command = [sys.executable, "scripts/stable_txt2img.py", "--ddim_eta", "0.0", "--n_samples", "1", "--n_iter", "2",
+               "--scale", "7", "--ddim_steps", "2", "--ckpt", str(files["ckpt"]), "--embedding_path",
+               str(files["embedding"]), "--prompt", PROMPT, "--outdir", str(out),
+               "--config", TINY_CONFIG, "--H", "64", "--W", "64"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(samples(out)) == 2 and (out / "grid-0000.png").is_file()
+    bad = subprocess.run([*command[:-2], "--H", "60"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--H=60" in bad.stderr
