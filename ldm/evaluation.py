@@ -10,19 +10,22 @@ placeholder replaced by its class word. CLIP weights come only from a local file
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
 import statistics
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ldm.data.images import scan_image_folder, load_rgb
+from ldm.data.images import load_rgb, scan_image_folder
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +98,23 @@ class ClipScorer:
     path: Path
 
     @classmethod
-    def load(cls, clip_model: str | None, device: torch.device) -> "ClipScorer | None":
+    def load(cls, clip_model: str | None, device: torch.device) -> ClipScorer | None:
         """The scorer, or None (one log line saying why) when the weights are not on disk."""
-        import clip
+        if importlib.util.find_spec("clip") is None:
+            logger.warning("CLIP weights not found (the clip package is not installed): skipping CLIP metrics")
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # clip imports the deprecated pkg_resources
+            import clip
 
         path, tried = find_clip_weights(clip_model)
         if path is None:
             logger.warning("CLIP weights not found (%s): skipping CLIP metrics", tried)
             return None
         try:
-            model, preprocess = clip.load(str(path), device=device, jit=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # clip.load tries torch.jit.load first
+                model, preprocess = clip.load(str(path), device=device, jit=False)
         except Exception as err:  # clip/torch raise many types for a file that is not a CLIP model
             raise ValueError(f"{path}: cannot load CLIP weights ({str(err).splitlines()[0][:200]}); "
                              "pass a CLIP .pt file from the clip package's cache") from None

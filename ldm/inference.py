@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from ldm.checkpoint import CheckpointError
-from ldm.checkpoint._io import check_readable, describe_unreadable, sniff_format
+from ldm.checkpoint import CheckpointError, probe_weights_file
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.util import instantiate_from_config
 
@@ -38,28 +39,18 @@ def load_config(config_path: PathLike) -> DictConfig:
     """An LDM YAML config with a ``model.target``; clear errors for a missing or malformed file."""
     path = Path(config_path)
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found; pass an LDM YAML such as "
+        raise FileNotFoundError(f"{path}: config not found; pass an LDM YAML such as "
                                 "configs/stable-diffusion/v1-inference.yaml")
     try:
         config = OmegaConf.load(path)
-    except Exception as err:  # yaml/omegaconf raise several unrelated error types for bad files
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"config {path} is not valid YAML ({first_line}); pass an LDM YAML config") from None
+        raise ValueError(f"{path}: config is not valid YAML ({first_line}); pass an LDM YAML config") from None
     model = config.get("model") if isinstance(config, DictConfig) else None
     if not isinstance(model, DictConfig) or "target" not in model:
-        raise ValueError(f"config {path} has no 'model.target'; pass an LDM model config "
+        raise ValueError(f"{path}: config has no 'model.target'; pass an LDM model config "
                          "(e.g. configs/stable-diffusion/v1-inference.yaml)")
     return config
-
-
-def check_weights_file(ckpt_path: PathLike) -> Path:
-    """Cheap checks (exists, non-empty, a tensor file and not text) before the model is built."""
-    path = Path(ckpt_path)
-    check_readable(path)
-    kind = sniff_format(path)
-    if kind not in ("safetensors", "torch-zip", "pickle"):
-        raise describe_unreadable(path, kind)
-    return path
 
 
 def load_model(config_path: PathLike, ckpt_path: PathLike, *, use_ema: bool = False, trust_pickle: bool = False,
@@ -70,7 +61,7 @@ def load_model(config_path: PathLike, ckpt_path: PathLike, *, use_ema: bool = Fa
     ``ckpt_path`` are ignored (weights are loaded here, once).
     """
     config = load_config(config_path)
-    check_weights_file(ckpt_path)
+    probe_weights_file(ckpt_path)
     target = resolve_device(device)
     model_config = OmegaConf.to_container(config.model, resolve=True)
     params = model_config.setdefault("params", {})

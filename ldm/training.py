@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from ldm.dreambooth import apply_dreambooth, dreambooth_callbacks, prepare_dream
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
+
+# DDP relaunches this script once per extra device: they inherit the run's time, so share one log dir.
+RUN_TIME_ENV = "LDM_RUN_TIMESTAMP"
 
 
 class TrainingError(RuntimeError):
@@ -183,6 +187,7 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     """Set up and run one training (or resumed) run; returns the process exit code."""
     import pytorch_lightning as pl
 
+    now = os.environ.get(RUN_TIME_ENV, now)
     paths, bases = resolve_paths(opt, now)
     config = load_config(bases, dotlist)
     apply_flags(config, opt, paths)
@@ -216,5 +221,12 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     if not opt.train:
         logger.info("Nothing to do without -t/--train (the config and model were checked)")
         return 0
-    trainer.fit(model, data, ckpt_path=str(paths.resume_ckpt) if paths.resume_ckpt else None)
+    os.environ[RUN_TIME_ENV] = now
+    try:
+        trainer.fit(model, data, ckpt_path=str(paths.resume_ckpt) if paths.resume_ckpt else None)
+    finally:
+        os.environ.pop(RUN_TIME_ENV, None)
+    if getattr(model, "stopped_on_nonfinite_loss", False):
+        logger.error("Training stopped on a NaN/Inf loss; the last good embedding and checkpoint are kept")
+        return 1
     return 1 if trainer.interrupted else 0

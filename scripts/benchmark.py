@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="batch of the unet/vae/ddim rows (TI rows: 1 and 2)")
     p.add_argument("--size", type=int, default=None,
                    help="image side in pixels (default: 64 tiny; sd-v1 256 on cpu, 512 on cuda)")
+    p.add_argument("--ddim-steps", type=int, default=DDIM_STEPS, help="steps of the ddim row")
     p.add_argument("--face-detector", choices=("cnn", "hog"), default="cnn", help="dlib detector of face_prep")
     p.add_argument("--faces", type=Path, default=FACES, help="folder of photos for face_prep")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every core available)")
@@ -73,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.size = 64 if args.config == "tiny" else (512 if args.device == "cuda" else 256)
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if min(args.repeats, args.batch, args.threads) < 1:
-        p.error("--repeats, --batch and --threads must be at least 1")
+    if min(args.repeats, args.batch, args.threads, args.ddim_steps) < 1:
+        p.error("--repeats, --batch, --threads and --ddim-steps must be at least 1")
     if args.size % 8:
         p.error(f"--size must be a multiple of 8 (the VAE downsamples by 8), got {args.size}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -153,16 +154,16 @@ def vae_rows(b: Bench) -> list[Row]:
 def ddim_rows(b: Bench) -> list[Row]:
     n = b.args.batch
     x_t, cond, uncond = b.randn(n, *b.latent_shape), b.randn(n, *b.context_shape), b.randn(n, *b.context_shape)
-    sampler, ref_unet = DDIMSampler(b.ours), b.unet
+    sampler, ref_unet, steps = DDIMSampler(b.ours), b.unet, b.args.ddim_steps
 
     @torch.inference_mode()
     def ours():
-        return sampler.sample(S=DDIM_STEPS, batch_size=n, shape=b.latent_shape, conditioning=cond,
+        return sampler.sample(S=steps, batch_size=n, shape=b.latent_shape, conditioning=cond,
                               unconditional_conditioning=uncond, unconditional_guidance_scale=GUIDANCE,
                               eta=0.0, x_T=x_t, verbose=False)[0]
 
-    ours_m, ref_m = b.pair(ours, lambda: reference.ddim_sample(ref_unet, x_t, cond, uncond, DDIM_STEPS, GUIDANCE))
-    return [Row(f"ddim{DDIM_STEPS}_cfg", "diffusers", ours_m, ref_m, f"batch {n}, scale {GUIDANCE}")]
+    ours_m, ref_m = b.pair(ours, lambda: reference.ddim_sample(ref_unet, x_t, cond, uncond, steps, GUIDANCE))
+    return [Row(f"ddim{steps}_cfg", "diffusers", ours_m, ref_m, f"batch {n}, scale {GUIDANCE}")]
 
 
 # --- training rows ---------------------------------------------------------------------------------

@@ -18,11 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from dataclasses import replace  # noqa: E402
-from typing import Sequence  # noqa: E402
 
-from ldm.checkpoint import EmbeddingFile, load_embeddings  # noqa: E402
-from ldm.checkpoint import interop  # noqa: E402
+from ldm.checkpoint import (  # noqa: E402
+    EmbeddingFile,
+    interop,  # noqa: E402
+    load_embeddings,
+)
 from ldm.modules.embedding_manager import check_gamma  # noqa: E402
 
 logger = logging.getLogger("convert_embedding")

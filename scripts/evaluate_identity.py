@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any
 
 import torch  # noqa: E402
 

@@ -21,13 +21,17 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ldm.checkpoint import EmbeddingFile, load_embeddings  # noqa: E402
-from ldm.checkpoint import interop  # noqa: E402
+from ldm.checkpoint import (  # noqa: E402
+    EmbeddingFile,
+    interop,  # noqa: E402
+    load_embeddings,
+)
 from ldm.modules.embedding_manager import single_token_id  # noqa: E402
 from ldm.util import atomic_write  # noqa: E402
 

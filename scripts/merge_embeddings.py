@@ -16,11 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Sequence  # noqa: E402
 
-from ldm.checkpoint import EmbeddingFile, load_embeddings, save_embeddings  # noqa: E402
-from ldm.checkpoint import interop  # noqa: E402
+from ldm.checkpoint import (  # noqa: E402
+    EmbeddingFile,
+    interop,  # noqa: E402
+    load_embeddings,
+    save_embeddings,
+)
 
 logger = logging.getLogger("merge_embeddings")
 

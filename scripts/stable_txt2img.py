@@ -8,32 +8,34 @@ Writes OUTDIR/samples/NNNNN.png (numbered after the highest existing one; settin
 chunks) and one OUTDIR/grid-NNNN.png per run. The negative prompt is the unconditional side of
 classifier-free guidance. Same seed and device give identical images.
 """
+import argparse
+import contextlib
+import logging
+import math
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 # Run as `python scripts/stable_txt2img.py` without installing: put the repository root (the parent
-# of scripts/) first on the import path, so `ldm` below is this checkout's package.
+# of scripts/) first on the import path, so the `ldm` imports below are this checkout's package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-from typing import Sequence  # noqa: E402
-
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from ldm.checkpoint import load_embeddings  # noqa: E402
-from ldm.inference import (  # noqa: E402
+from ldm.callbacks import to_grid_image
+from ldm.checkpoint import load_embeddings, probe_weights_file
+from ldm.inference import (
     attach_embedding,
-    check_weights_file,
     latent_downsampling,
     load_config,
     load_model,
     resolve_device,
 )
-from ldm.modules.embedding_manager import EmbeddingManager, check_gamma  # noqa: E402
-from ldm.sampling_io import GRID_PATTERN, next_free_index, save_png, to_pil_images  # noqa: E402
+from ldm.models.diffusion.ddim import DDIMSampler, SamplerBase
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.modules.embedding_manager import EmbeddingManager, check_gamma
+from ldm.sampling_io import GRID_PATTERN, next_free_index, save_png, to_pil_images
 
 logger = logging.getLogger("stable_txt2img")
 
@@ -91,10 +93,11 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
+    multiple = math.lcm(8, args.f)
     for flag, value in (("--H", args.H), ("--W", args.W)):
-        if value % args.f or value % 8:
-            raise UsageError(f"{flag}={value} is not divisible by 8 and --f={args.f}; pass a multiple such as "
-                             f"{max(args.f, 8) * max(1, round(value / max(args.f, 8)))}")
+        if value % multiple:
+            raise UsageError(f"{flag}={value} must be a multiple of {multiple} (8 and --f={args.f}); "
+                             f"pass e.g. {multiple * max(1, round(value / multiple))}")
     if args.n_rows < 0 or args.ddim_eta < 0 or args.seed < 0:
         raise UsageError("--n_rows, --ddim_eta and --seed must not be negative")
     if args.plms and args.ddim_eta != 0:
@@ -122,11 +125,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def preflight(args: argparse.Namespace) -> None:
-    """Fail on bad files before the (large) model is built."""
-    load_config(args.config)
-    check_weights_file(args.ckpt)
+    """Fail on bad files before the (large) model is built; errors name the flag."""
+    checks = [("--config", load_config, args.config), ("--ckpt", probe_weights_file, args.ckpt)]
     if args.embedding_path is not None:
-        load_embeddings(args.embedding_path)
+        checks.append(("--embedding_path", load_embeddings, args.embedding_path))
+    for flag, check, value in checks:
+        try:
+            check(value)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"{flag}: {err}") from None
 
 
 def check_model_fit(args: argparse.Namespace, model: torch.nn.Module) -> None:
@@ -154,11 +161,8 @@ def precision_scope(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def make_sampler(model: torch.nn.Module, args: argparse.Namespace):
+def make_sampler(model: torch.nn.Module, args: argparse.Namespace) -> SamplerBase:
     """DDIM or PLMS, with its step schedule built once here so bad step counts fail before any output."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.models.diffusion.plms import PLMSSampler
-
     sampler = PLMSSampler(model) if args.plms else DDIMSampler(model)
     try:
         sampler.make_schedule(ddim_num_steps=args.ddim_steps, ddim_eta=args.ddim_eta, verbose=False)
@@ -167,43 +171,61 @@ def make_sampler(model: torch.nn.Module, args: argparse.Namespace):
     return sampler
 
 
-def sample(args: argparse.Namespace, model: torch.nn.Module, sampler, prompts: list[str]) -> None:
-    """Sample every batch n_iter times; write the samples and the grid."""
-    device = model.device
-    batches = [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+def prompt_batches(args: argparse.Namespace, prompts: list[str]) -> list[list[str]]:
+    """--prompt: one batch of n_samples copies; --from-file: the prompts in batches of n_samples."""
     if args.from_file is None:
-        batches = [prompts * args.n_samples]
+        return [prompts * args.n_samples]
+    return [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+
+
+def run_settings(args: argparse.Namespace, model: torch.nn.Module, sampler: SamplerBase) -> dict[str, object]:
+    """What the PNG text chunks record (None values are left out)."""
+    gamma = model.embedding_manager.gamma if args.embedding_path is not None else None
+    return {"negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.ddim_steps,
+            "scale": args.scale, "sampler": sampler.name, "eta": args.ddim_eta, "checkpoint": args.ckpt,
+            "embedding": args.embedding_path, "gamma": gamma, "H": args.H, "W": args.W}
+
+
+@torch.no_grad()
+def generate(args: argparse.Namespace, model: torch.nn.Module, sampler: SamplerBase,
+             batches: list[list[str]]) -> Iterator[tuple[int, list[str], torch.Tensor]]:
+    """Yield (iteration, prompts, images [B, 3, H, W] in [-1, 1] on CPU) for every batch, n_iter times.
+
+    All noise comes from one generator seeded with --seed on the model's device; with --fixed_code the
+    starting noise x_T is drawn once and reused.
+    """
+    device = model.device
     shape = (args.C, args.H // args.f, args.W // args.f)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     fixed_code = torch.randn((args.n_samples, *shape), generator=generator, device=device) if args.fixed_code else None
-    manager = model.embedding_manager
-    settings = {"negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.ddim_steps,
-                "scale": args.scale, "sampler": sampler.name, "eta": args.ddim_eta, "checkpoint": args.ckpt,
-                "embedding": args.embedding_path, "gamma": manager.gamma if args.embedding_path else None,
-                "H": args.H, "W": args.W}
-    sample_dir = Path(args.outdir) / "samples"
-    index = next_free_index(sample_dir)
-    all_images = []
     jobs = [(iteration, batch) for iteration in range(args.n_iter) for batch in batches]
     for iteration, batch in tqdm(jobs, desc="Sampling", unit="batch"):
         x_T = (fixed_code[:len(batch)] if fixed_code is not None
                else torch.randn((len(batch), *shape), generator=generator, device=device))
-        with torch.no_grad(), precision_scope(args.precision, device):
+        with precision_scope(args.precision, device):
             cond = model.get_learned_conditioning(batch)
             uncond = model.get_learned_conditioning([args.negative_prompt] * len(batch)) if args.scale != 1.0 else None
             latents, _ = sampler.sample(S=args.ddim_steps, conditioning=cond, batch_size=len(batch), shape=shape,
                                         verbose=False, unconditional_guidance_scale=args.scale,
                                         unconditional_conditioning=uncond, eta=args.ddim_eta, x_T=x_T,
                                         generator=generator)
-            images = model.decode_first_stage(latents).float().clamp(-1, 1).cpu()
+            images = model.decode_first_stage(latents)
+        yield iteration, batch, images.float().clamp(-1, 1).cpu()
+
+
+def sample(args: argparse.Namespace, model: torch.nn.Module, sampler: SamplerBase, prompts: list[str]) -> None:
+    """Write every sample (numbered after the existing ones) and one grid of the run."""
+    settings = run_settings(args, model, sampler)
+    sample_dir = Path(args.outdir) / "samples"
+    index = next_free_index(sample_dir)
+    all_images = []
+    for iteration, batch, images in generate(args, model, sampler, prompt_batches(args, prompts)):
         if not args.skip_save:
             for prompt, image in zip(batch, to_pil_images(images)):
                 save_png(sample_dir / f"{index:05}.png", image, {"prompt": prompt, **settings, "iteration": iteration})
                 index += 1
         all_images.append(images)
     if not args.skip_grid:
-        from ldm.callbacks import to_grid_image
-
         grid_path = Path(args.outdir) / f"grid-{next_free_index(args.outdir, GRID_PATTERN):04}.png"
         grid = to_grid_image(torch.cat(all_images), nrow=args.n_rows or args.n_samples)
         save_png(grid_path, grid, {"prompt": "\n".join(dict.fromkeys(prompts)), **settings})
@@ -232,7 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_model_fit(args, model)
         sampler = make_sampler(model, args)
         if args.embedding_path is not None:
-            manager = attach_embedding(model, args.embedding_path, gamma=args.gamma)
+            try:
+                manager = attach_embedding(model, args.embedding_path, gamma=args.gamma)
+            except ValueError as err:
+                raise UsageError(f"--embedding_path: {err}") from None
             warn_missing_placeholders(model, manager, prompts, args.embedding_path)
     except (ValueError, OSError) as err:  # CheckpointError and UsageError are ValueErrors
         logger.error("%s", " ".join(str(err).split()))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
-INFERENCE_ROWS = ["unet_forward", "vae_decode", "ddim20_cfg"]
+INFERENCE_ROWS = ["unet_forward", "vae_decode", "ddim2_cfg"]
 TRAINING_ROWS = ["ti_step_b1", "ti_step_b2", "face_step_b1", "face_step_b2"]
 
 
@@ -29,7 +29,7 @@ def test_tiny_benchmark_reports_every_row_with_finite_ratios(tmp_path: Path) -> 
     faces.mkdir()
     if photo.is_file():  # one photo keeps the dlib part short; without fixtures the row reports a skip
         shutil.copy(photo, faces)
-    args = bench.parse_args(["--config", "tiny", "--repeats", "1", "--threads", "1", "--face-detector", "hog",
+    args = bench.parse_args(["--config", "tiny", "--repeats", "1", "--threads", "1", "--ddim-steps", "2", "--face-detector", "hog",
                              "--faces", str(faces)])
     rows = bench.run(args)
 

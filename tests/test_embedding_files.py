@@ -208,8 +208,7 @@ def test_wrong_files_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not an embedding file"):
         load_embeddings(ckpt)
     foreign = save_checkpoint(tmp_path / "learned_embeds.safetensors", {"<cat>": torch.ones(768)})
-    with pytest.raises(CheckpointError, match="string_to_token"):
-        load_embeddings(foreign)
+    assert load_embeddings(foreign).source_format == "diffusers"  # a diffusers embedding, not an error
     (tmp_path / "cfg.yaml").write_text("model: {}\n")
     with pytest.raises(CheckpointError, match="YAML"):
         load_embeddings(tmp_path / "cfg.yaml")

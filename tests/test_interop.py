@@ -12,10 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_diffusers import (
+    diffusers_unet,
+    diffusers_vae,
+    randomize_,
+    sd_ddim_scheduler,
+    transformers_clip,
+)
 from safetensors.torch import save_file
 
-from helpers_diffusers import diffusers_unet, diffusers_vae, randomize_, sd_ddim_scheduler, transformers_clip
-from ldm.checkpoint import CheckpointError, EmbeddingFile, load_embeddings, save_checkpoint, save_embeddings
+from ldm.checkpoint import (
+    CheckpointError,
+    EmbeddingFile,
+    load_embeddings,
+    save_checkpoint,
+    save_embeddings,
+)
 from ldm.checkpoint.interop import token_table
 from ldm.inference import attach_embedding, load_model
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -43,8 +55,9 @@ merge = _load_script("merge_embeddings")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """Tiny random SD (zero-initialised weights randomised), its checkpoint and a trained-looking momentum embedding."""
-    from ldm.util import instantiate_from_config
     from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
 
     root = tmp_path_factory.mktemp("interop")
     torch.manual_seed(0)
@@ -225,7 +238,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, caplog, case: 
     else:
         torch.save({"string_to_token": {"*": torch.tensor(STAR)}, "string_to_param": {"*": torch.ones(1, 32)}}, src)
         expected = "stores no gamma: pass --gamma"
-    out = tmp_path / ("out.bin" if case != "suffix" else "out.bin")
+    out = tmp_path / "out.bin"
     with caplog.at_level(logging.ERROR):
         assert run_convert(src, out, to, *extra) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -224,3 +224,10 @@ def test_plms_eps_weights():
     assert plms_eps(e[3], e[2:3]).item() == pytest.approx((3 * 8 - 4) / 2)
     assert plms_eps(e[3], e[1:3]).item() == pytest.approx((23 * 8 - 16 * 4 + 5 * 2) / 12)
     assert plms_eps(e[3], e[0:3]).item() == pytest.approx((55 * 8 - 59 * 4 + 37 * 2 - 9 * 1) / 24)
+
+
+@pytest.mark.parametrize("steps", [3, 7, 333, 999])
+def test_step_counts_that_do_not_divide_1000_stay_in_range(steps):
+    timesteps = make_ddim_timesteps(steps, 1000)
+    assert len(timesteps) == steps
+    assert int(timesteps.max()) <= 999 and int(timesteps.min()) == 1

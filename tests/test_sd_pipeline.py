@@ -159,7 +159,7 @@ def test_save_read_load_round_trip_is_exact(tiny_model: LatentDiffusion, tmp_pat
     saved = tiny_model.state_dict()
     path = save_checkpoint(tmp_path / f"model{suffix}", saved)
     state = read_state_dict(path)
-    assert list(state) == list(saved)
+    assert state.keys() == saved.keys()
     fresh = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
     assert not torch.equal(fresh.model.diffusion_model.out[2].weight, tiny_model.model.diffusion_model.out[2].weight)
 
@@ -269,7 +269,8 @@ def test_diffusers_pipeline_from_our_file_samples_like_ours(
     pipe = StableDiffusionPipeline.from_single_file(
         str(tiny_file), original_config=str(TINY_CONFIG), local_files_only=True,
         text_encoder=transformers_clip(tiny_model.state_dict(), tiny_model.cond_stage_model.text_model.config, tmp_path),
-        tokenizer=CLIPTokenizer(vocab=bpe.vocab, merges=bpe.merges), scheduler=sd_ddim_scheduler(),
+        tokenizer=CLIPTokenizer(vocab=bpe.vocab, merges=bpe.merges, model_max_length=77),
+        scheduler=sd_ddim_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))

@@ -1,5 +1,5 @@
 """All loading and saving of weights and embeddings: formats, safety rules, key allow-lists."""
-from ldm.checkpoint._io import CheckpointError, UntrustedPickleError
+from ldm.checkpoint._io import CheckpointError, UntrustedPickleError, probe_weights_file
 from ldm.checkpoint.embeddings import (
     EmbeddingFile,
     load_embeddings,
@@ -28,6 +28,7 @@ __all__ = [
     "is_ignorable_extra",
     "load_embeddings",
     "load_weights",
+    "probe_weights_file",
     "read_checkpoint",
     "read_checkpoint_meta",
     "read_state_dict",

@@ -133,6 +133,16 @@ def describe_unreadable(path: Path, kind: str) -> CheckpointError:
     return CheckpointError(f"{path}: not a PyTorch or safetensors file; pass a .ckpt/.pt/.safetensors file")
 
 
+def probe_weights_file(path: "str | Path") -> Path:
+    """Cheap checks (exists, non-empty, a tensor file and not text) before a model is built."""
+    path = Path(path)
+    check_readable(path)
+    kind = sniff_format(path)
+    if kind not in ("safetensors", "torch-zip", "pickle"):
+        raise describe_unreadable(path, kind)
+    return path
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file (on CPU)."""
     from safetensors import safe_open

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from ldm.util import atomic_write
 from ldm.checkpoint._io import (
     PARAMETER_DICT_GLOBAL,
     SAFETENSORS_SUFFIX,
@@ -46,6 +45,7 @@ from ldm.checkpoint._io import (
     safe_torch_load,
     sniff_format,
 )
+from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class EmbeddingFile:
             )
         return {p: self.base[p] + self.gamma * (v - self.base[p]) for p, v in self.params.items()}
 
-    def as_plain_ti(self) -> "EmbeddingFile":
+    def as_plain_ti(self) -> EmbeddingFile:
         """The effective vectors as a plain TI embedding (gamma 1, no e_p), e.g. for other tools."""
         return replace(self, params=self.effective(), base=None, gamma=1.0, source_format=ORIGINAL_FORMAT)
 

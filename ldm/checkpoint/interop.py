@@ -23,9 +23,17 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoint._io import SAFETENSORS_SUFFIX, CheckpointError, detach_for_safetensors
+from ldm.checkpoint._io import (
+    SAFETENSORS_SUFFIX,
+    CheckpointError,
+    detach_for_safetensors,
+)
 from ldm.checkpoint.embeddings import EmbeddingFile, save_embeddings, tensor_fingerprint
-from ldm.checkpoint.weights import TEXT_ENCODER_PREFIX, TEXT_MODEL_PREFIX, read_state_dict
+from ldm.checkpoint.weights import (
+    TEXT_ENCODER_PREFIX,
+    TEXT_MODEL_PREFIX,
+    read_state_dict,
+)
 from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -79,7 +87,7 @@ def from_foreign_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mappi
     _check_vector_dict(path, tensors)
     vectors = {str(k): t.detach().float().reshape(-1, t.shape[-1]) for k, t in tensors.items()}  # [D] -> [1, D]
     step = metadata.get("step")
-    common = dict(base=None, gamma=1.0, step=None if step is None else int(step))
+    common = {"base": None, "gamma": 1.0, "step": None if step is None else int(step)}
     if set(vectors) == {A1111_SAFETENSORS_KEY}:
         name = str(metadata.get("name") or path.stem)
         return EmbeddingFile({DEFAULT_PLACEHOLDER: _star_id()}, {DEFAULT_PLACEHOLDER: vectors[A1111_SAFETENSORS_KEY]},

@@ -3,7 +3,8 @@
 CPU peak memory is the highest resident set size sampled every millisecond by a background thread
 while the call runs, minus the resident size just before it. Before the call, glibc is asked to hand
 freed heap pages back to the OS (``malloc_trim``), so pages that an earlier call freed but kept are
-not silently reused, which would hide the call's own memory. tracemalloc does not see torch's
+not silently reused, which would hide the call's own memory. The memory is taken during the last
+timed run (sampling costs one small read per millisecond). tracemalloc does not see torch's
 allocations and ``getrusage`` only reports a process-lifetime maximum, hence the sampling.
 """
 from __future__ import annotations
@@ -128,19 +129,20 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def measure_pair(ours: Callable[[], object], reference: Callable[[], object], device: torch.device,
                  repeats: int, warmup: int = 1) -> tuple[Measurement, Measurement]:
-    """Time both callables alternately (so machine load hits both alike), then one memory run each."""
+    """Time both callables alternately (so machine load hits both alike); the last run also takes memory."""
     for _ in range(warmup):
         ours()
         reference()
     times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        times[0].append(timed(ours, device))
-        times[1].append(timed(reference, device))
-    peaks = []
-    for fn in (ours, reference):
-        with peak_memory(device) as peak:
-            fn()
-        peaks.append(peak[0])
+    peaks: list[int | None] = [None, None]
+    for i in range(repeats):
+        for side, fn in enumerate((ours, reference)):
+            if i < repeats - 1:
+                times[side].append(timed(fn, device))
+                continue
+            with peak_memory(device) as peak:
+                times[side].append(timed(fn, device))
+            peaks[side] = peak[0]
     return tuple(Measurement(statistics.median(t), t, p) for t, p in zip(times, peaks))  # type: ignore[return-value]
 
 

@@ -111,6 +111,7 @@ class DDPM(pl.LightningModule):
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         self.learn_logvar = learn_logvar
         self.training_seed: int | None = None  # set by the entrypoint (--seed): see step_rng
+        self.stopped_on_nonfinite_loss = False
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
         # Not a buffer: released checkpoints have no logvar key unless it was learned.
         self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
@@ -265,6 +266,7 @@ class DDPM(pl.LightningModule):
             logger.error("Loss is %s at step %d: stopping; the last good weights are kept.",
                          loss.item(), self.global_step)
             self.trainer.should_stop = True
+            self.stopped_on_nonfinite_loss = True
             return None  # skips the optimizer step, so nothing is overwritten with NaN
         self.log_dict(loss_dict, prog_bar=True, on_step=True, on_epoch=False, batch_size=self._batch_size(batch))
         self.log("global_step", float(self.global_step), prog_bar=False, on_step=True, on_epoch=False)

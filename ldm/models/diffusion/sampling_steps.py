@@ -53,7 +53,9 @@ def make_ddim_timesteps(num_ddim_steps: int, num_train_timesteps: int = 1000,
                         discretize: str = "uniform") -> Tensor:
     """Timesteps of the original LDM DDIM/PLMS samplers, ascending.
 
-    "uniform": c = T // S, arange(0, T, c) + 1 (S=50, T=1000 gives 1, 21, ..., 981).
+    "uniform": c = T // S, arange(0, T, c) + 1 (S=50, T=1000 gives 1, 21, ..., 981). Where T is not
+    a multiple of S the original made S + 1 steps, the last one past T (an index error for S=3):
+    only the first S are kept, which is the original sequence for every S it could run.
     "quad": (linspace(0, sqrt(0.8 T), S) ** 2).int() + 1.
     """
     if not 0 < num_ddim_steps <= num_train_timesteps:
@@ -61,7 +63,7 @@ def make_ddim_timesteps(num_ddim_steps: int, num_train_timesteps: int = 1000,
                          f"got {num_ddim_steps}; pass a smaller S")
     if discretize == "uniform":
         stride = num_train_timesteps // num_ddim_steps
-        steps = torch.arange(0, num_train_timesteps, stride, dtype=torch.long)
+        steps = torch.arange(0, num_train_timesteps, stride, dtype=torch.long)[:num_ddim_steps]
     elif discretize == "quad":
         root = torch.linspace(0, (num_train_timesteps * 0.8) ** 0.5, num_ddim_steps, dtype=torch.float64)
         steps = (root ** 2).long()
