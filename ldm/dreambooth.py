@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.export import EXPORT_FORMATS, PrunedExport, export_path
 from ldm.modules.embedding_manager import single_token_id
@@ -35,7 +35,8 @@ UNFROZEN_CONFIG = "configs/stable-diffusion/v1-finetune_unfrozen.yaml"
 
 
 def _given(opt: argparse.Namespace, name: str) -> bool:
-    return getattr(opt, name, None) not in (None, False)
+    value = getattr(opt, name, None)
+    return value is not None and value is not False  # identity: a weight of 0.0 counts as given
 
 
 def apply_dreambooth(config: DictConfig, opt: argparse.Namespace) -> None:
@@ -61,10 +62,9 @@ def apply_dreambooth(config: DictConfig, opt: argparse.Namespace) -> None:
         part = data.get(split)
         if part is None:
             continue
-        params = part.setdefault("params", {})
-        params.placeholder_token = identifier
+        OmegaConf.update(part, "params.placeholder_token", identifier)
         if _given(opt, "reg_data_root"):
-            params.reg_data_root = str(opt.reg_data_root)
+            OmegaConf.update(part, "params.reg_data_root", str(opt.reg_data_root))
     model = config.model.params
     if data.train.params.get("reg_data_root"):
         model.prior_loss_config = {"target": PRIOR_LOSS_TARGET,
@@ -73,7 +73,7 @@ def apply_dreambooth(config: DictConfig, opt: argparse.Namespace) -> None:
         logger.warning("--prior_loss_weight has no effect without --reg_data_root (prior preservation is off)")
     if section.get("train_text_encoder", False):
         model.cond_stage_trainable = True
-        model.cond_stage_config.setdefault("params", {}).freeze = False
+        OmegaConf.update(model, "cond_stage_config.params.freeze", False)
 
 
 def prepare_dreambooth_model(model: pl.LightningModule, config: DictConfig) -> None:

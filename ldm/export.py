@@ -54,12 +54,15 @@ def export_path(directory: str | os.PathLike[str], export_format: str, stem: str
 
 def export_pruned(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, half: bool = False,
                   include_ema: bool = False, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write the pruned ``state_dict`` to ``path`` (.ckpt or .safetensors, fp16 when ``half``), atomically."""
+    """Write the pruned ``state_dict`` to ``path`` (.ckpt or .safetensors, fp16 weights when ``half``), atomically."""
     suffix = Path(path).suffix.lstrip(".")
     if suffix not in EXPORT_FORMATS:
         raise ValueError(f"{path}: a pruned checkpoint is written as .ckpt or .safetensors, not '.{suffix}'")
     state = pruned_state_dict(state_dict, include_ema=include_ema)
-    return save_checkpoint(path, state, extra=dict(meta or {}), half=half)
+    if half:  # module weights only: the schedule buffers (top-level keys) stay float32 for exact sampling
+        state = {key: value.half() if value.is_floating_point() and "." in key else value
+                 for key, value in state.items()}
+    return save_checkpoint(path, state, extra=dict(meta or {}))
 
 
 def export_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike[str], *, half: bool = False,

@@ -117,7 +117,9 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) ->
         if opt.use_random_prompt:
             params.use_random_prompt = True
         if opt.use_facial_loss:
-            params.face_crops = {"detector": opt.face_detector, "crops_dir": str(paths.logdir / "faces")}
+            # keys set in the config (cache_dir, min_face_size, ...) are kept
+            face_crops = OmegaConf.to_container(params.get("face_crops") or OmegaConf.create())
+            params.face_crops = {**face_crops, "detector": opt.face_detector, "crops_dir": str(paths.logdir / "faces")}
 
 
 def trainer_device_args(opt: argparse.Namespace) -> dict:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_photos
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
-from conftest import write_photos
+import main
 from ldm.checkpoint import load_weights, read_state_dict
 from ldm.data.dreambooth import DreamBoothDataset
 from ldm.dreambooth import apply_dreambooth, prepare_dreambooth_model
@@ -18,8 +19,6 @@ from ldm.export import export_pruned, pruned_state_dict
 from ldm.inference import load_model
 from ldm.training import apply_flags
 from ldm.util import instantiate_from_config
-
-import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_UNFROZEN = ROOT / "configs" / "tiny" / "v1-finetune_unfrozen.yaml"
@@ -182,7 +181,9 @@ def test_export_of_the_tiny_model_round_trips(tmp_path, tiny_model):
     assert set(exported) == tiny_layout()
     assert set(torch.load(full, map_location="cpu", weights_only=True)) == {"state_dict"}, "no optimizer state"
     assert exported["cond_stage_model.transformer.text_model.embeddings.position_ids"].tolist() == [list(range(77))]
-    assert {v.dtype for k, v in read_state_dict(half).items() if k.endswith("weight")} == {torch.float16}
+    halved = read_state_dict(half)
+    assert {v.dtype for k, v in halved.items() if k.endswith("weight")} == {torch.float16}
+    assert halved["alphas_cumprod"].dtype == torch.float32, "schedule buffers stay exact"
     plain = export_pruned(state, tmp_path / "model.safetensors")
     assert 0.45 < half.stat().st_size / plain.stat().st_size < 0.55
     with_ema = read_state_dict(export_pruned(state, tmp_path / "ema.ckpt", include_ema=True))
@@ -275,6 +276,7 @@ def test_main_trains_exports_and_momentum_ti_runs_on_the_export(tmp_path, base_a
     ("identifier", "identifier 'zxqvbnm' must be a single CLIP token"),
     ("nothing_trainable", "nothing to train"),
     ("ti_config", "--reg_data_root is a DreamBooth option"),
+    ("zero_weight", "prior_loss_weight must be > 0"),
 ])
 def test_bad_input_exits_2_with_one_line_before_training(tmp_path, base_args, case, expected, caplog):
     empty = tmp_path / "empty"
@@ -285,6 +287,7 @@ def test_bad_input_exits_2_with_one_line_before_training(tmp_path, base_args, ca
         "identifier": ["--base", str(TINY_UNFROZEN), *base_args, "--identifier", "zxqvbnm"],
         "nothing_trainable": ["--base", str(TINY_UNFROZEN), *base_args, "dreambooth.train_unet=false"],
         "ti_config": ["--base", str(TINY_FINETUNE), *base_args],
+        "zero_weight": ["--base", str(TINY_UNFROZEN), *base_args, "--prior_loss_weight", "0"],
     }[case]
     with caplog.at_level(logging.ERROR, logger="main"):
         rc = main.main([*args, "-t", "--logdir", str(tmp_path / "logs"), *QUIET])
@@ -292,3 +295,18 @@ def test_bad_input_exits_2_with_one_line_before_training(tmp_path, base_args, ca
     assert rc == 2
     assert len(errors) == 1 and expected in errors[0] and "\n" not in errors[0], errors
     assert not list((tmp_path / "logs").glob("*/checkpoints"))
+
+
+@pytest.mark.parametrize("kind", ["stable-diffusion", "tiny"])
+def test_unfrozen_configs_train_the_unet_with_gradient_checkpointing(kind):
+    config = OmegaConf.load(ROOT / "configs" / kind / "v1-finetune_unfrozen.yaml")
+    assert "personalization_config" not in config.model.params
+    assert config.model.params.unet_config.params.use_checkpoint is True
+    assert config.dreambooth.identifier == "sks" and config.dreambooth.prior_loss_weight == 1.0
+    assert {config.data.params[split].target for split in ("train", "validation")} == \
+        {"ldm.data.dreambooth.DreamBoothDataset"}
+    opt = main.build_parser().parse_args(["--train_text_encoder", "--reg_data_root", "class", "--identifier", "ohwx"])
+    apply_dreambooth(config, opt)
+    assert config.model.params.cond_stage_config.params.freeze is False
+    assert config.model.params.prior_loss_config.params.weight == 1.0
+    assert config.data.params.validation.params.placeholder_token == "ohwx"

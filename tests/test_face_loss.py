@@ -5,6 +5,7 @@ import csv
 import logging
 import shutil
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pytest
@@ -14,11 +15,11 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 pytest.importorskip("dlib", reason="dlib is not installed: pip install dlib-bin")
-import main  # noqa: E402
-from ldm.data.personalized import PersonalizedBase  # noqa: E402
-from ldm.modules import face  # noqa: E402
-from ldm.modules.face_loss import FacialLoss  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+import main
+from ldm.data.personalized import PersonalizedBase
+from ldm.modules import face
+from ldm.modules.face_loss import FacialLoss
+from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FINETUNE = ROOT / "configs" / "tiny" / "v1-finetune.yaml"
@@ -94,7 +95,7 @@ class CallRecorder:
         self.sizes: list[int] = []
         self._handle = module.register_forward_hook(lambda _m, args, _out: self.sizes.append(args[0].shape[0]))
 
-    def __enter__(self) -> CallRecorder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -144,6 +145,7 @@ def test_folder_without_faces_warns_and_trains_without_the_term(model, tmp_path,
         dataset = make_dataset(root, tmp_path / "cache", tmp_path / "crops")
     assert "No face found in any of the 2 photos: training continues without the facial loss" in caplog.text
     assert "faces: 0 of 2 photos have a usable face" in dataset.summary()
+    model.latent_cache.clear()  # the cache keys by image index: drop another dataset's latents
     batch = batch_of(dataset, [0, 1])
     assert not batch["has_face"].any()
     with CallRecorder(model.model.diffusion_model) as unet:
@@ -173,6 +175,7 @@ def test_too_small_face_is_skipped_with_a_reason_and_training_goes_on(model, tmp
     reasons = [r.getMessage() for r in caplog.records if "tiny_obama.jpg" in r.getMessage()]
     assert reasons and all("no face crop for" in r for r in reasons), caplog.text
     assert "faces: 1 of 2 photos have a usable face" in dataset.summary()
+    model.latent_cache.clear()  # the cache keys by image index: drop another dataset's latents
     batch = batch_of(dataset, [0, 1])
     assert batch["has_face"].tolist() == [True, False]
     loss, loss_dict = model.shared_step(batch)
@@ -317,13 +320,12 @@ def test_cli_without_any_face_continues_without_the_term(tmp_path, monkeypatch, 
 
 def test_cli_missing_dlib_model_exits_2_before_training(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MOMENTUM_TI_CACHE", str(tmp_path / "cache"))
-    empty = tmp_path / "no_models"
+    empty = tmp_path / "no_models"  # a model_dir without dlib's .dat files, as if the package were missing
     empty.mkdir()
-    lookup = face.model_path
-    monkeypatch.setattr(face, "model_path", lambda filename, model_dir=None: lookup(filename, empty))
     data_root = copy_faces(tmp_path / "photos")
+    overrides = [f"data.params.{split}.params.face_crops.model_dir={empty}" for split in ("train", "validation")]
     with caplog.at_level(logging.ERROR, logger="main"):
-        assert main.main(cli_args(data_root, tmp_path / "logs")) == 2
+        assert main.main(cli_args(data_root, tmp_path / "logs", *overrides)) == 2
     errors = [r.getMessage() for r in caplog.records if r.name == "main" and r.levelno == logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0], errors
     assert "face-recognition-models" in errors[0] and "shape_predictor_68_face_landmarks.dat" in errors[0]

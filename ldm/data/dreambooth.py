@@ -32,7 +32,6 @@ class DreamBoothDataset(PersonalizedBase):
             raise ValueError("DreamBooth needs the subject's class word (e.g. --class_word woman): prompts read "
                              f"'a photo of a {placeholder_token} <class_word>'")
         super().__init__(data_root, placeholder_token=placeholder_token, class_word=class_word, **kwargs)
-        self.reg_data_root = reg_data_root
         self.class_images = self._load_class_images(Path(reg_data_root).expanduser(), class_word, kwargs) \
             if reg_data_root else None
 

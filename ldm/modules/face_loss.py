@@ -54,7 +54,7 @@ class FacialLoss:
         n = x.shape[0]
         # [B + F, C, h, w]: the face crops reuse their photo's prompt and timestep
         x_all = torch.cat([x, face.latents.to(x.dtype)])
-        cond_all = torch.cat([cond, cond[:len(face.rows)]])
+        cond_all = torch.cat([cond, cond[face.rows]])
         t_all = torch.cat([t, t[face.rows]])
         weighted, vlb = model.per_sample_losses(x_all, cond_all, t_all, noise)
         loss, loss_dict = model.reduce_losses(weighted[:n], vlb[:n], prefix)
