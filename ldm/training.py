@@ -178,7 +178,7 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, paths: RunPaths, 
     loggers = [CSVLogger(paths.logdir, name="", version="csv"),
                TensorBoardLogger(paths.logdir, name="", version="tensorboard")]
     trainer_cfg.pop("gpus", None)
-    trainer_cfg.setdefault("log_every_n_steps", min(50, every))
+    trainer_cfg.setdefault("log_every_n_steps", min(10, every))
     trainer_cfg.update(device_args)
     return pl.Trainer(default_root_dir=paths.logdir, callbacks=callbacks, logger=loggers,
                       precision=opt.precision, num_nodes=opt.num_nodes,

@@ -77,3 +77,19 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def randomize_zero_weights(model, seed: int = 0, std: float = 0.05) -> None:
+    """Give all-zero parameters (zero-initialised output convs, biases) small random values.
+
+    A freshly built SD has zero-initialised attention outputs, so its conditioning has no effect
+    and no gradient reaches an embedding; real checkpoints have no such zeros. Used for the
+    random-weight tiny model of the demo and the tests.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.numel() and not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * std)

@@ -56,10 +56,11 @@ def write_random_checkpoint(path: Path, seed: int = 0) -> Path:
     from omegaconf import OmegaConf
 
     from ldm.checkpoint import save_checkpoint
-    from ldm.util import instantiate_from_config
+    from ldm.util import instantiate_from_config, randomize_zero_weights
 
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.load(TINY_INFERENCE).model)
+    randomize_zero_weights(model, seed)  # else the prompt has no effect and nothing trains
     return save_checkpoint(path, model.state_dict())
 
 

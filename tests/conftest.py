@@ -6,24 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from ldm.util import randomize_zero_weights  # noqa: F401  (tests import it from here)
 from omegaconf import OmegaConf
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FINETUNE = ROOT / "configs" / "tiny" / "v1-finetune.yaml"
-
-
-def randomize_zero_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give zero-initialised weights (zero_module convs, biases) random values.
-
-    With the UNet's zero-initialised attention outputs the conditioning has no effect, so no
-    gradient would reach the embedding: real checkpoints have no such zeros.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.numel() and not param.any():
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
 
 
 def build_tiny_model(seed: int = 0):

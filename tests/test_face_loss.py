@@ -18,6 +18,7 @@ pytest.importorskip("dlib", reason="dlib is not installed: pip install dlib-bin"
 import main
 from ldm.data.personalized import PersonalizedBase
 from ldm.modules import face
+from ldm.models.diffusion.auxiliary import batched_losses
 from ldm.modules.face_loss import FacialLoss
 from ldm.util import instantiate_from_config
 
@@ -217,7 +218,7 @@ def test_total_is_main_plus_weighted_face_term(model, face_data):
     n = z.shape[0]
     with torch.no_grad():
         cond = model.get_learned_conditioning(captions)
-        total, loss_dict = FacialLoss(weight=0.7).losses(model, z, cond, t, faces, "train", noise=noise)
+        total, loss_dict = batched_losses(model, z, cond, t, [FacialLoss(weight=0.7).rows(faces, cond, t)], "train", noise=noise)
         main_term, _ = model.p_losses(z, cond, t, noise[:n])
         face_only = face_term(model, faces, cond, t, noise[n:])
     expected = main_term + 0.7 * face_only
@@ -238,7 +239,7 @@ def test_gradient_reaches_the_embedding_through_the_face_term_alone(model, face_
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
 
     def total_with(weight: float):
-        return lambda cond: FacialLoss(weight).losses(model, z, cond, t, faces, "train", noise=noise)[0]
+        return lambda cond: batched_losses(model, z, cond, t, [FacialLoss(weight).rows(faces, cond, t)], "train", noise=noise)[0]
 
     g_face = grads(lambda cond: face_term(model, faces, cond, t, noise[n:]))
     g_main = grads(lambda cond: model.p_losses(z, cond, t, noise[:n])[0])

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ldm.models.diffusion.auxiliary import AuxiliaryRows
 from ldm.models.diffusion.latent_cache import batch_cache_keys
 
 
@@ -45,21 +46,6 @@ class FacialLoss:
         keys = [keys[i] for i in rows.tolist()] if keys is not None else None
         return FaceBatch(latents=model.encode_to_latents(crops, keys), rows=rows.to(model.device))
 
-    def losses(self, model, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, face: FaceBatch, prefix: str,
-               noise: torch.Tensor | None = None):
-        """Main and face terms from one UNet call on the concatenated batch: ``(loss, loss_dict)``.
-
-        ``noise`` [B + F, C, h, w] (optional) is the noise of the image rows followed by the face rows.
-        """
-        n = x.shape[0]
-        # [B + F, C, h, w]: the face crops reuse their photo's prompt and timestep
-        x_all = torch.cat([x, face.latents.to(x.dtype)])
-        cond_all = torch.cat([cond, cond[face.rows]])
-        t_all = torch.cat([t, t[face.rows]])
-        weighted, vlb = model.per_sample_losses(x_all, cond_all, t_all, noise)
-        loss, loss_dict = model.reduce_losses(weighted[:n], vlb[:n], prefix)
-        face_loss, _ = model.reduce_losses(weighted[n:], vlb[n:], prefix)
-        loss = loss + self.weight * face_loss
-        loss_dict[f"{prefix}/loss_face"] = face_loss.detach()
-        loss_dict[f"{prefix}/loss"] = loss.detach()
-        return loss, loss_dict
+    def rows(self, face: FaceBatch, cond: torch.Tensor, t: torch.Tensor) -> AuxiliaryRows:
+        """The face rows for the batched UNet call: each crop reuses its photo's prompt and timestep."""
+        return AuxiliaryRows("face", self.weight, face.latents, cond[face.rows], t[face.rows])

@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ldm.models.diffusion.auxiliary import AuxiliaryRows, batched_losses
+from ldm.models.diffusion.auxiliary import batched_losses
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
 from ldm.models.diffusion.losses import per_sample_loss
 from ldm.models.diffusion.schedule import diffusion_buffers, extract, make_beta_schedule, vlb_weights
@@ -476,7 +476,7 @@ class LatentDiffusion(DDPM):
                 [len(c), len(prior.captions)])
         terms = []
         if face is not None:
-            terms.append(AuxiliaryRows("face", self.facial_loss.weight, face.latents, cond[face.rows], t[face.rows]))
+            terms.append(self.facial_loss.rows(face, cond, t))
         if prior is not None:
             terms.append(self.prior_loss.rows(self, prior, class_cond))
         loss, loss_dict = batched_losses(self, x, cond, t, terms, prefix)
