@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoint import CheckpointError
 from ldm.data.images import DataRootError
 from ldm.dreambooth import apply_dreambooth, dreambooth_callbacks, prepare_dreambooth_model
+from ldm.models.diffusion.ddpm import NOTHING_TO_TRAIN
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,13 @@ def load_config(bases: list[str], dotlist: list[str]) -> DictConfig:
         raise TrainingError(f"could not read the configs {bases}: {err}") from err
 
 
+def params_of(node: DictConfig) -> DictConfig:
+    """The ``params`` node of a ``{target, params}`` config, created when missing."""
+    if node.get("params") is None:
+        node.params = {}
+    return node.params
+
+
 def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) -> None:
     """Write the seed's command-line flags into the merged config, where the parts read them."""
     model = config.model.params
@@ -82,7 +90,7 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) ->
         model.ckpt_path = str(opt.actual_resume)
     personalization = model.get("personalization_config")
     if personalization is not None:
-        params = personalization.setdefault("params", {})
+        params = params_of(personalization)
         if opt.placeholder_string:
             params.placeholder_strings = [opt.placeholder_string]
         if opt.init_word:
@@ -103,7 +111,7 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) ->
         part = data.params.get(split)
         if part is None:
             continue
-        params = part.setdefault("params", {})
+        params = params_of(part)
         if opt.data_root:
             params.data_root = opt.data_root
         if str(part.get("target", "")).endswith("PersonalizedBase") and params.get("seed") is None:
@@ -171,7 +179,7 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, paths: RunPaths, 
         *dreambooth_callbacks(config, paths.ckptdir),
     ]
     for name, cfg in lightning.get("callbacks", {}).items():
-        params = cfg.setdefault("params", {})
+        params = params_of(cfg)
         if cfg.get("target") == "main.ImageLogger":
             params.save_dir = str(paths.logdir / "images")
         callbacks.append(instantiate_from_config(cfg))
@@ -212,6 +220,8 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     base_lr = float(config.model.base_learning_rate)
     factor = batch * device_count * opt.accumulate_grad_batches * opt.num_nodes
     model.learning_rate = base_lr * factor if opt.scale_lr else base_lr
+    if not any(group["params"] for group in model.trainable_parameters()):
+        raise TrainingError(NOTHING_TO_TRAIN)
     model.training_seed = opt.seed
     logger.info("learning rate %.2e (%s)", model.learning_rate,
                 f"{factor} x base {base_lr:.2e}" if opt.scale_lr else "base, --scale_lr off")

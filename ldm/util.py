@@ -56,6 +56,7 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -
     tmp = Path(tmp_name)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; use the usual mode
         with tmp.open("rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, target)
@@ -64,6 +65,12 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -26,6 +26,8 @@ from ldm.util import instantiate_from_config
 logger = logging.getLogger(__name__)
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+NOTHING_TO_TRAIN = ("nothing to train: every parameter is frozen by this config "
+                    "(use a personalization_config, unfreeze_model or a trainable UNet)")
 
 
 class DiffusionWrapper(nn.Module):
@@ -297,8 +299,7 @@ class DDPM(pl.LightningModule):
     def configure_optimizers(self):
         groups = [g for g in self.trainable_parameters() if g["params"]]
         if not groups:
-            raise ValueError("nothing to train: every parameter is frozen by this config "
-                             "(enable the embedding manager, unfreeze_model or the UNet)")
+            raise ValueError(NOTHING_TO_TRAIN)
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rate)
         if self.scheduler_config is None:
             return optimizer
