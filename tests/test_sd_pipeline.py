@@ -270,13 +270,13 @@ def test_diffusers_pipeline_from_our_file_samples_like_ours(
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    bpe = tiny_model.cond_stage_model.tokenizer
+    # diffusers' legacy loader fetches CLIP's config and tokenizer from the hub; pass local ones instead
+    embedder = tiny_model.cond_stage_model
     pipe = StableDiffusionPipeline.from_single_file(
         str(tiny_file), original_config=str(TINY_CONFIG), local_files_only=True,
-        text_encoder=transformers_clip(tiny_model.state_dict(), tiny_model.cond_stage_model.text_model.config, tmp_path),
-        tokenizer=CLIPTokenizer(vocab=bpe.vocab, merges=bpe.merges, model_max_length=77),
-        scheduler=sd_ddim_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        text_encoder=transformers_clip(tiny_model.state_dict(), embedder.text_model.config, tmp_path),
+        tokenizer=CLIPTokenizer(vocab=embedder.tokenizer.vocab, merges=embedder.tokenizer.merges, model_max_length=77),
+        scheduler=sd_ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
 
