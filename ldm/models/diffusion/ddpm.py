@@ -264,9 +264,10 @@ class DDPM(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         with self.step_rng():
             loss, loss_dict = self.shared_step(batch)
-        if not torch.isfinite(loss):
-            logger.error("Loss is %s at step %d: stopping; the last good weights are kept.",
-                         loss.item(), self.global_step)
+        # Every rank must take the same branch, or DDP's gradient all-reduce would hang.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            logger.error("Loss is %s at step %d on this rank (not finite on at least one): stopping; the "
+                         "last good weights are kept.", loss.item(), self.global_step)
             self.trainer.should_stop = True
             self.stopped_on_nonfinite_loss = True
             return None  # skips the optimizer step, so nothing is overwritten with NaN
