@@ -14,6 +14,7 @@ import logging
 import sys
 
 from ldm.callbacks import EmbeddingCheckpoint, ImageLogger  # noqa: F401  (configs name main.ImageLogger)
+from ldm.cli import LOG_FORMAT, setup_logging
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
 
 logger = logging.getLogger("main")
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(fmt=f"%(asctime)s {LOG_FORMAT}")
     parser = build_parser()
     opt, unknown = parser.parse_known_args(argv)
     from ldm.training import TrainingError, run_training

@@ -20,13 +20,17 @@ logger = logging.getLogger(__name__)
 
 class EmbeddingCheckpoint(pl.Callback):
     """Writes ``embeddings_gs-N.pt`` every N steps, ``embeddings_ep-N.pt`` each epoch and
-    ``embeddings.pt`` at the end (also after Ctrl-C, SIGUSR1 or SIGTERM)."""
+    ``embeddings.pt`` at the end.
+
+    SIGUSR1 saves ``embeddings.pt`` and ``last.ckpt`` between two steps and training goes on. Ctrl-C,
+    SIGTERM (which Lightning turns into an exception) and any other error save them before exit.
+    """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int = 500):
         self.dirpath = Path(dirpath)
         self.every_n_train_steps = every_n_train_steps
-        self.signal_received: str | None = None
-        self._previous_handlers: dict[int, object] = {}
+        self.save_requested = False
+        self._previous_sigusr1 = None
 
     def _save(self, pl_module, name: str) -> None:
         manager = getattr(pl_module, "embedding_manager", None)
@@ -37,45 +41,51 @@ class EmbeddingCheckpoint(pl.Callback):
             return
         manager.save(self.dirpath / name, step=pl_module.global_step)
 
-    def on_fit_start(self, trainer, pl_module):
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        for signum in (getattr(signal, "SIGUSR1", None), getattr(signal, "SIGTERM", None)):
-            if signum is not None and trainer.is_global_zero:
-                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+    def _save_resumable(self, trainer, pl_module) -> None:
+        self._save(pl_module, "embeddings.pt")
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
-    def _on_signal(self, signum, frame) -> None:
-        # Only record it: saving happens between steps, where the weights are consistent.
-        self.signal_received = signal.Signals(signum).name
+    def on_train_start(self, trainer, pl_module):
+        # After Lightning registered its own handlers, so that its teardown restores the originals.
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        if hasattr(signal, "SIGUSR1") and trainer.is_global_zero:
+            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
+
+    def _on_sigusr1(self, signum, frame) -> None:
+        self.save_requested = True  # saved between steps, where the weights are consistent
+        if callable(self._previous_sigusr1):
+            self._previous_sigusr1(signum, frame)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = pl_module.global_step
         if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
             self._save(pl_module, f"embeddings_gs-{step}.pt")
-        if self.signal_received:
-            logger.warning("%s received: saving the embedding and a resumable checkpoint", self.signal_received)
-            self._save(pl_module, "embeddings.pt")
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
-            if self.signal_received == "SIGTERM":
-                trainer.should_stop = True
-            self.signal_received = None
+        if self.save_requested:
+            logger.warning("SIGUSR1 received: saving the embedding and a resumable checkpoint")
+            self._save_resumable(trainer, pl_module)
+            self.save_requested = False
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._save(pl_module, f"embeddings_ep-{trainer.current_epoch}.pt")
 
     def on_train_end(self, trainer, pl_module):
         self._save(pl_module, "embeddings.pt")
-        self._restore_handlers()
+        self._restore_handler()
 
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt):
-            logger.warning("Interrupted: saving the embedding before exit")
-            self._save(pl_module, "embeddings.pt")
-        self._restore_handlers()
+        logger.warning("Training stopped by %s: saving the embedding and a resumable checkpoint",
+                       type(exception).__name__)
+        try:
+            self._save_resumable(trainer, pl_module)
+        except Exception as err:  # never hide the exception that stopped training
+            logger.error("Could not save on exit: %s", err)
+        finally:
+            self._restore_handler()
 
-    def _restore_handlers(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers.clear()
+    def _restore_handler(self) -> None:
+        if self._previous_sigusr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
+            self._previous_sigusr1 = None
 
 
 def to_grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:

@@ -196,6 +196,7 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, paths: RunPaths, 
 def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     """Set up and run one training (or resumed) run; returns the process exit code."""
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     now = os.environ.get(RUN_TIME_ENV, now)
     paths, bases = resolve_paths(opt, now)
@@ -236,6 +237,9 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     os.environ[RUN_TIME_ENV] = now
     try:
         trainer.fit(model, data, ckpt_path=str(paths.resume_ckpt) if paths.resume_ckpt else None)
+    except SIGTERMException:
+        logger.error("Stopped by SIGTERM; the embedding and last.ckpt were saved (resume with -r %s)", paths.logdir)
+        return 1
     finally:
         os.environ.pop(RUN_TIME_ENV, None)
     if getattr(model, "stopped_on_nonfinite_loss", False):

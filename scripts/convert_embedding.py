@@ -26,6 +26,7 @@ from ldm.checkpoint import (  # noqa: E402
     interop,  # noqa: E402
     load_embeddings,
 )
+from ldm.cli import run_script  # noqa: E402
 from ldm.modules.embedding_manager import check_gamma  # noqa: E402
 
 logger = logging.getLogger("convert_embedding")
@@ -73,23 +74,16 @@ def prepare(args: argparse.Namespace) -> EmbeddingFile:
     return emb
 
 
+def convert(args: argparse.Namespace) -> None:
+    interop.check_export_suffix(args.output, args.to)
+    emb = prepare(args)
+    checkpoint_name = Path(args.ckpt).name if args.ckpt else None
+    interop.export_embedding(args.output, emb, args.to, token=args.token, checkpoint_name=checkpoint_name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the conversion; returns the exit code (0 ok, 2 bad flags or input files)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse's own errors and --help
-        return int(exit_.code or 0)
-    try:
-        interop.check_export_suffix(args.output, args.to)
-        emb = prepare(args)
-        checkpoint_name = Path(args.ckpt).name if args.ckpt else None
-        interop.export_embedding(args.output, emb, args.to, token=args.token, checkpoint_name=checkpoint_name)
-    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
-        logger.error("%s", " ".join(str(err).split()))
-        return 2
-    return 0
+    return run_script(build_parser(), convert, argv, logger=logger)
 
 
 if __name__ == "__main__":

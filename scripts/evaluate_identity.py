@@ -27,6 +27,7 @@ from typing import Any
 import torch  # noqa: E402
 
 from ldm import evaluation  # noqa: E402
+from ldm.cli import run_script  # noqa: E402
 from ldm.inference import resolve_device  # noqa: E402
 from ldm.modules.face import FaceEncoder  # noqa: E402
 from ldm.util import atomic_write  # noqa: E402
@@ -118,23 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace) -> None:
+    validate(args)
+    with torch.inference_mode():
+        results = evaluate(args)
+    write_outputs(args, results)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation; returns the exit code (0 ok, 2 bad flags or inputs)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse's own errors and --help
-        return int(exit_.code or 0)
-    try:
-        validate(args)
-        with torch.inference_mode():
-            results = evaluate(args)
-        write_outputs(args, results)
-    except (ValueError, OSError, ImportError) as err:  # missing folders, no faces, dlib/CLIP files
-        logger.error("%s", " ".join(str(err).split()))
-        return 2
-    return 0
+    # ImportError: dlib or CLIP missing; ValueError/OSError: missing folders, no faces, bad files
+    return run_script(build_parser(), run, argv, logger=logger, errors=(ValueError, OSError, ImportError))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
+from ldm.cli import run_script  # noqa: E402
 from ldm.export import export_checkpoint  # noqa: E402
 
 logger = logging.getLogger("export_checkpoint")
@@ -32,22 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def export(args: argparse.Namespace) -> None:
+    path = export_checkpoint(args.source, args.target, half=args.half, include_ema=args.include_ema,
+                             trust_pickle=args.trust_pickle)
+    logger.info("Wrote %s", path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the script; returns the exit code (0 ok, 2 bad flags or input files)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse's own errors and --help
-        return int(exit_.code or 0)
-    try:
-        path = export_checkpoint(args.source, args.target, half=args.half, include_ema=args.include_ema,
-                                 trust_pickle=args.trust_pickle)
-    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
-        logger.error("%s", " ".join(str(err).split()))
-        return 2
-    logger.info("Wrote %s", path)
-    return 0
+    return run_script(build_parser(), export, argv, logger=logger)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from ldm.checkpoint import (  # noqa: E402
     interop,  # noqa: E402
     load_embeddings,
 )
+from ldm.cli import run_script, setup_logging  # noqa: E402
 from ldm.modules.embedding_manager import single_token_id  # noqa: E402
 from ldm.util import atomic_write  # noqa: E402
 
@@ -184,26 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report(args: argparse.Namespace) -> None:
+    """Build the report, write it as JSON if asked, then log it."""
+    if args.top_k < 1:
+        raise ValueError(f"--top_k must be at least 1, got {args.top_k}")
+    result = inspect(args)
+    if args.json:
+        text = json.dumps(result, indent=2)
+        atomic_write(args.json, lambda tmp: tmp.write_text(text))
+    log_report(result)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the report; returns the exit code (0 ok, 2 bad flags or input files)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse's own errors and --help
-        return int(exit_.code or 0)
-    try:
-        if args.top_k < 1:
-            raise ValueError(f"--top_k must be at least 1, got {args.top_k}")
-        report = inspect(args)
-        if args.json:
-            text = json.dumps(report, indent=2)
-            atomic_write(args.json, lambda tmp: tmp.write_text(text))
-    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
-        logger.error("%s", " ".join(str(err).split()))
-        return 2
-    log_report(report)
-    return 0
+    setup_logging(fmt="%(message)s", stream=sys.stdout)
+    return run_script(build_parser(), report, argv, logger=logger)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import logging  # noqa: E402
-from typing import Sequence  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from ldm.cli import run_script  # noqa: E402
 from ldm.data.prompts import DEFAULT_TEMPLATE  # noqa: E402
 from ldm.inference import load_model, resolve_device  # noqa: E402
 from ldm.sampling_io import SAMPLE_PATTERN, next_free_index, save_png, to_pil_images  # noqa: E402
@@ -82,29 +83,27 @@ def generate(args: argparse.Namespace, model: torch.nn.Module, prompt: str, coun
         logger.info("%d / %d class images", done, count)
 
 
+def prepare(args: argparse.Namespace) -> int | Callable[[], None]:
+    """Check the flags and load the model; returns 0 when nothing is missing, else the generation to run."""
+    prompt = DEFAULT_TEMPLATE.format(args.class_word.strip())
+    validate_args(args)
+    missing = args.n_images - existing_images(Path(args.outdir))
+    if missing <= 0:
+        logger.info("%s already holds %d class images: nothing to do", args.outdir, args.n_images)
+        return 0
+    model = load_model(args.config, args.ckpt, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
+                       device=resolve_device(args.device))
+
+    def run() -> None:
+        logger.info("Generating %d images of '%s' into %s", missing, prompt, args.outdir)
+        generate(args, model, prompt, missing)
+
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the script; returns the exit code (0 ok, 2 bad flags or input files)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse's own errors and --help
-        return int(exit_.code or 0)
-    prompt = DEFAULT_TEMPLATE.format(args.class_word.strip())
-    try:
-        validate_args(args)
-        missing = args.n_images - existing_images(Path(args.outdir))
-        if missing <= 0:
-            logger.info("%s already holds %d class images: nothing to do", args.outdir, args.n_images)
-            return 0
-        model = load_model(args.config, args.ckpt, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
-                           device=resolve_device(args.device))
-    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
-        logger.error("%s", " ".join(str(err).split()))
-        return 2
-    logger.info("Generating %d images of '%s' into %s", missing, prompt, args.outdir)
-    generate(args, model, prompt, missing)
-    return 0
+    return run_script(build_parser(), prepare, argv, logger=logger)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from ldm.checkpoint import (  # noqa: E402
     load_embeddings,
     save_embeddings,
 )
+from ldm.cli import run_script  # noqa: E402
 
 logger = logging.getLogger("merge_embeddings")
 
@@ -160,18 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the merge; returns the exit code (0 ok, 2 bad flags or input files)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse's own errors and --help
-        return int(exit_.code or 0)
-    try:
-        run(args)
-    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
-        logger.error("%s", " ".join(str(err).split()))
-        return 2
-    return 0
+    return run_script(build_parser(), run, argv, logger=logger)
 
 
 if __name__ == "__main__":

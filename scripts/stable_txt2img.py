@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.callbacks import to_grid_image
 from ldm.checkpoint import load_embeddings, probe_weights_file
+from ldm.cli import run_script
 from ldm.inference import (
     attach_embedding,
     latent_downsampling,
@@ -233,37 +234,33 @@ def sample(args: argparse.Namespace, model: torch.nn.Module, sampler: SamplerBas
     logger.info("Samples are in %s", Path(args.outdir).resolve())
 
 
+def prepare(args: argparse.Namespace) -> Callable[[], None]:
+    """Check flags and files, load the model and embedding; returns the sampling to run.
+
+    UsageError and CheckpointError are ValueErrors: run_script reports them as one line.
+    """
+    validate_args(args)
+    prompts = read_prompts(args)
+    device = resolve_device(args.device)
+    if args.precision == "autocast" and device.type != "cuda":
+        logger.info("--precision autocast applies on CUDA only; sampling in float32 on %s", device)
+    preflight(args)
+    model = load_model(args.config, args.ckpt, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
+                       device=device)
+    check_model_fit(args, model)
+    sampler = make_sampler(model, args)
+    if args.embedding_path is not None:
+        try:
+            manager = attach_embedding(model, args.embedding_path, gamma=args.gamma)
+        except ValueError as err:
+            raise UsageError(f"--embedding_path: {err}") from None
+        warn_missing_placeholders(model, manager, prompts, args.embedding_path)
+    return lambda: sample(args, model, sampler, prompts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the script; returns the exit code (0 ok, 2 bad flags or input files)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse's own errors and --help
-        return int(exit_.code or 0)
-    try:
-        validate_args(args)
-        prompts = read_prompts(args)
-        device = resolve_device(args.device)
-        if args.precision == "autocast" and device.type != "cuda":
-            logger.info("--precision autocast applies on CUDA only; sampling in float32 on %s", device)
-        preflight(args)
-        model = load_model(args.config, args.ckpt, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
-                           device=device)
-        check_model_fit(args, model)
-        sampler = make_sampler(model, args)
-        if args.embedding_path is not None:
-            try:
-                manager = attach_embedding(model, args.embedding_path, gamma=args.gamma)
-            except ValueError as err:
-                raise UsageError(f"--embedding_path: {err}") from None
-            warn_missing_placeholders(model, manager, prompts, args.embedding_path)
-    except (ValueError, OSError) as err:  # CheckpointError and UsageError are ValueErrors
-        logger.error("%s", " ".join(str(err).split()))
-        return 2
-    sample(args, model, sampler, prompts)
-    return 0
+    return run_script(build_parser(), prepare, argv, logger=logger)
 
 
 if __name__ == "__main__":

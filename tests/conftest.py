@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny momentum-TI model, a trainable tiny checkpoint and a folder of photos."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,14 @@ def tiny_ckpt(tmp_path_factory, tiny_model) -> Path:
 
     state = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("embedding_manager.")}
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-sd.ckpt", state)
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as module ``name`` (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_photos(folder: Path, count: int = 3, size: int = 80) -> Path:

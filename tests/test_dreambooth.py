@@ -1,13 +1,12 @@
 """DreamBooth on the tiny SD v1: data, prior-preservation loss, what trains, the pruned export, main.py."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_photos
+from conftest import load_script, write_photos
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
@@ -30,13 +29,6 @@ PRUNED_GROUPS = ("model", "first_stage", "cond_stage", "schedule")
 QUIET = ["--accelerator", "cpu", "data.params.num_workers=0", "lightning.callbacks.image_logger.params.disabled=true",
          "lightning.trainer.enable_progress_bar=false", "lightning.trainer.enable_model_summary=false",
          "lightning.trainer.num_sanity_val_steps=0", "lightning.trainer.limit_val_batches=0"]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 from ldm import evaluation
@@ -23,14 +24,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_identity", ROOT / "scripts" / "evaluate_identity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_identity = _load_script()
+evaluate_identity = load_script("evaluate_identity")
 
 
 def folder(root: Path, name: str, *photos: str) -> Path:

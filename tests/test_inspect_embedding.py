@@ -1,7 +1,6 @@
 """scripts/inspect_embedding.py on tiny files: norms, cosines, nearest tokens, drift over steps, bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -9,22 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_script
 
 from ldm.checkpoint import EmbeddingFile, save_checkpoint, save_embeddings
 
-ROOT = Path(__file__).resolve().parents[1]
 STAR, WOMAN = 265, 2308  # CLIP ids of "*" and "woman"
 DIM = 32
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("inspect_embedding", ROOT / "scripts" / "inspect_embedding.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inspect_embedding = _load_script()
+inspect_embedding = load_script("inspect_embedding")
 
 
 @pytest.fixture(scope="module")

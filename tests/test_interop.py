@@ -6,12 +6,12 @@ its own ``load_textual_inversion``, and its prompt embeddings must equal ours.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from helpers_diffusers import (
     diffusers_unet,
     diffusers_vae,
@@ -41,15 +41,8 @@ PROMPT = "a photo of * woman"
 FOREIGN = [("diffusers", ".safetensors"), ("diffusers", ".bin"), ("a1111", ".pt"), ("a1111", ".safetensors")]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = _load_script("convert_embedding")
-merge = _load_script("merge_embeddings")
+convert = load_script("convert_embedding")
+merge = load_script("merge_embeddings")
 
 
 @pytest.fixture(scope="module")

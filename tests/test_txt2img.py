@@ -1,7 +1,6 @@
 """scripts/stable_txt2img.py and ldm.inference on the tiny config: outputs, determinism, embeddings, bad input."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -27,14 +27,7 @@ SMALL = ["--H", "64", "--W", "64", "--ddim_steps", "4", "--n_samples", "2", "--n
          "--config", str(ROOT / TINY_CONFIG), "--device", "cpu"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("stable_txt2img", ROOT / "scripts" / "stable_txt2img.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-txt2img = _load_script()
+txt2img = load_script("stable_txt2img")
 
 
 @pytest.fixture(scope="module")
