@@ -134,7 +134,7 @@ def load_inputs(args: argparse.Namespace) -> list[tuple[str, EmbeddingFile]]:
     return files
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> None:
     interop.check_export_suffix(args.output, "ours")
     if len(args.inputs) < 2:
         raise ValueError("--inputs needs at least two embedding files to merge")
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> Path:
     if renames:
         files = apply_renames(files, renames, interop.tokenizer_from_config(args.config))
     check_compatible(files)
-    return save_embeddings(args.output, merge(files))
+    save_embeddings(args.output, merge(files))
 
 
 def build_parser() -> argparse.ArgumentParser:
