@@ -142,5 +142,6 @@ class SpatialTransformer(nn.Module):
         h = h.flatten(2).transpose(1, 2)  # (B, H*W, inner)
         for block in self.transformer_blocks:
             h = block(h, context=context)
-        h = h.transpose(1, 2).reshape(batch, inner, height, width)  # (B, inner, H, W)
+        # (B, inner, H, W); contiguous, or every later conv runs channels-last and re-lays out its weights
+        h = h.transpose(1, 2).reshape(batch, inner, height, width).contiguous()
         return self.proj_out(h) + x
