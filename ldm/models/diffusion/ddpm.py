@@ -115,8 +115,10 @@ class DDPM(pl.LightningModule):
         self.training_seed: int | None = None  # set by the entrypoint (--seed): see step_rng
         self.stopped_on_nonfinite_loss = False
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
-        # Not a buffer: released checkpoints have no logvar key unless it was learned.
-        self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar, requires_grad=True)
+        else:  # non-persistent: released checkpoints have no logvar key unless it was learned
+            self.register_buffer("logvar", logvar, persistent=False)
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
 
@@ -206,7 +208,7 @@ class DDPM(pl.LightningModule):
         prediction = self.apply_model(x_noisy, t, cond)
         target = noise if self.parameterization == "eps" else x_start
         simple = per_sample_loss(prediction, target, self.loss_type)
-        logvar_t = self.logvar.to(self.device)[t]
+        logvar_t = self.logvar[t]
         weighted = simple / torch.exp(logvar_t) + logvar_t
         vlb = self.lvlb_weights[t] * simple
         return weighted, vlb
