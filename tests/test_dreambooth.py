@@ -117,9 +117,10 @@ def test_prior_loss_is_main_plus_weighted_prior_from_one_unet_call(prior_model):
     assert sizes[0] == 4, "subject and class rows must share one UNet call"
     assert prior.captions == ["a photo of a woman"] * 2 and captions == ["a photo of a sks woman"] * 2
     assert not torch.allclose(prior_term, main_term)
-    # tolerance: fp32, batched vs separate calls (measured ~1e-7 relative)
-    torch.testing.assert_close(loss, main_term + 0.5 * prior_term, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(logs["train/loss_prior"], prior_term, rtol=1e-5, atol=1e-7)
+    # tolerance: fp32, one batch of 4 vs two batches of 2; the tiny UNet's 1x1 bottleneck GroupNorm
+    # amplifies rounding differences between batch shapes (seen 1e-7 to 2.4e-5 relative)
+    torch.testing.assert_close(loss, main_term + 0.5 * prior_term, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logs["train/loss_prior"], prior_term, rtol=1e-4, atol=1e-6)
 
 
 def test_class_latents_are_cached_under_their_own_kind(prior_model):
