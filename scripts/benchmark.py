@@ -4,7 +4,8 @@
 Rows (``--only`` picks groups): ``unet`` forward, ``vae`` decode, ``ddim`` (20 DDIM steps with
 classifier-free guidance), ``ti`` (one momentum-TI training step at batch 1 and 2 against diffusers'
 textual-inversion recipe), ``face`` (the TI step with the facial loss against the same step without
-it) and ``face_prep`` (dlib face crops of the fixture photos, cold and warm cache). Each row reports
+it), ``face_prep`` (dlib face crops of the fixture photos, cold and warm cache) and ``dreambooth`` (one
+DreamBooth step with prior preservation against diffusers' ``train_dreambooth.py`` recipe). Each row reports
 the median time and the peak extra memory of ours and of the baseline, and their ratios.
 
     python scripts/benchmark.py --config sd-v1 --device cpu --size 256 --repeats 3 --markdown
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import instantiate_from_config, randomize_zero_weights  # noqa: E402
 from scripts.bench import reference  # noqa: E402
 from scripts.bench.measure import (  # noqa: E402
     Measurement,
@@ -44,13 +45,18 @@ logger = logging.getLogger("benchmark")
 
 CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune.yaml",
            "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune.yaml"}
-GROUPS = ("unet", "vae", "ddim", "ti", "face", "face_prep")
+DREAMBOOTH_CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune_unfrozen.yaml",
+                      "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune_unfrozen.yaml"}
+GROUPS = ("unet", "vae", "ddim", "ti", "face", "dreambooth", "face_prep")
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
 TI_BATCHES = (1, 2)
 DDIM_STEPS = 20
 GUIDANCE = 7.5
 PROMPT = "a photo of a *"
 FACIAL_LOSS = {"target": "ldm.modules.face_loss.FacialLoss", "params": {"weight": 1.0}}
+DREAMBOOTH_PROMPT, CLASS_PROMPT = "a photo of a sks woman", "a photo of a woman"
+PRIOR_LOSS_WEIGHT = 1.0
+DREAMBOOTH_WEIGHT_DECAY = 1e-2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -238,6 +244,81 @@ def face_rows(b: Bench) -> list[Row]:
     return rows
 
 
+# --- DreamBooth ------------------------------------------------------------------------------------
+class OursDreamBoothStep:
+    """One DreamBooth step of our LatentDiffusion (UNet trainable, prior preservation on): shared_step,
+    backward, AdamW over the trainable parameters, zero_grad."""
+
+    def __init__(self, model, size: int, lr: float, latent_numel: int):
+        self.model = model.train()
+        self.model.learning_rate = lr
+        self.model.latent_cache.clear()  # the warm-up step fills it; the timed steps hit it
+        self.batch: dict[str, Any] = {  # one collated item of ldm.data.dreambooth.DreamBoothDataset
+            "image": torch.rand(1, size, size, 3) * 2 - 1,  # [1, H, W, 3] like the dataset
+            "caption": [DREAMBOOTH_PROMPT],
+            "image_index": torch.tensor([0]),
+            "flipped": torch.zeros(1, dtype=torch.bool),
+            "class_image": torch.rand(1, size, size, 3) * 2 - 1,
+            "class_caption": [CLASS_PROMPT],
+            "class_image_index": torch.tensor([0]),
+            "class_flipped": torch.zeros(1, dtype=torch.bool),
+        }
+        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=lr,
+                                           weight_decay=DREAMBOOTH_WEIGHT_DECAY)
+        self.latent_numel = latent_numel
+
+    def __call__(self) -> float:
+        loss, _ = self.model.shared_step(self.batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def persistent_bytes(self) -> int:
+        """Optimizer state plus the cached posteriors (a mean and a log-variance per latent, fp32)."""
+        return tensor_bytes(self.optimizer.state_dict()["state"]) + len(self.model.latent_cache) * 2 * self.latent_numel * 4
+
+    def release(self) -> None:
+        self.optimizer.state.clear()
+        self.model.latent_cache.clear()
+        self.model.eval()
+
+
+def dreambooth_rows(b: Bench) -> list[Row]:
+    """Our DreamBooth model (its own unfrozen config) against diffusers' recipe on the same weights."""
+    config = OmegaConf.load(DREAMBOOTH_CONFIGS[b.args.config])
+    config.model.params.prior_loss_config = {"target": "ldm.modules.prior_loss.PriorPreservationLoss",
+                                             "params": {"weight": PRIOR_LOSS_WEIGHT}}
+    logger.info("building our DreamBooth LatentDiffusion from %s", DREAMBOOTH_CONFIGS[b.args.config])
+    model = instantiate_from_config(config.model).to(b.device)
+    # zero-initialised layers (the UNet's output conv) would stop every other gradient
+    randomize_zero_weights(model.model, std=0.02)
+    checkpointing = bool(config.model.params.unet_config.params.get("use_checkpoint", False))
+    lr = float(config.model.base_learning_rate)
+    latent_numel = b.latent_shape[0] * b.latent_shape[1] * b.latent_shape[2]
+    ours = OursDreamBoothStep(model, b.args.size, lr, latent_numel)
+
+    original_config = OmegaConf.to_container(config, resolve=True)
+    checkpoint = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    text_model = reference.text_encoder(model.cond_stage_model.text_model.config, checkpoint).to(b.device)
+    images = torch.cat([ours.batch["image"], ours.batch["class_image"]])  # [2, H, W, 3]: subject, class
+    pixels = images.permute(0, 3, 1, 2).contiguous().to(b.device)  # [2, 3, H, W]
+    ids = model.cond_stage_model.tokenize([DREAMBOOTH_PROMPT, CLASS_PROMPT])
+    ref = reference.DreamBoothStep(reference.unet(original_config, checkpoint).to(b.device),
+                                   reference.vae(original_config, checkpoint).to(b.device), text_model, ids, pixels,
+                                   model.scale_factor, gradient_checkpointing=checkpointing,
+                                   prior_loss_weight=PRIOR_LOSS_WEIGHT, lr=lr, weight_decay=DREAMBOOTH_WEIGHT_DECAY)
+    del checkpoint
+    ours_m, ref_m = b.pair(ours, ref)
+    row = Row("db_step", "diffusers DB", _with_state(ours_m, ours.persistent_bytes()),
+              _with_state(ref_m, tensor_bytes(ref.persistent_state())),
+              f"{b.args.size}px, 1 subject + 1 class, ckpt {'on' if checkpointing else 'off'}; ours caches latents "
+              "(baseline encodes every step); mem incl. optimizer state/cache")
+    ours.release()
+    ref.release()
+    return [row]
+
+
 # --- face preparation ------------------------------------------------------------------------------
 def face_prep_rows(b: Bench) -> list[Row]:
     from ldm.modules.face import FaceCropper
@@ -264,7 +345,7 @@ def face_prep_rows(b: Bench) -> list[Row]:
 
 
 ROW_BUILDERS = {"unet": unet_rows, "vae": vae_rows, "ddim": ddim_rows, "ti": ti_rows, "face": face_rows,
-                "face_prep": face_prep_rows}
+                "face_prep": face_prep_rows, "dreambooth": dreambooth_rows}
 
 
 def run(args: argparse.Namespace) -> list[Row]:

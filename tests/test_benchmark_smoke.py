@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
 INFERENCE_ROWS = ["unet_forward", "vae_decode", "ddim2_cfg"]
-TRAINING_ROWS = ["ti_step_b1", "ti_step_b2", "face_step_b1", "face_step_b2"]
+TRAINING_ROWS = ["ti_step_b1", "ti_step_b2", "face_step_b1", "face_step_b2", "db_step"]
 
 
 def _load_benchmark():
@@ -40,7 +40,7 @@ def test_tiny_benchmark_reports_every_row_with_finite_ratios(tmp_path: Path) -> 
         assert math.isfinite(row.time_ratio) and row.time_ratio > 0, f"{row.name}: time ratio {row.time_ratio}"
         assert row.ours.peak_bytes is not None and row.ours.peak_bytes >= 0, f"{row.name}: no peak memory"
     for row in rows:
-        if row.name.startswith(("ti_step", "face_step")):
+        if row.name.startswith(("ti_step", "face_step", "db_step")):
             # both sides keep optimizer state, so the peak is never zero and the ratio is defined
             assert math.isfinite(row.memory_ratio) and row.memory_ratio > 0, f"{row.name}: {row.memory_ratio}"
     if photo.is_file():

@@ -132,3 +132,57 @@ class TextualInversionStep:
         self.table.grad = None
         self.text_model.eval()
         self.optimizer.state.clear()
+
+
+class DreamBoothStep:
+    """One training step of diffusers' ``examples/dreambooth/train_dreambooth.py`` with prior preservation.
+
+    The text encoder is frozen (its embeddings computed under ``no_grad``); the VAE encodes the subject
+    and the class image every step; the UNet denoises both in one call and the loss is the instance MSE
+    plus ``prior_loss_weight`` times the class MSE, under AdamW over the UNet's parameters.
+    """
+
+    def __init__(self, unet_model: UNet2DConditionModel, vae_model: AutoencoderKL, text_model: CLIPTextModel,
+                 input_ids: torch.Tensor, pixels: torch.Tensor, scaling_factor: float, *,
+                 gradient_checkpointing: bool, prior_loss_weight: float = 1.0, lr: float = 1e-6,
+                 weight_decay: float = 1e-2):
+        self.unet, self.vae, self.text_model = unet_model, vae_model, text_model
+        self.input_ids = input_ids  # [2B, 77]: subject prompts, then class prompts
+        self.pixels = pixels  # [2B, 3, H, W] in [-1, 1]: subject images, then class images
+        self.scaling_factor = scaling_factor
+        self.prior_loss_weight = prior_loss_weight
+        self.noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
+        vae_model.requires_grad_(False)
+        text_model.requires_grad_(False)
+        unet_model.requires_grad_(True)
+        if gradient_checkpointing:
+            unet_model.enable_gradient_checkpointing()
+        unet_model.train()
+        self.optimizer = torch.optim.AdamW(unet_model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def persistent_state(self) -> list[Any]:
+        """Tensors the recipe keeps between steps besides the model weights."""
+        return [self.optimizer.state_dict()["state"]]
+
+    def __call__(self) -> float:
+        latents = self.vae.encode(self.pixels).latent_dist.sample() * self.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                          device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        with torch.no_grad():
+            hidden = self.text_model(self.input_ids)[0]
+        prediction = self.unet(noisy, t, hidden).sample
+        pred, pred_prior = prediction.chunk(2)
+        target, target_prior = noise.chunk(2)
+        loss = F.mse_loss(pred.float(), target.float())
+        loss = loss + self.prior_loss_weight * F.mse_loss(pred_prior.float(), target_prior.float())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss.item()
+
+    def release(self) -> None:
+        """Drop the optimizer state and put the UNet back in eval mode."""
+        self.optimizer.state.clear()
+        self.unet.eval()
