@@ -92,7 +92,7 @@ class TextualInversionStep:
                  input_ids: torch.Tensor, placeholder_id: int, pixels: torch.Tensor, scaling_factor: float,
                  lr: float = 5e-4):
         self.unet, self.vae, self.text_model = unet_model, vae_model, text_model
-        self.input_ids = input_ids  # [B, 77], tokenized by the data loader in diffusers' recipe
+        self.input_ids = input_ids.to(text_model.device)  # [B, 77], tokenized by the data loader in diffusers' recipe
         self.pixels = pixels  # [B, 3, H, W] in [-1, 1]
         self.scaling_factor = scaling_factor
         self.noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
@@ -147,7 +147,7 @@ class DreamBoothStep:
                  gradient_checkpointing: bool, prior_loss_weight: float = 1.0, lr: float = 1e-6,
                  weight_decay: float = 1e-2):
         self.unet, self.vae, self.text_model = unet_model, vae_model, text_model
-        self.input_ids = input_ids  # [2B, 77]: subject prompts, then class prompts
+        self.input_ids = input_ids.to(text_model.device)  # [2B, 77]: subject prompts, then class prompts
         self.pixels = pixels  # [2B, 3, H, W] in [-1, 1]: subject images, then class images
         self.scaling_factor = scaling_factor
         self.prior_loss_weight = prior_loss_weight
