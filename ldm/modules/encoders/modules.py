@@ -13,7 +13,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers.masking_utils import create_causal_mask
 
 from ldm.modules.encoders.tokenizer import CLIPBPETokenizer, PretrainedTokenizerAdapter
 
@@ -57,6 +56,15 @@ class TextTransformer(nn.Module):
 def _drop_position_ids(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """Checkpoints carry `embeddings.position_ids`; ours is a fixed non-persistent arange, so skip it."""
     state_dict.pop(prefix + "transformer.text_model.embeddings.position_ids", None)
+
+
+def additive_causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[1, 1, L, L]` mask added to attention scores: 0 up to the diagonal, the dtype's minimum after it.
+
+    Built here rather than with transformers' mask helpers, whose signature changes between releases;
+    every attention implementation (eager, SDPA) accepts an additive float mask.
+    """
+    return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
 
 
 class FrozenCLIPEmbedder(nn.Module):
@@ -148,8 +156,8 @@ class FrozenCLIPEmbedder(nn.Module):
         if embedding_manager is not None:
             token_embeds = embedding_manager(tokens, token_embeds)
         hidden = model.embeddings(inputs_embeds=token_embeds)  # adds position embeddings, [B, L, D]
-        causal_mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None, cache=None)
-        hidden = model.encoder(inputs_embeds=hidden, attention_mask=causal_mask, is_causal=True).last_hidden_state
+        causal_mask = additive_causal_mask(hidden.shape[1], hidden.dtype, hidden.device)
+        hidden = model.encoder(inputs_embeds=hidden, attention_mask=causal_mask).last_hidden_state
         return model.final_layer_norm(hidden)
 
     def forward(self, text: Sequence[str] | str, embedding_manager: EmbeddingManager | None = None) -> torch.Tensor:
