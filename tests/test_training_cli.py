@@ -106,7 +106,16 @@ def test_scale_lr(tmp_path, photo_dir, tiny_ckpt, caplog, extra, expected) -> No
 # -------------------------------------------------------------------------------- resume
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_ckpt) -> None:
+@pytest.fixture
+def one_thread():
+    """Single-threaded CPU ops, whose results do not depend on how work is split between threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_ckpt, one_thread) -> None:
     one_photo = write_photos(tmp_path / "one", count=1)
     # One photo, no flips: the data stream is the same whatever the resume point (see the report on
     # the data loader); everything else (timesteps, noise, latent samples, Adam state) must resume.
@@ -121,8 +130,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_ckpt) -> None:
     resumed = torch.load(split / "checkpoints" / "embeddings.pt", weights_only=True)
     assert resumed["step"] == 6
     assert not torch.allclose(resumed["string_to_param"]["*"], first_half, atol=1e-5), "the resumed run trained"
-    torch.testing.assert_close(resumed["string_to_param"]["*"], straight, atol=1e-7, rtol=0,
-                               msg="3 steps + resume to 6 must equal 6 straight steps (fp32, 1e-7)")
+    # Measured on this tiny model: one step fewer moves the embedding by 5e-4 and another seed by 6e-3,
+    # while only changing the CPU thread count between the runs moves it by 3e-5 (the loss amplifies
+    # rounding); one thread makes the runs bit-identical here, 1e-4 leaves room for other CPUs' kernels.
+    diff = float((resumed["string_to_param"]["*"] - straight).abs().max())
+    assert diff <= 1e-4, f"3 steps + resume to 6 differ from 6 straight steps by {diff:.2e} (tol 1e-4; a step is ~5e-4)"
 
 
 # ---------------------------------------------------------------------------------- DDP
@@ -150,7 +162,8 @@ def test_ddp_two_cpu_processes_end_with_the_same_embedding(tmp_path, photo_dir, 
                      "--max_steps", "4", "lightning.callbacks.image_logger.params.disabled=true",
                      "lightning.callbacks.gather.target=test_training_cli.GatherEmbeddings",
                      f"lightning.callbacks.gather.params.out={out}")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    paths = [str(ROOT / "tests"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
