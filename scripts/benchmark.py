@@ -3,7 +3,8 @@
 
 Rows (``--only`` picks groups): ``unet`` forward, ``vae`` decode, ``ddim`` (20 DDIM steps with
 classifier-free guidance), ``ti`` (one momentum-TI training step at batch 1 and 2 against diffusers'
-textual-inversion recipe), ``face`` (the TI step with the facial loss against the same step without
+textual-inversion recipe), ``ti_parts`` (the parts of those two steps timed alone, and the lowest
+ratio that skipping the VAE encode and the token-table optimizer can give), ``face`` (the TI step with the facial loss against the same step without
 it), ``face_prep`` (dlib face crops of the fixture photos, cold and warm cache) and ``dreambooth`` (one
 DreamBooth step with prior preservation against diffusers' ``train_dreambooth.py`` recipe). Each row reports
 the median time and the peak extra memory of ours and of the baseline, and their ratios.
@@ -26,6 +27,7 @@ import tempfile  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
@@ -33,6 +35,7 @@ from ldm.util import instantiate_from_config, randomize_zero_weights  # noqa: E4
 from scripts.bench import reference  # noqa: E402
 from scripts.bench.measure import (  # noqa: E402
     Measurement,
+    measure,
     measure_pair,
     peak_memory,
     precision_context,
@@ -47,7 +50,7 @@ CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune.yaml",
            "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune.yaml"}
 DREAMBOOTH_CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune_unfrozen.yaml",
                       "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune_unfrozen.yaml"}
-GROUPS = ("unet", "vae", "ddim", "ti", "face", "dreambooth", "face_prep")
+GROUPS = ("unet", "vae", "ddim", "ti", "ti_parts", "face", "dreambooth", "face_prep")
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
 TI_BATCHES = (1, 2)
 DDIM_STEPS = 20
@@ -232,6 +235,66 @@ def ti_rows(b: Bench) -> list[Row]:
     return rows
 
 
+def ti_part_rows(b: Bench) -> list[Row]:
+    """Each part of the two TI steps timed alone, then the floor of the ``ti_step`` ratio.
+
+    Both recipes run the text encoder forward + backward and the frozen UNet forward + backward to its
+    conditioning (``ti_part_unet`` compares ours with diffusers' there); only the baseline adds the VAE
+    encode and AdamW over the whole token table with the restore of its rows. With equally fast UNets,
+    (text + unet) / (text + unet + vae + table) is the lowest ratio skipping those two can give.
+    """
+    def wrap(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run():
+            with precision_context(b.device, b.args.precision):
+                return fn()
+        return run
+
+    table = b.text_model.get_input_embeddings().weight.detach().clone().requires_grad_(True)
+    table.grad = torch.randn_like(table)  # the dense gradient the recipe's backward leaves
+    original, keep_rows = table.detach().clone(), torch.ones(table.shape[0], dtype=torch.bool, device=b.device)
+    keep_rows[b.ours.embedding_manager.token_ids[0]] = False
+    optimizer = torch.optim.AdamW([table], lr=b.lr)
+
+    def table_step():
+        optimizer.step()
+        with torch.no_grad():
+            table[keep_rows] = original[keep_rows]
+
+    adamw = measure(wrap(table_step), b.device, b.args.repeats)
+    del optimizer, table, original
+    rows = [Row("ti_part_table_adamw", "-", adamw, None, "AdamW over the token table + row restore")]
+    ours_unet = b.ours.model.diffusion_model
+    for n in TI_BATCHES:
+        pixels = torch.rand(n, 3, b.args.size, b.args.size, device=b.device) * 2 - 1
+        x, t = b.randn(n, *b.latent_shape), torch.randint(0, 1000, (n,), device=b.device)
+        context = b.randn(n, *b.context_shape)
+
+        def text_step():
+            b.ours.get_learned_conditioning([PROMPT] * n).square().mean().backward()
+
+        def unet_step(unet_call):
+            def step():
+                ctx = context.clone().requires_grad_(True)
+                F.mse_loss(unet_call(ctx).float(), x.float()).backward()
+            return step
+
+        text = measure(wrap(text_step), b.device, b.args.repeats)
+        b.ours.embedding_manager.zero_grad(set_to_none=True)
+        vae = measure(wrap(torch.no_grad()(lambda: b.vae.encode(pixels).latent_dist.sample())), b.device,
+                      b.args.repeats)
+        ours_m, ref_m = b.pair(unet_step(lambda ctx: ours_unet(x, t, context=ctx)),
+                               unet_step(lambda ctx: b.unet(x, t, encoder_hidden_states=ctx).sample))
+        with_skips = text.median_s + ref_m.median_s
+        full = with_skips + vae.median_s + adamw.median_s
+        rows += [Row(f"ti_part_text_b{n}", "-", text, None, "our text encoder + embedding, forward + backward"),
+                 Row(f"ti_part_unet_b{n}", "diffusers", ours_m, ref_m, "frozen UNet forward + backward to the context"),
+                 Row(f"ti_part_vae_b{n}", "-", vae, None, f"VAE encode + sample, {b.args.size}px (baseline only)"),
+                 Row(f"ti_floor_b{n}", "sum of parts", Measurement(with_skips, [with_skips], None),
+                     Measurement(full, [full], None),
+                     "(text + unet) / (text + unet + vae + table AdamW), diffusers' UNet time on both sides")]
+    return rows
+
+
 def face_rows(b: Bench) -> list[Row]:
     rows = []
     for n in TI_BATCHES:
@@ -344,7 +407,8 @@ def face_prep_rows(b: Bench) -> list[Row]:
             Row("face_prep_warm", "cold cache", warm, cold, note + "; disk cache hits")]
 
 
-ROW_BUILDERS = {"unet": unet_rows, "vae": vae_rows, "ddim": ddim_rows, "ti": ti_rows, "face": face_rows,
+ROW_BUILDERS = {"unet": unet_rows, "vae": vae_rows, "ddim": ddim_rows, "ti": ti_rows, "ti_parts": ti_part_rows,
+                "face": face_rows,
                 "face_prep": face_prep_rows, "dreambooth": dreambooth_rows}
 
 

@@ -127,6 +127,16 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> Measurement:
+    """Median time of ``fn`` over ``repeats`` runs after ``warmup``; the last run also takes memory."""
+    for _ in range(warmup):
+        fn()
+    times = [timed(fn, device) for _ in range(repeats - 1)]
+    with peak_memory(device) as peak:
+        times.append(timed(fn, device))
+    return Measurement(statistics.median(times), times, peak[0])
+
+
 def measure_pair(ours: Callable[[], object], reference: Callable[[], object], device: torch.device,
                  repeats: int, warmup: int = 1) -> tuple[Measurement, Measurement]:
     """Time both callables alternately (so machine load hits both alike); the last run also takes memory."""
