@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ldm.modules.diffusionmodules.frozen_conv import Conv2d
+
 
 def checkpoint(
     func: Callable[..., Any], inputs: Sequence[Any], params: Iterable[nn.Parameter], flag: bool
@@ -69,11 +71,11 @@ def normalization(channels: int) -> nn.Module:
 
 
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
-    """A 1D, 2D or 3D convolution."""
+    """A 1D, 2D or 3D convolution (2D: :class:`~ldm.modules.diffusionmodules.frozen_conv.Conv2d`)."""
     if dims == 1:
         return nn.Conv1d(*args, **kwargs)
     if dims == 2:
-        return nn.Conv2d(*args, **kwargs)
+        return Conv2d(*args, **kwargs)  # saves no input for backward while frozen
     if dims == 3:
         return nn.Conv3d(*args, **kwargs)
     raise ValueError(f"unsupported dims={dims}: use 1, 2 or 3")

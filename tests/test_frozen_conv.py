@@ -1,0 +1,92 @@
+"""The frozen-aware Conv2d: same numbers as nn.Conv2d, no input saved for backward while frozen."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.modules.diffusionmodules.frozen_conv import Conv2d
+
+GEOMETRIES = [
+    dict(in_channels=8, out_channels=16, kernel_size=3, padding=1),
+    dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=1),  # the UNet's Downsample
+    dict(in_channels=8, out_channels=4, kernel_size=1),  # proj_in / skip connections
+    dict(in_channels=8, out_channels=8, kernel_size=3, padding=2, dilation=2, groups=4),
+]
+
+
+def pair(geometry: dict, frozen: bool) -> tuple[Conv2d, nn.Conv2d]:
+    torch.manual_seed(0)
+    ours = Conv2d(**geometry)
+    plain = nn.Conv2d(**geometry)
+    plain.load_state_dict(ours.state_dict())
+    for module in (ours, plain):
+        module.requires_grad_(not frozen)
+    return ours, plain
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the non-parameter tensors autograd keeps for backward while ``fn`` runs."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        if not isinstance(tensor, nn.Parameter):
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_frozen_forward_and_input_gradient_equal_nn_conv2d(geometry):
+    ours, plain = pair(geometry, frozen=True)
+    x = torch.randn(2, 8, 13, 11)
+    grad_out = torch.randn_like(plain(x))
+    results = []
+    for module in (ours, plain):
+        leaf = x.clone().requires_grad_(True)
+        out = module(leaf)
+        out.backward(grad_out)
+        results.append((out, leaf.grad))
+    (out, grad), (ref_out, ref_grad) = results
+    assert torch.equal(out, ref_out), "the forward is the same F.conv2d call"
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-6)
+    assert ours.weight.grad is None
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_frozen_conv_saves_no_input(geometry):
+    ours, plain = pair(geometry, frozen=True)
+    x = torch.randn(2, 8, 13, 11, requires_grad=True)
+    assert saved_activation_bytes(lambda: plain(x)) == x.numel() * 4, "nn.Conv2d keeps its input"
+    assert saved_activation_bytes(lambda: ours(x)) == 0, "the frozen conv keeps only its weight"
+
+
+def test_trainable_conv_is_a_plain_conv():
+    ours, plain = pair(GEOMETRIES[0], frozen=False)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    ours(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    assert ours.weight.grad is not None and ours.bias.grad is not None
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad)
+
+
+def test_input_gradient_under_autocast_has_the_input_dtype():
+    ours, plain = pair(GEOMETRIES[0], frozen=True)
+    grads = []
+    for module in (ours, plain):
+        x = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        grads.append(x.grad)
+    assert grads[0].dtype == torch.float32
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-2, atol=1e-2)
+
+
+def test_state_dict_keys_are_nn_conv2d_keys():
+    assert list(Conv2d(3, 4, 3).state_dict()) == ["weight", "bias"]
