@@ -11,6 +11,26 @@ from ldm.modules.diffusionmodules.frozen_conv import Conv2d
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 
 
+class _GatedGelu(torch.autograd.Function):
+    """``hidden * gelu(gate)`` that saves only its two inputs and recomputes ``gelu(gate)`` in backward.
+
+    Plain autograd also keeps ``gelu(gate)``, a third tensor of the same size; the gradients are the
+    same operations in the same order (``aten.gelu_backward`` is GELU's own derivative).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, gate):
+        ctx.save_for_backward(hidden, gate)
+        return hidden * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, gate = ctx.saved_tensors
+        grad_hidden = grad_output * F.gelu(gate) if ctx.needs_input_grad[0] else None
+        grad_gate = torch.ops.aten.gelu_backward(grad_output * hidden, gate) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_gate
+
+
 class GEGLU(nn.Module):
     """Gated GELU projection (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6)."""
 
@@ -19,7 +39,9 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        hidden, gate = self.proj(x).chunk(2, dim=-1)  # [B, L, dim_out] each
+        if torch.is_grad_enabled() and (hidden.requires_grad or gate.requires_grad):
+            return _GatedGelu.apply(hidden, gate)
         return hidden * F.gelu(gate)
 
 

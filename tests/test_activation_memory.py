@@ -1,10 +1,14 @@
-"""The frozen-aware Conv2d: same numbers as nn.Conv2d, no input saved for backward while frozen."""
+"""Layers that keep less for backward: the frozen-aware Conv2d and GEGLU's gated GELU.
+
+Each must give the numbers of the plain layer and save fewer activation bytes (what would fail without it).
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+from ldm.modules.attention import GEGLU
 from ldm.modules.diffusionmodules.frozen_conv import Conv2d
 
 GEOMETRIES = [
@@ -90,3 +94,41 @@ def test_input_gradient_under_autocast_has_the_input_dtype():
 
 def test_state_dict_keys_are_nn_conv2d_keys():
     assert list(Conv2d(3, 4, 3).state_dict()) == ["weight", "bias"]
+
+
+def plain_geglu(module: GEGLU, x: torch.Tensor) -> torch.Tensor:
+    hidden, gate = module.proj(x).chunk(2, dim=-1)
+    return hidden * torch.nn.functional.gelu(gate)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_geglu_matches_plain_autograd_and_saves_a_third_less(frozen):
+    torch.manual_seed(0)
+    module = GEGLU(16, 32).requires_grad_(not frozen)
+    x0 = torch.randn(2, 10, 16)
+    grad_out = torch.randn(2, 10, 32)
+    results = []
+    for forward in (module, lambda x: plain_geglu(module, x)):
+        module.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        out = forward(x)
+        out.backward(grad_out)
+        results.append((out, x.grad, None if frozen else module.proj.weight.grad.clone()))
+    (out, grad, wgrad), (ref_out, ref_grad, ref_wgrad) = results
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
+    if not frozen:
+        torch.testing.assert_close(wgrad, ref_wgrad, rtol=1e-6, atol=1e-7)
+
+    x = x0.clone().requires_grad_(True)
+    hidden_bytes = 2 * 10 * 32 * 4  # one [B, L, dim_out] float32 tensor
+    plain_saved = saved_activation_bytes(lambda: plain_geglu(module, x))
+    ours_saved = saved_activation_bytes(lambda: module(x))
+    assert ours_saved == plain_saved - hidden_bytes, "gelu(gate) must not be kept for backward"
+
+
+def test_geglu_without_grad_records_nothing():
+    module = GEGLU(16, 32).requires_grad_(False)
+    with torch.no_grad():
+        out = module(torch.randn(1, 4, 16, requires_grad=True))
+    assert out.grad_fn is None
