@@ -19,10 +19,10 @@ step() {  # step <seconds> <log name> <command...>
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 "$python" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
-step 210 bench_sd_fp32.txt "$python" scripts/benchmark.py --config sd-v1 --device cuda --repeats 5 \
-    --only unet vae ddim ti face dreambooth --markdown
-step 110 bench_sd_fp16.txt "$python" scripts/benchmark.py --config sd-v1 --device cuda --precision fp16 --repeats 5 \
-    --only unet vae ddim ti face --markdown
-step 40 bench_tiny.txt "$python" scripts/benchmark.py --config tiny --device cuda --repeats 5 \
-    --only unet vae ddim ti face dreambooth --markdown
-step 110 tests.txt "$python" -m pytest tests/test_cuda.py tests/test_training_cli.py -q -p no:cacheprovider
+step 110 bench_sd_fp32.txt "$python" scripts/benchmark.py --config sd-v1 --device cuda --repeats 5 \
+    --only unet vae ddim ti ti_parts face dreambooth --markdown
+step 70 bench_sd_fp16.txt "$python" scripts/benchmark.py --config sd-v1 --device cuda --precision fp16 --repeats 5 \
+    --only unet vae ddim ti ti_parts face --markdown
+step 35 bench_tiny.txt "$python" scripts/benchmark.py --config tiny --device cuda --repeats 5 \
+    --only unet vae ddim ti ti_parts face dreambooth --markdown
+step 110 tests.txt "$python" -m pytest tests/test_cuda.py tests/test_activation_memory.py tests/test_training_cli.py -q -p no:cacheprovider
