@@ -4,10 +4,11 @@
 Rows (``--only`` picks groups): ``unet`` forward, ``vae`` decode, ``ddim`` (20 DDIM steps with
 classifier-free guidance), ``ti`` (one momentum-TI training step at batch 1 and 2 against diffusers'
 textual-inversion recipe), ``ti_parts`` (the parts of those two steps timed alone, and the lowest
-ratio that skipping the VAE encode and the token-table optimizer can give), ``face`` (the TI step with the facial loss against the same step without
-it), ``face_prep`` (dlib face crops of the fixture photos, cold and warm cache) and ``dreambooth`` (one
-DreamBooth step with prior preservation against diffusers' ``train_dreambooth.py`` recipe). Each row reports
-the median time and the peak extra memory of ours and of the baseline, and their ratios.
+ratio that skipping the VAE encode and the token-table optimizer can give), ``face`` (the TI step
+with the facial loss against the same step without it), ``face_prep`` (dlib face crops of the
+fixture photos, cold and warm cache) and ``dreambooth`` (one DreamBooth step with prior preservation
+against diffusers' ``train_dreambooth.py`` recipe). Each row reports the median time and the peak
+extra memory of ours and of the baseline, and their ratios.
 
     python scripts/benchmark.py --config sd-v1 --device cpu --size 256 --repeats 3 --markdown
 """
@@ -129,17 +130,20 @@ class Bench:
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=self.device)
 
+    def under_precision(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` run under the chosen precision (autocast for bf16/fp16)."""
+        def run():
+            with precision_context(self.device, self.args.precision):
+                return fn()
+        return run
+
     def pair(self, ours: Callable[[], Any], ref: Callable[[], Any]) -> tuple[Measurement, Measurement]:
-        """Measure both callables under the chosen precision."""
-        precision = self.args.precision
+        """Measure both callables under the chosen precision, alternating."""
+        return measure_pair(self.under_precision(ours), self.under_precision(ref), self.device, self.args.repeats)
 
-        def wrap(fn: Callable[[], Any]) -> Callable[[], Any]:
-            def run():
-                with precision_context(self.device, precision):
-                    return fn()
-            return run
-
-        return measure_pair(wrap(ours), wrap(ref), self.device, self.args.repeats)
+    def measure(self, fn: Callable[[], Any]) -> Measurement:
+        """Measure one callable under the chosen precision."""
+        return measure(self.under_precision(fn), self.device, self.args.repeats)
 
 
 # --- inference rows --------------------------------------------------------------------------------
@@ -175,6 +179,12 @@ def ddim_rows(b: Bench) -> list[Row]:
     return [Row(f"ddim{steps}_cfg", "diffusers", ours_m, ref_m, f"batch {n}, scale {GUIDANCE}")]
 
 
+def optimizer_and_cache_bytes(optimizer: torch.optim.Optimizer, cache, latent_numel: int) -> int:
+    """What our step keeps between steps: optimizer state plus the cached posteriors (mean and
+    log-variance per latent, fp32)."""
+    return tensor_bytes(optimizer.state_dict()["state"]) + len(cache) * 2 * latent_numel * 4
+
+
 # --- training rows ---------------------------------------------------------------------------------
 class OursTIStep:
     """One momentum-TI step of our LatentDiffusion: shared_step, backward, AdamW over the embedding."""
@@ -204,8 +214,7 @@ class OursTIStep:
         return loss.item()
 
     def persistent_bytes(self) -> int:
-        """Optimizer state plus the cached posteriors (a mean and a log-variance per latent, fp32)."""
-        return tensor_bytes(self.optimizer.state_dict()["state"]) + len(self.model.latent_cache) * 2 * self.latent_numel * 4
+        return optimizer_and_cache_bytes(self.optimizer, self.model.latent_cache, self.latent_numel)
 
     def release(self) -> None:
         self.model.latent_cache.clear()
@@ -235,6 +244,22 @@ def ti_rows(b: Bench) -> list[Row]:
     return rows
 
 
+def table_adamw_row(b: Bench) -> Row:
+    """The recipe's optimizer step: AdamW over the whole token table, then every other row restored."""
+    table = b.text_model.get_input_embeddings().weight.detach().clone().requires_grad_(True)
+    table.grad = torch.randn_like(table)  # the dense gradient the recipe's backward leaves
+    original, keep_rows = table.detach().clone(), torch.ones(table.shape[0], dtype=torch.bool, device=b.device)
+    keep_rows[b.ours.embedding_manager.token_ids[0]] = False
+    optimizer = torch.optim.AdamW([table], lr=b.lr)
+
+    def step():
+        optimizer.step()
+        with torch.no_grad():
+            table[keep_rows] = original[keep_rows]
+
+    return Row("ti_part_table_adamw", "-", b.measure(step), None, "AdamW over the token table + row restore")
+
+
 def ti_part_rows(b: Bench) -> list[Row]:
     """Each part of the two TI steps timed alone, then the floor of the ``ti_step`` ratio.
 
@@ -243,26 +268,8 @@ def ti_part_rows(b: Bench) -> list[Row]:
     encode and AdamW over the whole token table with the restore of its rows. With equally fast UNets,
     (text + unet) / (text + unet + vae + table) is the lowest ratio skipping those two can give.
     """
-    def wrap(fn: Callable[[], Any]) -> Callable[[], Any]:
-        def run():
-            with precision_context(b.device, b.args.precision):
-                return fn()
-        return run
-
-    table = b.text_model.get_input_embeddings().weight.detach().clone().requires_grad_(True)
-    table.grad = torch.randn_like(table)  # the dense gradient the recipe's backward leaves
-    original, keep_rows = table.detach().clone(), torch.ones(table.shape[0], dtype=torch.bool, device=b.device)
-    keep_rows[b.ours.embedding_manager.token_ids[0]] = False
-    optimizer = torch.optim.AdamW([table], lr=b.lr)
-
-    def table_step():
-        optimizer.step()
-        with torch.no_grad():
-            table[keep_rows] = original[keep_rows]
-
-    adamw = measure(wrap(table_step), b.device, b.args.repeats)
-    del optimizer, table, original
-    rows = [Row("ti_part_table_adamw", "-", adamw, None, "AdamW over the token table + row restore")]
+    adamw = table_adamw_row(b)
+    rows = [adamw]
     ours_unet = b.ours.model.diffusion_model
     for n in TI_BATCHES:
         pixels = torch.rand(n, 3, b.args.size, b.args.size, device=b.device) * 2 - 1
@@ -278,14 +285,13 @@ def ti_part_rows(b: Bench) -> list[Row]:
                 F.mse_loss(unet_call(ctx).float(), x.float()).backward()
             return step
 
-        text = measure(wrap(text_step), b.device, b.args.repeats)
+        text = b.measure(text_step)
         b.ours.embedding_manager.zero_grad(set_to_none=True)
-        vae = measure(wrap(torch.no_grad()(lambda: b.vae.encode(pixels).latent_dist.sample())), b.device,
-                      b.args.repeats)
+        vae = b.measure(torch.no_grad()(lambda: b.vae.encode(pixels).latent_dist.sample()))
         ours_m, ref_m = b.pair(unet_step(lambda ctx: ours_unet(x, t, context=ctx)),
                                unet_step(lambda ctx: b.unet(x, t, encoder_hidden_states=ctx).sample))
         with_skips = text.median_s + ref_m.median_s
-        full = with_skips + vae.median_s + adamw.median_s
+        full = with_skips + vae.median_s + adamw.ours.median_s
         rows += [Row(f"ti_part_text_b{n}", "-", text, None, "our text encoder + embedding, forward + backward"),
                  Row(f"ti_part_unet_b{n}", "diffusers", ours_m, ref_m, "frozen UNet forward + backward to the context"),
                  Row(f"ti_part_vae_b{n}", "-", vae, None, f"VAE encode + sample, {b.args.size}px (baseline only)"),
@@ -338,8 +344,7 @@ class OursDreamBoothStep:
         return loss.item()
 
     def persistent_bytes(self) -> int:
-        """Optimizer state plus the cached posteriors (a mean and a log-variance per latent, fp32)."""
-        return tensor_bytes(self.optimizer.state_dict()["state"]) + len(self.model.latent_cache) * 2 * self.latent_numel * 4
+        return optimizer_and_cache_bytes(self.optimizer, self.model.latent_cache, self.latent_numel)
 
     def release(self) -> None:
         self.optimizer.state.clear()
@@ -408,8 +413,7 @@ def face_prep_rows(b: Bench) -> list[Row]:
 
 
 ROW_BUILDERS = {"unet": unet_rows, "vae": vae_rows, "ddim": ddim_rows, "ti": ti_rows, "ti_parts": ti_part_rows,
-                "face": face_rows,
-                "face_prep": face_prep_rows, "dreambooth": dreambooth_rows}
+                "face": face_rows, "face_prep": face_prep_rows, "dreambooth": dreambooth_rows}
 
 
 def run(args: argparse.Namespace) -> list[Row]:

@@ -32,8 +32,8 @@ def test_tiny_benchmark_reports_every_row_with_finite_ratios(tmp_path: Path) -> 
     faces.mkdir()
     if photo.is_file():  # one photo keeps the dlib part short; without fixtures the row reports a skip
         shutil.copy(photo, faces)
-    args = bench.parse_args(["--config", "tiny", "--repeats", "1", "--threads", "1", "--ddim-steps", "2", "--face-detector", "hog",
-                             "--faces", str(faces)])
+    args = bench.parse_args(["--config", "tiny", "--repeats", "1", "--threads", "1", "--ddim-steps", "2",
+                             "--face-detector", "hog", "--faces", str(faces)])
     rows = bench.run(args)
 
     prep_rows = ["face_prep_cold", "face_prep_warm"] if photo.is_file() else ["face_prep"]
