@@ -40,6 +40,7 @@ from scripts.bench.measure import (  # noqa: E402
     measure_pair,
     peak_memory,
     precision_context,
+    saved_activation_bytes,
     tensor_bytes,
     timed,
 )
@@ -297,8 +298,27 @@ def ti_part_rows(b: Bench) -> list[Row]:
                  Row(f"ti_part_vae_b{n}", "-", vae, None, f"VAE encode + sample, {b.args.size}px (baseline only)"),
                  Row(f"ti_floor_b{n}", "sum of parts", Measurement(with_skips, [with_skips], None),
                      Measurement(full, [full], None),
-                     "(text + unet) / (text + unet + vae + table AdamW), diffusers' UNet time on both sides")]
+                     "(text + unet) / (text + unet + vae + table AdamW), diffusers' UNet time on both sides"),
+                 saved_activation_row(b, n)]
     return rows
+
+
+def saved_activation_row(b: Bench, n: int) -> Row:
+    """The frozen UNets' forward with grad to the context: time, and the activations kept for backward."""
+    x, t = b.randn(n, *b.latent_shape), torch.randint(0, 1000, (n,), device=b.device)
+    context = b.randn(n, *b.context_shape)
+
+    def forward(unet_call):
+        return b.under_precision(lambda: unet_call(context.clone().requires_grad_(True)))
+
+    ours_unet, ref_unet = b.ours.model.diffusion_model, b.unet
+    ours = forward(lambda ctx: ours_unet(x, t, context=ctx))
+    ref = forward(lambda ctx: ref_unet(x, t, encoder_hidden_states=ctx).sample)
+    ours_m, ref_m = b.pair(ours, ref)
+    return Row(f"ti_part_saved_b{n}", "diffusers",
+               Measurement(ours_m.median_s, ours_m.times_s, saved_activation_bytes(ours, ours_unet)),
+               Measurement(ref_m.median_s, ref_m.times_s, saved_activation_bytes(ref, ref_unet)),
+               "UNet forward with grad to the context; MiB = activations kept for backward, weights excluded")
 
 
 def face_rows(b: Bench) -> list[Row]:

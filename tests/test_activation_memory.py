@@ -10,6 +10,7 @@ from torch import nn
 
 from ldm.modules.attention import GEGLU
 from ldm.modules.diffusionmodules.frozen_conv import Conv2d
+from scripts.bench.measure import saved_activation_bytes
 
 GEOMETRIES = [
     dict(in_channels=8, out_channels=16, kernel_size=3, padding=1),
@@ -27,21 +28,6 @@ def pair(geometry: dict, frozen: bool) -> tuple[Conv2d, nn.Conv2d]:
     for module in (ours, plain):
         module.requires_grad_(not frozen)
     return ours, plain
-
-
-def saved_activation_bytes(fn) -> int:
-    """Bytes of the non-parameter tensors autograd keeps for backward while ``fn`` runs."""
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        if not isinstance(tensor, nn.Parameter):
-            total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -65,8 +51,8 @@ def test_frozen_forward_and_input_gradient_equal_nn_conv2d(geometry):
 def test_frozen_conv_saves_no_input(geometry):
     ours, plain = pair(geometry, frozen=True)
     x = torch.randn(2, 8, 13, 11, requires_grad=True)
-    assert saved_activation_bytes(lambda: plain(x)) == x.numel() * 4, "nn.Conv2d keeps its input"
-    assert saved_activation_bytes(lambda: ours(x)) == 0, "the frozen conv keeps only its weight"
+    assert saved_activation_bytes(lambda: plain(x), plain) == x.numel() * 4, "nn.Conv2d keeps its input"
+    assert saved_activation_bytes(lambda: ours(x), ours) == 0, "the frozen conv keeps only its weight"
 
 
 def test_trainable_conv_is_a_plain_conv():
@@ -122,8 +108,8 @@ def test_geglu_matches_plain_autograd_and_saves_a_third_less(frozen):
 
     x = x0.clone().requires_grad_(True)
     hidden_bytes = 2 * 10 * 32 * 4  # one [B, L, dim_out] float32 tensor
-    plain_saved = saved_activation_bytes(lambda: plain_geglu(module, x))
-    ours_saved = saved_activation_bytes(lambda: module(x))
+    plain_saved = saved_activation_bytes(lambda: plain_geglu(module, x), module)
+    ours_saved = saved_activation_bytes(lambda: module(x), module)
     assert ours_saved == plain_saved - hidden_bytes, "gelu(gate) must not be kept for backward"
 
 

@@ -14,7 +14,7 @@ FACES = ROOT.parent / "shared" / "fixtures" / "faces"
 INFERENCE_ROWS = ["unet_forward", "vae_decode", "ddim2_cfg"]
 TI_ROWS = ["ti_step_b1", "ti_step_b2"]
 TI_PART_ROWS = ["ti_part_table_adamw"] + [f"ti_{part}_b{n}" for n in (1, 2)
-                                          for part in ("part_text", "part_unet", "part_vae", "floor")]
+                                          for part in ("part_text", "part_unet", "part_vae", "floor", "part_saved")]
 TRAINING_ROWS = ["face_step_b1", "face_step_b2", "db_step"]
 
 

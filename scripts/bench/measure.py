@@ -156,6 +156,23 @@ def measure_pair(ours: Callable[[], object], reference: Callable[[], object], de
     return tuple(Measurement(statistics.median(t), t, p) for t, p in zip(times, peaks))  # type: ignore[return-value]
 
 
+def saved_activation_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs, ``module``'s weights
+    (and views of them, such as a Linear's transposed weight) excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
 def tensor_bytes(*objects: object) -> int:
     """Bytes held by the tensors in (nested dicts, lists and tuples of) ``objects``."""
     total = 0
