@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 class EmbeddingCheckpoint(pl.Callback):
     """Writes ``embeddings_gs-N.pt`` every N steps, ``embeddings_ep-N.pt`` each epoch and
-    ``embeddings.pt`` at the end.
+    ``embeddings.pt`` at the end, each with a ``.safetensors`` twin of the same content.
 
     SIGUSR1 saves ``embeddings.pt`` and ``last.ckpt`` between two steps and training goes on. Ctrl-C,
     SIGTERM (which Lightning turns into an exception) and any other error save them before exit.
@@ -39,7 +39,9 @@ class EmbeddingCheckpoint(pl.Callback):
         if not all(torch.isfinite(p).all() for p in manager.embedding_parameters()):
             logger.error("Embedding holds NaN/Inf: %s not written, the last good file is kept", name)
             return
-        manager.save(self.dirpath / name, step=pl_module.global_step)
+        path = self.dirpath / name
+        for target in (path, path.with_suffix(".safetensors")):  # the .safetensors twin for A1111/diffusers users
+            manager.save(target, step=pl_module.global_step)
 
     def _save_resumable(self, trainer, pl_module) -> None:
         self._save(pl_module, "embeddings.pt")

@@ -5,7 +5,8 @@
 Inputs may be in any supported format. Two inputs with the same placeholder clash: rename one with
 --rename [N:]OLD=NEW (N is the 1-based input number; needed when OLD is in several inputs). NEW must
 be a single CLIP token. When the inputs share one gamma (and all or none store e_p) the merged file
-keeps v, e_p and gamma; otherwise it stores each input's effective vectors with gamma 1.
+keeps v, e_p and gamma; otherwise it stores each input's effective vectors with gamma 1. Seed files
+(no e_p) need --ckpt unless gamma is 1.
 """
 import sys
 from pathlib import Path
@@ -96,10 +97,10 @@ def merge(files: list[tuple[str, EmbeddingFile]]) -> EmbeddingFile:
     embs = [emb for _, emb in files]
     gammas = {emb.gamma for emb in embs}
     with_base = {emb.base is not None for emb in embs}
+    for path, emb in files:  # the merged file stores effective vectors, which need e_p
+        if emb.gamma != 1.0 and emb.base is None:
+            raise interop.needs_base_error(path, emb)
     if len(gammas) != 1 or len(with_base) != 1:
-        for path, emb in files:
-            if emb.gamma != 1.0 and emb.base is None:
-                raise interop.needs_base_error(path, emb)
         logger.info("inputs differ in gamma %s or in storing e_p: the merged file holds effective vectors (gamma 1)",
                     sorted(gammas))
         embs = [emb.as_plain_ti() for emb in embs]

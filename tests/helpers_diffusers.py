@@ -120,3 +120,21 @@ def diffusers_guided_sample(unet, scheduler, x_T: torch.Tensor, cond: torch.Tens
         eps_uncond, eps_cond = eps.chunk(2)
         latents = scheduler.step(eps_uncond + scale * (eps_cond - eps_uncond), t, latents).prev_sample
     return latents
+
+
+def sd_pipeline(model: nn.Module, config_path: Path, workdir: Path):
+    """diffusers' StableDiffusionPipeline holding the weights of our ``LatentDiffusion``, built offline.
+
+    The tokenizer is transformers' CLIPTokenizer on the vocabulary and merges our BPE tokenizer reads.
+    """
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    state = model.state_dict()
+    text = model.cond_stage_model
+    bpe = text.tokenizer
+    return StableDiffusionPipeline(
+        vae=diffusers_vae(state, config_path), unet=diffusers_unet(state, config_path),
+        text_encoder=transformers_clip(state, text.text_model.config, workdir),
+        tokenizer=CLIPTokenizer(vocab=bpe.vocab, merges=bpe.merges, model_max_length=77),
+        scheduler=sd_ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -1,9 +1,11 @@
 """Embedding files: the published seed files, our momentum format, safety and the effective-vector maths."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,36 +94,101 @@ def test_modern_parameter_dict_file_loads(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-@pytest.mark.parametrize("gamma,base", [(0.1, True), (1.0, False), (None, False)])
-def test_round_trip_is_exact(tmp_path: Path, suffix: str, gamma: float | None, base: bool) -> None:
+@pytest.mark.parametrize("gamma,base", [(0.1, True), (1.0, False), (0.0, True)])
+def test_round_trip_is_exact(tmp_path: Path, suffix: str, gamma: float, base: bool) -> None:
     emb = make_embedding(gamma=gamma, base=base)
     loaded = load_embeddings(save_embeddings(tmp_path / f"emb{suffix}", emb))
     assert_same_embedding(loaded, emb)
-    assert loaded.source_format == "momentum-ti/1"
+    assert loaded.source_format == "momentum-ti/2"
 
 
-def test_pt_file_is_plain_and_weights_only_loadable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gamma,expected", [(None, "stores no gamma"), (0.1, "needs the base vectors e_p")])
+def test_save_refuses_what_has_no_effective_vectors(tmp_path: Path, gamma: float | None, expected: str) -> None:
+    with pytest.raises(CheckpointError, match=expected):
+        save_embeddings(tmp_path / "emb.pt", make_embedding(gamma=gamma, base=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def single(emb: EmbeddingFile, placeholder: str = "<sks.person>") -> EmbeddingFile:
+    return replace(emb, string_to_token={placeholder: emb.string_to_token[placeholder]},
+                   params={placeholder: emb.params[placeholder]}, base={placeholder: emb.base[placeholder]})
+
+
+def test_pt_file_other_tools_read_holds_e_and_our_block_holds_v(tmp_path: Path) -> None:
+    emb = single(make_embedding())
+    raw = torch.load(save_embeddings(tmp_path / "emb.pt", emb), map_location="cpu", weights_only=True)
+    assert set(raw) == {"string_to_token", "string_to_param", "name", "step", "momentum_ti"}
+    # AUTOMATIC1111 / diffusers read string_to_param["*"] and name; original TI replaces token 49407
+    assert type(raw["string_to_param"]) is dict and list(raw["string_to_param"]) == ["*"]
+    assert torch.equal(raw["string_to_param"]["*"], emb.effective()["<sks.person>"])
+    assert raw["string_to_token"]["*"].dim() == 0 and int(raw["string_to_token"]["*"]) == 49407
+    assert raw["name"] == "<<sks.person>>" and raw["step"] == 1649
+    block = raw["momentum_ti"]
+    assert block["format"] == "momentum-ti/2" and block["gamma"] == 0.1 and block["text_encoder_fingerprint"] == "abc123"
+    assert torch.equal(block["trainable_vectors"]["<sks.person>"], emb.params["<sks.person>"])
+    assert torch.equal(block["base_vectors"]["<sks.person>"], emb.base["<sks.person>"])
+    assert int(block["string_to_token"]["<sks.person>"]) == 49407
+
+
+def test_multi_placeholder_pt_keys_vectors_by_placeholder(tmp_path: Path) -> None:
     emb = make_embedding()
     raw = torch.load(save_embeddings(tmp_path / "emb.pt", emb), map_location="cpu", weights_only=True)
-    assert set(raw) == {
-        "string_to_token", "string_to_param", "base_vectors", "effective_vectors",
-        "gamma", "step", "text_encoder_fingerprint", "format",
-    }
-    assert raw["format"] == "momentum-ti/1" and raw["gamma"] == 0.1 and raw["step"] == 1649
-    assert raw["string_to_token"]["*"].dim() == 0 and int(raw["string_to_token"]["*"]) == 265
-    assert type(raw["string_to_param"]) is dict
+    assert "name" not in raw and set(raw["string_to_param"]) == {"*", "<sks.person>"}
     for p, e in emb.effective().items():
-        assert torch.equal(raw["effective_vectors"][p], e)
+        assert torch.equal(raw["string_to_param"][p], e)
 
 
-def test_safetensors_key_scheme(tmp_path: Path) -> None:
+def test_safetensors_is_one_tensor_per_placeholder_with_the_state_in_metadata(tmp_path: Path) -> None:
+    import json
+
     from safetensors import safe_open
 
-    path = save_embeddings(tmp_path / "emb.safetensors", make_embedding())
+    emb = replace(single(make_embedding(), "*"), name="<me>")
+    path = save_embeddings(tmp_path / "emb.safetensors", emb)
     with safe_open(str(path), framework="pt") as handle:
         keys, metadata = set(handle.keys()), handle.metadata()
-    assert keys == {f"{g}.{p}" for g in ("string_to_param", "base_vectors", "effective_vectors") for p in ("*", "<sks.person>")}
-    assert metadata["format"] == "momentum-ti/1" and metadata["gamma"] == "0.1"
+        assert keys == {"<me>"} and torch.equal(handle.get_tensor("<me>"), emb.effective()["*"])
+    block = json.loads(metadata["momentum_ti"])
+    assert metadata["format"] == "pt" and block["format"] == "momentum-ti/2" and block["gamma"] == 0.1
+    assert block["names"] == {"*": "<me>"} and block["string_to_token"] == {"*": 265} and block["step"] == 1649
+
+
+def test_corrupt_metadata_block_is_one_line(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"<*>": torch.zeros(1, 8)}, str(tmp_path / "bad.safetensors"), metadata={"momentum_ti": "{not json"})
+    with pytest.raises(CheckpointError, match="unreadable 'momentum_ti' metadata"):
+        load_embeddings(tmp_path / "bad.safetensors")
+
+
+# ---------------------------------------------------------------- the previous format, momentum-ti/1
+
+
+def save_v1(path: Path, emb: EmbeddingFile) -> Path:
+    """A file exactly as the momentum-ti/1 writer laid it out (string_to_param holds v)."""
+    groups = {"string_to_param": emb.params, "base_vectors": emb.base, "effective_vectors": emb.effective()}
+    scalars = {"gamma": emb.gamma, "step": emb.step, "text_encoder_fingerprint": emb.fingerprint}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        tensors = {f"{g}.{p}": t.contiguous() for g, per in groups.items() for p, t in per.items()}
+        metadata = {"format": "momentum-ti/1", "string_to_token": json.dumps(emb.string_to_token),
+                    **{k: json.dumps(v) for k, v in scalars.items()}}
+        save_file(tensors, str(path), metadata=metadata)
+    else:
+        torch.save({"string_to_token": {p: torch.tensor(i) for p, i in emb.string_to_token.items()},
+                    **groups, **scalars, "format": "momentum-ti/1"}, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_v1_files_load_as_before(tmp_path: Path, suffix: str) -> None:
+    emb = make_embedding()
+    loaded = load_embeddings(save_v1(tmp_path / f"v1{suffix}", emb))
+    assert_same_embedding(loaded, emb)
+    assert loaded.source_format == "momentum-ti/1"
+    for p, e in emb.effective().items():
+        assert torch.equal(loaded.effective()[p], e)
 
 
 def test_failed_save_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
@@ -205,8 +272,10 @@ def test_malicious_state_inside_parameter_dict_is_refused(tmp_path: Path) -> Non
 
 def test_wrong_files_give_clear_errors(tmp_path: Path) -> None:
     ckpt = save_checkpoint(tmp_path / "model.ckpt", {"w": torch.ones(1)})
-    with pytest.raises(CheckpointError, match="not an embedding file"):
+    with pytest.raises(CheckpointError, match="not an embedding file") as err:
         load_embeddings(ckpt)
+    message = str(err.value)  # one line that names every format it accepts
+    assert "\n" not in message and all(f in message for f in ("this project's", "TI", "diffusers", "AUTOMATIC1111"))
     foreign = save_checkpoint(tmp_path / "learned_embeds.safetensors", {"<cat>": torch.ones(768)})
     assert load_embeddings(foreign).source_format == "diffusers"  # a diffusers embedding, not an error
     (tmp_path / "cfg.yaml").write_text("model: {}\n")

@@ -51,7 +51,7 @@ def test_single_file_statistics(run_dir, tmp_path) -> None:
     table, v = run_dir["table"], run_dir["v"][300]
     e_p = table[STAR][None]
     e = e_p + 0.25 * (v - e_p)
-    assert (entry["gamma"], entry["step"], entry["format"]) == (0.25, 300, "momentum-ti/1")
+    assert (entry["gamma"], entry["step"], entry["format"]) == (0.25, 300, "momentum-ti/2")
     assert info["norm_v"] == pytest.approx([v.norm().item()], abs=1e-5)
     assert info["norm_effective"] == pytest.approx([e.norm().item()], abs=1e-5)
     assert info["cos_effective_e_p"] == pytest.approx([F.cosine_similarity(e, e_p).item()], abs=1e-5)

@@ -12,13 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_script
-from helpers_diffusers import (
-    diffusers_unet,
-    diffusers_vae,
-    randomize_,
-    sd_ddim_scheduler,
-    transformers_clip,
-)
+from helpers_diffusers import randomize_, sd_pipeline
 from safetensors.torch import save_file
 
 from ldm.checkpoint import (
@@ -81,16 +75,7 @@ def conditioning(model, path: Path, prompt: str = PROMPT) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def pipe(tiny):
     """StableDiffusionPipeline built offline from our tiny weights (diffusers' single-file converters)."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    state = tiny["model"].state_dict()
-    bpe = tiny["model"].cond_stage_model.tokenizer
-    return StableDiffusionPipeline(
-        vae=diffusers_vae(state, TINY_CONFIG), unet=diffusers_unet(state, TINY_CONFIG),
-        text_encoder=transformers_clip(state, tiny["model"].cond_stage_model.text_model.config, tiny["root"]),
-        tokenizer=CLIPTokenizer(vocab=bpe.vocab, merges=bpe.merges, model_max_length=77),
-        scheduler=sd_ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return sd_pipeline(tiny["model"], TINY_CONFIG, tiny["root"])
 
 
 @pytest.mark.parametrize("target,suffix", FOREIGN)
@@ -300,3 +285,20 @@ def test_merge_dimension_mismatch_names_files(tmp_path, caplog) -> None:
         assert merge.main(["--inputs", str(a), str(b), "--output", str(tmp_path / "m.pt")]) == 2
     assert f"{b}: vectors of 'sks' have dimension 1024" in caplog.text and "uses 768" in caplog.text
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_merge_of_seed_files_without_e_p_needs_the_checkpoint(tiny, tmp_path, caplog) -> None:
+    paths = []
+    for name, token_id in (("a.pt", STAR), ("b.pt", SKS)):
+        placeholder = "*" if token_id == STAR else "sks"
+        torch.save({"string_to_token": {placeholder: torch.tensor(token_id)},
+                    "string_to_param": {placeholder: torch.randn(1, 32)}}, tmp_path / name)
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "m.pt"
+    with caplog.at_level(logging.ERROR):
+        assert merge.main(["--inputs", *paths, "--output", str(out), "--gamma", "0.1"]) == 2
+    assert "needs e_p" in caplog.text and "pass --ckpt" in caplog.text and not out.exists()
+    assert merge.main(["--inputs", *paths, "--output", str(out), "--gamma", "0.1", "--ckpt", str(tiny["ckpt"])]) == 0
+    e_p = token_table(tiny["ckpt"])[STAR]
+    v = load_embeddings(paths[0], default_gamma=0.1).params["*"]
+    assert torch.allclose(load_embeddings(out).effective()["*"], e_p + 0.1 * (v - e_p), atol=1e-6)

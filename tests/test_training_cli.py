@@ -21,6 +21,7 @@ import torch
 from conftest import ROOT, write_photos
 
 import main
+from ldm.checkpoint import load_embeddings
 from ldm.models.diffusion.ddpm import LatentDiffusion
 
 TINY = "configs/tiny/v1-finetune.yaml"
@@ -40,7 +41,8 @@ def only_run(logdir: Path, name: str = "") -> Path:
 
 
 def vectors(path: Path) -> torch.Tensor:
-    return torch.load(path, weights_only=True)["string_to_param"]["*"]
+    """The trainable v of an embedding file (its string_to_param holds e for other tools)."""
+    return load_embeddings(path).params["*"]
 
 
 def error_lines(caplog) -> list[str]:
@@ -72,11 +74,11 @@ def test_seed_command_end_to_end_subprocess(tmp_path, photo_dir, tiny_ckpt) -> N
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert rows and all(math.isfinite(float(r["train/loss"])) for r in rows)
 
-    saved = torch.load(ckpts / "embeddings.pt", weights_only=True)
-    assert saved["step"] == 6 and saved["gamma"] == pytest.approx(0.1)
+    saved = load_embeddings(ckpts / "embeddings.pt")
+    assert saved.step == 6 and saved.gamma == pytest.approx(0.1)
     table = torch.load(tiny_ckpt, weights_only=True)["state_dict"][TOKEN_TABLE]
-    assert torch.equal(saved["base_vectors"]["*"][0], table[STAR]), "e_p is the checkpoint's row of '*'"
-    moved = (saved["string_to_param"]["*"][0] - table[WOMAN]).abs().max()
+    assert torch.equal(saved.base["*"][0], table[STAR]), "e_p is the checkpoint's row of '*'"
+    moved = (saved.params["*"][0] - table[WOMAN]).abs().max()
     assert moved > 1e-4, "the embedding must have trained away from the init word 'woman'"
 
     last = torch.load(ckpts / "last.ckpt", weights_only=True)
@@ -127,13 +129,13 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_ckpt, one_thread) ->
     assert main.main(["-t", "-r", str(split), "--max_steps", "6", "data.params.num_workers=0"]) == 0
 
     straight = vectors(only_run(tmp_path / "logs", "straight") / "checkpoints" / "embeddings.pt")
-    resumed = torch.load(split / "checkpoints" / "embeddings.pt", weights_only=True)
-    assert resumed["step"] == 6
-    assert not torch.allclose(resumed["string_to_param"]["*"], first_half, atol=1e-5), "the resumed run trained"
+    resumed = load_embeddings(split / "checkpoints" / "embeddings.pt")
+    assert resumed.step == 6
+    assert not torch.allclose(resumed.params["*"], first_half, atol=1e-5), "the resumed run trained"
     # Measured on this tiny model: one step fewer moves the embedding by 5e-4 and another seed by 6e-3,
     # while only changing the CPU thread count between the runs moves it by 3e-5 (the loss amplifies
     # rounding); one thread makes the runs bit-identical here, 1e-4 leaves room for other CPUs' kernels.
-    diff = float((resumed["string_to_param"]["*"] - straight).abs().max())
+    diff = float((resumed.params["*"] - straight).abs().max())
     assert diff <= 1e-4, f"3 steps + resume to 6 differ from 6 straight steps by {diff:.2e} (tol 1e-4; a step is ~5e-4)"
 
 
@@ -170,9 +172,9 @@ def test_ddp_two_cpu_processes_end_with_the_same_embedding(tmp_path, photo_dir, 
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["strategy"] == "DDPStrategy"
     assert result["max_diff"] == 0.0, "both ranks must hold the same embedding"
-    saved = torch.load(only_run(tmp_path / "logs", "_ddp_") / "checkpoints" / "embeddings.pt", weights_only=True)
-    assert saved["step"] == 4
-    assert torch.equal(saved["string_to_param"]["*"], torch.tensor(result["rank0"]))
+    saved = load_embeddings(only_run(tmp_path / "logs", "_ddp_") / "checkpoints" / "embeddings.pt")
+    assert saved.step == 4
+    assert torch.equal(saved.params["*"], torch.tensor(result["rank0"]))
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -241,9 +243,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, photo_dir, t
     assert "Loss is nan at step 3" in caplog.text
     ckpts = only_run(tmp_path, "nan") / "checkpoints"
     good = vectors(ckpts / "embeddings_gs-3.pt")
-    final = torch.load(ckpts / "embeddings.pt", weights_only=True)
-    assert torch.isfinite(final["string_to_param"]["*"]).all()
-    assert torch.equal(final["string_to_param"]["*"], good), "the NaN step changed nothing"
+    final = vectors(ckpts / "embeddings.pt")
+    assert torch.isfinite(final).all()
+    assert torch.equal(final, good), "the NaN step changed nothing"
     assert not (ckpts / "embeddings_gs-6.pt").exists()
 
 

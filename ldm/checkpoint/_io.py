@@ -8,6 +8,7 @@ put next to the weights in training checkpoints. Anything else needs ``trust_pic
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import pickle
@@ -253,3 +254,27 @@ def detach_for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
         seen.add(tensor.untyped_storage().data_ptr())
         result[key] = tensor
     return result
+
+
+METADATA_TENSOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                          "float64": torch.float64}
+
+
+def tensor_to_text(tensor: torch.Tensor) -> dict[str, Any]:
+    """A tensor as JSON-ready text (dtype, shape, base64 of its raw bytes): exact, for safetensors metadata."""
+    tensor = tensor.detach().cpu().contiguous()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in METADATA_TENSOR_DTYPES:
+        raise CheckpointError(f"cannot store a {dtype} tensor as metadata; use one of {sorted(METADATA_TENSOR_DTYPES)}")
+    raw = tensor.view(torch.uint8).numpy().tobytes()  # native byte order, as safetensors (little-endian hosts)
+    return {"dtype": dtype, "shape": list(tensor.shape), "base64": base64.b64encode(raw).decode("ascii")}
+
+
+def tensor_from_text(value: Any, where: str) -> torch.Tensor:
+    """Inverse of :func:`tensor_to_text`; a malformed value is a CheckpointError naming ``where``."""
+    try:
+        dtype = METADATA_TENSOR_DTYPES[value["dtype"]]
+        raw = base64.b64decode(value["base64"], validate=True)
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(value["shape"]).clone()
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{where}: malformed tensor in the metadata ({_one_line(err)}); re-save the file") from None

@@ -3,26 +3,36 @@
 Momentum TI places ``e = e_p + gamma * (v - e_p)`` at the placeholder (DESIGN.md, "The method"),
 with v trainable and e_p the placeholder's frozen row of the token-embedding table.
 
-``.pt`` layout (plain containers, loadable with ``torch.load(weights_only=True)``)::
+A file of ours works unchanged in other tools: the keys they read hold the effective vectors ``e``,
+and the momentum state (v, e_p, gamma) lives under the key ``momentum_ti`` that they ignore.
 
-    {"string_to_token": {p: tensor(id)}, "string_to_param": {p: v [n, D]},
-     "base_vectors": {p: e_p [n, D]}, "effective_vectors": {p: e [n, D]}, "gamma": float,
-     "step": int, "text_encoder_fingerprint": str | None, "format": "momentum-ti/1"}
+``.pt`` layout (``momentum-ti/2``; plain containers, loadable with ``torch.load(weights_only=True)``)::
 
-``.safetensors`` layout: tensors ``string_to_param.<p>``, ``base_vectors.<p>``,
-``effective_vectors.<p>`` (``<p>`` is everything after the first dot, so any placeholder round
-trips); metadata (JSON strings) ``format``, ``string_to_token`` ({p: id}), ``gamma``, ``step``,
-``text_encoder_fingerprint``.
+    {"string_to_token": {"*": tensor(id)}, "string_to_param": {"*": e [n, D]},   # AUTOMATIC1111 / original TI
+     "name": "<*>", "step": int,                                               # diffusers token, A1111 step
+     "momentum_ti": {"format": "momentum-ti/2", "string_to_token": {p: id}, "trainable_vectors": {p: v},
+                     "base_vectors": {p: e_p} | None, "gamma": float, "text_encoder_fingerprint": str | None,
+                     "name": str | None}}
 
-The original TI files (``{"string_to_token", "string_to_param": nn.ParameterDict}``) carry neither
-gamma nor e_p; gamma then comes from ``default_gamma`` (flag/config).
+With one placeholder p the top-level keys use ``*`` (the key A1111 and diffusers read) and p's
+token id; a file with several placeholders keys them by placeholder (original TI reads it; A1111 and
+diffusers take one placeholder per file, see scripts/convert_embedding.py --placeholder).
 
-diffusers and AUTOMATIC1111 files (``ldm.checkpoint.interop``) hold effective vectors: they load with
-gamma 1 and no e_p. :func:`load_embeddings` detects every format from the file's content.
+``.safetensors`` layout: one tensor per placeholder, ``{"<*>": e [n, D]}`` (the one-tensor file A1111
+and diffusers read; the key is the diffusers token), metadata ``format: "pt"`` and ``momentum_ti``:
+the JSON of the block above with v and e_p as exact base64 text, plus ``names`` {p: tensor key}.
+
+Older files still load: ``momentum-ti/1`` (``string_to_param`` holds v, plus ``base_vectors``,
+``effective_vectors``, ``gamma``, ``format``), and the original TI files
+(``{"string_to_token", "string_to_param": nn.ParameterDict}``), which carry neither gamma nor e_p;
+gamma then comes from ``default_gamma`` (flag/config). diffusers and AUTOMATIC1111 files
+(``ldm.checkpoint.interop``) hold effective vectors: they load with gamma 1 and no e_p.
+:func:`load_embeddings` detects every format from the file's content.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -40,18 +50,22 @@ from ldm.checkpoint._io import (
     check_readable,
     decode_metadata,
     detach_for_safetensors,
-    encode_metadata,
     read_safetensors,
     safe_torch_load,
     sniff_format,
+    tensor_from_text,
+    tensor_to_text,
 )
 from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "momentum-ti/1"
+FORMAT = "momentum-ti/2"
+FORMAT_V1 = "momentum-ti/1"
 ORIGINAL_FORMAT = "textual-inversion"
-TENSOR_GROUPS = ("string_to_param", "base_vectors", "effective_vectors")
+MOMENTUM_KEY = "momentum_ti"  # our own namespace, in a .pt and in safetensors metadata
+FOREIGN_PLACEHOLDER = "*"  # the string_to_param key AUTOMATIC1111 and diffusers read
+TENSOR_GROUPS_V1 = ("string_to_param", "base_vectors", "effective_vectors")
 
 
 @dataclass
@@ -97,6 +111,12 @@ class EmbeddingFile:
         """The effective vectors as a plain TI embedding (gamma 1, no e_p), e.g. for other tools."""
         return replace(self, params=self.effective(), base=None, gamma=1.0, source_format=ORIGINAL_FORMAT)
 
+    def trigger_names(self) -> dict[str, str]:
+        """The word other tools use per placeholder: ``name`` for a one-placeholder file, else ``<p>``."""
+        if self.name and len(self.params) == 1:
+            return {next(iter(self.params)): self.name}
+        return {placeholder: f"<{placeholder}>" for placeholder in self.params}
+
 
 def tensor_fingerprint(tensor: torch.Tensor) -> str:
     """Short content hash of a tensor (e.g. the token-embedding table) to tie an embedding to its encoder."""
@@ -106,46 +126,74 @@ def tensor_fingerprint(tensor: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_embeddings(path: str | os.PathLike[str], emb: EmbeddingFile) -> Path:
-    """Write ``emb`` atomically as ``.pt`` (weights_only-loadable) or ``.safetensors``."""
-    effective = _effective_or_none(emb)
-    groups = {"string_to_param": emb.params, "base_vectors": emb.base, "effective_vectors": effective}
-    if Path(path).suffix == SAFETENSORS_SUFFIX:
-        from safetensors.torch import save_file
+# --------------------------------------------------------------------------------- writing
 
-        tensors = {f"{group}.{p}": t for group, per in groups.items() if per for p, t in per.items()}
-        scalars = {"string_to_token": dict(emb.string_to_token), **_scalars(emb)}
-        metadata = {"format": FORMAT, **encode_metadata(scalars)}
-        tensors = detach_for_safetensors(tensors)
-        target = atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+def save_embeddings(path: str | os.PathLike[str], emb: EmbeddingFile) -> Path:
+    """Write ``emb`` atomically as ``.pt`` (weights_only-loadable) or ``.safetensors``, format momentum-ti/2.
+
+    The keys other tools read get the effective vectors, so ``emb`` needs gamma (and e_p unless gamma is 1).
+    """
+    try:
+        effective = {p: e.detach().float().cpu().contiguous() for p, e in emb.effective().items()}
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: cannot write the effective vectors: {err}") from None
+    if len(effective) > 1:
+        logger.info("%s holds %d placeholders: AUTOMATIC1111 and diffusers read one per file (export one with "
+                    "scripts/convert_embedding.py --placeholder)", path, len(effective))
+    if Path(path).suffix == SAFETENSORS_SUFFIX:
+        target = _save_safetensors(path, emb, effective)
     else:
-        payload: dict[str, Any] = {
-            "string_to_token": {p: torch.tensor(i, dtype=torch.int64) for p, i in emb.string_to_token.items()},
-            **{group: _plain(per) for group, per in groups.items() if per is not None},
-            **_scalars(emb),
-            "format": FORMAT,
-        }
-        target = atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        target = atomic_write(path, lambda tmp: torch.save(_pt_payload(emb, effective), tmp))
     logger.info("Saved embedding %s (step %s, gamma %s) to %s", sorted(emb.params), emb.step, emb.gamma, target)
     return target
 
 
-def _effective_or_none(emb: EmbeddingFile) -> dict[str, torch.Tensor] | None:
-    if emb.gamma is None or (emb.base is None and emb.gamma != 1.0):
-        return None
-    return emb.effective()
+def _momentum_block(emb: EmbeddingFile) -> dict[str, Any]:
+    return {"format": FORMAT, "gamma": emb.gamma, "text_encoder_fingerprint": emb.fingerprint, "name": emb.name}
+
+
+def _pt_payload(emb: EmbeddingFile, effective: dict[str, torch.Tensor]) -> dict[str, Any]:
+    token_ids = {p: torch.tensor(i, dtype=torch.int64) for p, i in emb.string_to_token.items()}
+    if len(effective) == 1:
+        (placeholder, vectors), = effective.items()
+        foreign_tokens = {FOREIGN_PLACEHOLDER: token_ids[placeholder]}
+        foreign_params = {FOREIGN_PLACEHOLDER: vectors}
+        names = {"name": emb.trigger_names()[placeholder]}
+    else:
+        foreign_tokens, foreign_params, names = dict(token_ids), effective, {}
+    block = {
+        **_momentum_block(emb),
+        "string_to_token": {p: t.clone() for p, t in token_ids.items()},
+        "trainable_vectors": _plain(emb.params),
+        "base_vectors": None if emb.base is None else _plain(emb.base),
+    }
+    return {"string_to_token": foreign_tokens, "string_to_param": foreign_params, **names, "step": emb.step,
+            MOMENTUM_KEY: block}
+
+
+def _save_safetensors(path: str | os.PathLike[str], emb: EmbeddingFile, effective: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    names = emb.trigger_names()
+    block = {
+        **_momentum_block(emb),
+        "step": emb.step,
+        "string_to_token": dict(emb.string_to_token),
+        "names": names,
+        "trainable_vectors": {p: tensor_to_text(v) for p, v in emb.params.items()},
+        "base_vectors": None if emb.base is None else {p: tensor_to_text(e) for p, e in emb.base.items()},
+    }
+    tensors = detach_for_safetensors({names[p]: e for p, e in effective.items()})
+    metadata = {"format": "pt", MOMENTUM_KEY: json.dumps(block)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _plain(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {p: t.detach().cpu().clone() for p, t in tensors.items()}
 
 
-def _scalars(emb: EmbeddingFile) -> dict[str, Any]:
-    return {
-        "gamma": emb.gamma,
-        "step": emb.step,
-        "text_encoder_fingerprint": emb.fingerprint,
-    }
+# --------------------------------------------------------------------------------- reading
 
 
 def load_embeddings(
@@ -164,7 +212,9 @@ def load_embeddings(
         emb = _from_safetensors(path)
     else:
         obj = safe_torch_load(path, extra_safe={PARAMETER_DICT_GLOBAL: ParameterDictStub})
-        if interop.looks_like_vector_dict(obj) and "string_to_param" not in obj:
+        if isinstance(obj, Mapping) and isinstance(obj.get(MOMENTUM_KEY), Mapping):
+            emb = _from_momentum_block(path, obj[MOMENTUM_KEY], step=obj.get("step"))
+        elif interop.looks_like_vector_dict(obj) and "string_to_param" not in obj:
             emb = interop.from_foreign_tensors(path, obj, {})
         else:
             emb = _from_pickle(path, obj)
@@ -176,14 +226,35 @@ def load_embeddings(
     return emb
 
 
+def _from_momentum_block(path: Path, block: Mapping[str, Any], *, step: Any) -> EmbeddingFile:
+    """A momentum-ti/2 file: v, e_p and gamma exactly as saved (the foreign keys are derived from them)."""
+    params, base = block.get("trainable_vectors"), block.get("base_vectors")
+    if not isinstance(params, Mapping) or not isinstance(block.get("string_to_token"), Mapping):
+        raise CheckpointError(f"{path}: '{MOMENTUM_KEY}' lacks 'trainable_vectors' or 'string_to_token'; re-save the file")
+    if isinstance(next(iter(params.values()), None), Mapping):  # safetensors metadata: tensors as text
+        params = {p: tensor_from_text(t, str(path)) for p, t in params.items()}
+        base = None if base is None else {p: tensor_from_text(t, str(path)) for p, t in base.items()}
+    meta = {**block, "step": step}
+    meta["string_to_token"] = {p: _token_id(path, p, t) for p, t in block["string_to_token"].items()}
+    return _build(path, meta, _vectors(path, params), _vectors(path, base) if base else None)
+
+
 def _from_safetensors(path: Path) -> EmbeddingFile:
     from ldm.checkpoint import interop
 
     tensors, metadata = read_safetensors(path)
+    if MOMENTUM_KEY in metadata:
+        try:
+            block = json.loads(metadata[MOMENTUM_KEY])
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: unreadable '{MOMENTUM_KEY}' metadata ({err.msg}); re-save the file") from None
+        if not isinstance(block, Mapping):
+            raise CheckpointError(f"{path}: '{MOMENTUM_KEY}' metadata is not a JSON object; re-save the file")
+        return _from_momentum_block(path, block, step=block.get("step"))
     meta = decode_metadata(metadata)
     if not isinstance(meta.get("string_to_token"), dict):
         return interop.from_foreign_tensors(path, tensors, meta)
-    groups: dict[str, dict[str, torch.Tensor]] = {group: {} for group in TENSOR_GROUPS}
+    groups: dict[str, dict[str, torch.Tensor]] = {group: {} for group in TENSOR_GROUPS_V1}
     for key, tensor in tensors.items():
         group, _, placeholder = key.partition(".")
         if group in groups and placeholder:
@@ -192,14 +263,12 @@ def _from_safetensors(path: Path) -> EmbeddingFile:
 
 
 def _from_pickle(path: Path, obj: Any) -> EmbeddingFile:
-    if not isinstance(obj, Mapping) or "string_to_param" not in obj or "string_to_token" not in obj:
-        keys = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(
-            f"{path}: not an embedding file (expected 'string_to_token' and 'string_to_param', got {keys}); "
-            "model checkpoints go to --ckpt/--actual_resume"
-        )
     from ldm.checkpoint import interop
 
+    if not isinstance(obj, Mapping) or "string_to_param" not in obj or "string_to_token" not in obj:
+        keys = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise interop.not_an_embedding(path, f"expected 'string_to_token' and 'string_to_param', got {keys}; "
+                                             "model checkpoints go to --ckpt/--actual_resume")
     params = obj["string_to_param"]
     if isinstance(params, ParameterDictStub):
         params = params.params

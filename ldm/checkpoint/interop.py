@@ -8,6 +8,10 @@ Layouts (all hold the *effective* vectors the text encoder sees, i.e. gamma 1 an
     A1111 .safetensors   {"emb_params": e [n, D]}  (the kohya/A1111 single-tensor convention;
                  A1111 and diffusers read any one-tensor file, the trigger word is the file name)
 
+This project's own files (``momentum-ti/2``, ``ldm.checkpoint.embeddings``) already have the A1111
+``.pt`` keys and the one-tensor ``.safetensors`` layout, so these exports are only needed to re-mix
+with another gamma, pick one placeholder of several, or rename the token.
+
 Our placeholders must be single CLIP tokens; a diffusers token such as ``<cat-toy>`` is not, so a
 one-token diffusers file becomes placeholder ``*`` and keeps its token as ``EmbeddingFile.name``.
 """
@@ -28,7 +32,7 @@ from ldm.checkpoint._io import (
     CheckpointError,
     detach_for_safetensors,
 )
-from ldm.checkpoint.embeddings import EmbeddingFile, save_embeddings, tensor_fingerprint
+from ldm.checkpoint.embeddings import FOREIGN_PLACEHOLDER, EmbeddingFile, save_embeddings, tensor_fingerprint
 from ldm.checkpoint.weights import (
     TEXT_ENCODER_PREFIX,
     TEXT_MODEL_PREFIX,
@@ -41,7 +45,6 @@ logger = logging.getLogger(__name__)
 DIFFUSERS_FORMAT = "diffusers"
 A1111_FORMAT = "a1111"
 A1111_SAFETENSORS_KEY = "emb_params"
-DEFAULT_PLACEHOLDER = "*"
 TOKEN_TABLE_SUFFIX = "embeddings.token_embedding.weight"
 MAX_FOREIGN_TOKENS = 16  # more one-tensor entries than this is a model state dict, not an embedding
 MAX_VECTORS = 75  # a prompt holds at most 75 tokens between BOS and EOS
@@ -90,7 +93,7 @@ def from_foreign_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mappi
     common = {"base": None, "gamma": 1.0, "step": None if step is None else int(step)}
     if set(vectors) == {A1111_SAFETENSORS_KEY}:
         name = str(metadata.get("name") or path.stem)
-        return EmbeddingFile({DEFAULT_PLACEHOLDER: _star_id()}, {DEFAULT_PLACEHOLDER: vectors[A1111_SAFETENSORS_KEY]},
+        return EmbeddingFile({FOREIGN_PLACEHOLDER: _star_id()}, {FOREIGN_PLACEHOLDER: vectors[A1111_SAFETENSORS_KEY]},
                              source_format=A1111_FORMAT, name=name, **common)
     ids = {token: single_token(token) for token in vectors}
     if all(i is not None for i in ids.values()):
@@ -99,8 +102,8 @@ def from_foreign_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mappi
     if len(vectors) == 1:
         token = next(iter(vectors))
         logger.warning("%s: diffusers token '%s' is not one CLIP token; it is placeholder '%s' here (write '%s' "
-                       "in prompts)", path, token, DEFAULT_PLACEHOLDER, DEFAULT_PLACEHOLDER)
-        return EmbeddingFile({DEFAULT_PLACEHOLDER: _star_id()}, {DEFAULT_PLACEHOLDER: vectors[token]},
+                       "in prompts)", path, token, FOREIGN_PLACEHOLDER, FOREIGN_PLACEHOLDER)
+        return EmbeddingFile({FOREIGN_PLACEHOLDER: _star_id()}, {FOREIGN_PLACEHOLDER: vectors[token]},
                              source_format=DIFFUSERS_FORMAT, name=token, **common)
     bad = sorted(t for t, i in ids.items() if i is None)
     raise CheckpointError(f"{path}: diffusers tokens {bad} are not single CLIP tokens; save each token in its own "
@@ -125,7 +128,7 @@ def _check_vector_dict(path: Path, tensors: Mapping[str, Any]) -> None:
 
 
 def _star_id() -> int:
-    token_id = single_token(DEFAULT_PLACEHOLDER)
+    token_id = single_token(FOREIGN_PLACEHOLDER)
     assert token_id is not None, "'*' is one token in CLIP's vocabulary"
     return token_id
 
@@ -208,7 +211,7 @@ def export_embedding(path: str | os.PathLike[str], emb: EmbeddingFile, target: s
     if Path(path).suffix == SAFETENSORS_SUFFIX:
         metadata = {"format": "pt", "name": name, **({"step": str(emb.step)} if emb.step is not None else {})}
         return _save_safetensors(path, {A1111_SAFETENSORS_KEY: vectors}, metadata, emb, target)
-    payload = {"string_to_token": {DEFAULT_PLACEHOLDER: _star_id()}, "string_to_param": {DEFAULT_PLACEHOLDER: vectors},
+    payload = {"string_to_token": {FOREIGN_PLACEHOLDER: _star_id()}, "string_to_param": {FOREIGN_PLACEHOLDER: vectors},
                "name": name, "step": emb.step, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint_name}
     return _save_pickle(path, payload, emb, target)
 
