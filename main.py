@@ -16,10 +16,10 @@ import sys
 from ldm.callbacks import EmbeddingCheckpoint, ImageLogger  # noqa: F401  (configs name main.ImageLogger)
 from ldm.cli import LOG_FORMAT, setup_logging
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
+from ldm.trainer_args import PRECISIONS
 
 logger = logging.getLogger("main")
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 
 
 def str2bool(value: str | bool) -> bool:
@@ -74,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, help="number of devices (e.g. 2 CPU processes for DDP)")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--max_epochs", type=int, default=None, help="stop after this many epochs")
-    p.add_argument("--precision", choices=PRECISIONS, default="32", help="training precision")
-    p.add_argument("--accumulate_grad_batches", type=int, default=1)
-    p.add_argument("--num_nodes", type=int, default=1)
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="training precision (default: lightning.trainer.precision, else 32)")
+    p.add_argument("--accumulate_grad_batches", type=int, default=None,
+                   help="micro-batches per optimizer step (default: lightning.trainer.accumulate_grad_batches, else 1)")
+    p.add_argument("--num_nodes", type=int, default=None)
     return p
 
 

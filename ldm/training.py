@@ -7,13 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError
 from ldm.data.images import DataRootError
 from ldm.dreambooth import apply_dreambooth, dreambooth_callbacks, prepare_dreambooth_model
 from ldm.models.diffusion.ddpm import NOTHING_TO_TRAIN
+from ldm.trainer_args import TrainerArgumentError, device_kwargs, trainer_kwargs
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -130,47 +130,17 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) ->
             params.face_crops = {**face_crops, "detector": opt.face_detector, "crops_dir": str(paths.logdir / "faces")}
 
 
-def trainer_device_args(opt: argparse.Namespace) -> dict:
-    """accelerator/devices/strategy from the seed's ``--gpus`` or explicit flags; CPU when no GPU."""
-    gpus = parse_gpu_ids(opt.gpus)
-    if opt.accelerator in (None, "gpu", "cuda", "auto") and (gpus or opt.accelerator in ("gpu", "cuda")):
-        if not torch.cuda.is_available():
-            logger.warning("No CUDA GPU found: training on the CPU instead (slow; fine for the tiny config)")
-            return {"accelerator": "cpu", "devices": 1}
-        devices = gpus or int(opt.devices or 1)
-        count = len(devices) if isinstance(devices, list) else devices
-        return {"accelerator": "gpu", "devices": devices, "strategy": "ddp" if count > 1 else "auto"}
-    accelerator = opt.accelerator or "cpu"
-    devices = int(opt.devices or 1)
-    if accelerator == "cpu":
-        logger.info("Training on the CPU")
-    return {"accelerator": accelerator, "devices": devices, "strategy": "ddp" if devices > 1 else "auto"}
-
-
-def parse_gpu_ids(gpus: str | None) -> list[int]:
-    """'0,' -> [0]; '0,1' -> [0, 1]; None or '' -> []."""
-    if not gpus:
-        return []
-    try:
-        return [int(g) for g in str(gpus).split(",") if g.strip()]
-    except ValueError as err:
-        raise TrainingError(f"--gpus must list GPU ids like '0,' or '0,1', got '{gpus}'") from err
-
-
-def build_trainer(config: DictConfig, opt: argparse.Namespace, paths: RunPaths, device_args: dict):
+def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, device_args: dict):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from ldm.callbacks import EmbeddingCheckpoint
 
     lightning = config.get("lightning", OmegaConf.create())
-    trainer_cfg = OmegaConf.to_container(lightning.get("trainer", OmegaConf.create()), resolve=True)
-    for key in ("max_steps", "max_epochs"):
-        if getattr(opt, key) is not None:
-            trainer_cfg[key] = getattr(opt, key)
     every = int(lightning.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500))
-    if opt.precision == "16-mixed" and device_args["accelerator"] == "cpu":
+    if trainer_args["precision"] == "16-mixed" and device_args["accelerator"] == "cpu":
         raise TrainingError("--precision 16-mixed needs a GPU; use 32 or bf16-mixed on the CPU")
     callbacks = [
         ModelCheckpoint(dirpath=paths.ckptdir, save_last=True, save_top_k=0, every_n_train_steps=every),
@@ -185,12 +155,11 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, paths: RunPaths, 
         callbacks.append(instantiate_from_config(cfg))
     loggers = [CSVLogger(paths.logdir, name="", version="csv"),
                TensorBoardLogger(paths.logdir, name="", version="tensorboard")]
-    trainer_cfg.pop("gpus", None)
-    trainer_cfg.setdefault("log_every_n_steps", min(10, every))
-    trainer_cfg.update(device_args)
-    return pl.Trainer(default_root_dir=paths.logdir, callbacks=callbacks, logger=loggers,
-                      precision=opt.precision, num_nodes=opt.num_nodes,
-                      accumulate_grad_batches=opt.accumulate_grad_batches, **trainer_cfg)
+    kwargs = {"log_every_n_steps": min(10, every), **trainer_args, **device_args}
+    try:
+        return pl.Trainer(default_root_dir=paths.logdir, callbacks=callbacks, logger=loggers, **kwargs)
+    except (TypeError, ValueError, MisconfigurationException) as err:  # a lightning.trainer value Lightning refuses
+        raise TrainingError(f"Lightning's Trainer refused the arguments: {str(err).strip().splitlines()[0]}") from err
 
 
 def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
@@ -202,7 +171,12 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     paths, bases = resolve_paths(opt, now)
     config = load_config(bases, dotlist)
     apply_flags(config, opt, paths)
-    device_args = trainer_device_args(opt)
+    try:
+        device_args = device_kwargs(opt)
+        trainer_config = OmegaConf.select(config, "lightning.trainer", default=None) or OmegaConf.create()
+        trainer_args = trainer_kwargs(OmegaConf.to_container(trainer_config, resolve=True), opt)
+    except TrainerArgumentError as err:
+        raise TrainingError(str(err)) from None
     pl.seed_everything(opt.seed, workers=True)
     try:
         apply_dreambooth(config, opt)
@@ -219,14 +193,14 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     batch = int(config.data.params.batch_size)
     device_count = len(device_args["devices"]) if isinstance(device_args["devices"], list) else device_args["devices"]
     base_lr = float(config.model.base_learning_rate)
-    factor = batch * device_count * opt.accumulate_grad_batches * opt.num_nodes
+    factor = batch * device_count * trainer_args["accumulate_grad_batches"] * trainer_args["num_nodes"]
     model.learning_rate = base_lr * factor if opt.scale_lr else base_lr
     if not any(group["params"] for group in model.trainable_parameters()):
         raise TrainingError(NOTHING_TO_TRAIN)
     model.training_seed = opt.seed
     logger.info("learning rate %.2e (%s)", model.learning_rate,
                 f"{factor} x base {base_lr:.2e}" if opt.scale_lr else "base, --scale_lr off")
-    trainer = build_trainer(config, opt, paths, device_args)
+    trainer = build_trainer(config, paths, trainer_args, device_args)
     if trainer.is_global_zero:
         paths.cfgdir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, paths.cfgdir / f"{now}-project.yaml")
