@@ -3,7 +3,8 @@
     python scripts/make_class_images.py --ckpt models/ldm/stable-diffusion-v1/model.ckpt \\
         --class_word woman --outdir inputs/class_woman --n_images 200
 
-Writes OUTDIR/NNNNN.png from the prompt 'a photo of a <class_word>' (settings in PNG text chunks).
+Writes OUTDIR/NNNNN.png from the prompt 'a photo of a <class_word>' (settings in the PNG's
+AUTOMATIC1111-style ``parameters`` chunk and its ``momentum_ti`` chunk).
 Images already there count: only the missing ones are made, so an interrupted run continues.
 Each batch is seeded with ``seed + index of its first image``, so the images do not depend on how
 often the script was restarted. Then train with ``main.py ... --reg_data_root OUTDIR``.
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import logging  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
@@ -25,6 +27,7 @@ import torch  # noqa: E402
 from ldm.cli import run_script  # noqa: E402
 from ldm.data.prompts import DEFAULT_TEMPLATE  # noqa: E402
 from ldm.inference import load_model, resolve_device  # noqa: E402
+from ldm.png_metadata import SampleSettings, model_fields, png_text  # noqa: E402
 from ldm.sampling_io import SAMPLE_PATTERN, next_free_index, save_png, to_pil_images  # noqa: E402
 
 logger = logging.getLogger("make_class_images")
@@ -67,8 +70,10 @@ def generate(args: argparse.Namespace, model: torch.nn.Module, prompt: str, coun
     device = model.device
     autocast = (torch.autocast("cuda", dtype=torch.float16) if args.precision == "autocast" and device.type == "cuda"
                 else contextlib.nullcontext())
-    settings = {"prompt": prompt, "steps": args.ddim_steps, "scale": args.scale, "sampler": "ddim",
-                "checkpoint": args.ckpt}
+    viewer = SampleSettings(prompt=prompt, negative_prompt="", steps=args.ddim_steps, sampler="DDIM",
+                            cfg_scale=args.scale, seed=args.seed, width=0, height=0, **model_fields(args.ckpt))
+    details = {"prompt": prompt, "steps": args.ddim_steps, "scale": args.scale, "sampler": "DDIM",
+               "checkpoint": args.ckpt}
     done = 0
     while done < count:
         index = next_free_index(outdir)
@@ -78,7 +83,10 @@ def generate(args: argparse.Namespace, model: torch.nn.Module, prompt: str, coun
             images = model.sample_images([prompt] * batch, ddim_steps=args.ddim_steps, scale=args.scale,
                                          generator=generator)
         for offset, image in enumerate(to_pil_images(images)):
-            save_png(outdir / f"{index + offset:05}.png", image, {**settings, "seed": args.seed + index})
+            seed = args.seed + index  # of the batch this image is in
+            text = png_text(replace(viewer, seed=seed, width=image.width, height=image.height),
+                            {**details, "seed": seed, "index_in_batch": offset})
+            save_png(outdir / f"{index + offset:05}.png", image, text)
         done += batch
         logger.info("%d / %d class images", done, count)
 

@@ -4,8 +4,9 @@
         --ckpt models/ldm/dreambooth/<name>.ckpt --embedding_path <run>/checkpoints/embeddings_ep-2.pt \\
         --prompt "photo of a * woman" --outdir outputs/<name>
 
-Writes OUTDIR/samples/NNNNN.png (numbered after the highest existing one; settings in PNG text
-chunks) and one OUTDIR/grid-NNNN.png per run. The negative prompt is the unconditional side of
+Writes OUTDIR/samples/NNNNN.png (numbered after the highest existing one; settings in the PNG's
+AUTOMATIC1111-style ``parameters`` chunk and, in full, its ``momentum_ti`` chunk) and one
+OUTDIR/grid-NNNN.png per run. The negative prompt is the unconditional side of
 classifier-free guidance. Same seed and device give identical images.
 """
 import argparse
@@ -14,6 +15,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ from ldm.inference import (
 from ldm.models.diffusion.ddim import DDIMSampler, SamplerBase
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.embedding_manager import EmbeddingManager, check_gamma
+from ldm.png_metadata import SampleSettings, model_fields, png_text
 from ldm.sampling_io import GRID_PATTERN, next_free_index, save_png, to_pil_images
 
 logger = logging.getLogger("stable_txt2img")
@@ -180,11 +183,19 @@ def prompt_batches(args: argparse.Namespace, prompts: list[str]) -> list[list[st
 
 
 def run_settings(args: argparse.Namespace, model: torch.nn.Module, sampler: SamplerBase) -> dict[str, object]:
-    """What the PNG text chunks record (None values are left out)."""
+    """This run's settings as recorded in every PNG (the project's ``momentum_ti`` key)."""
     gamma = model.embedding_manager.gamma if args.embedding_path is not None else None
     return {"negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.ddim_steps,
             "scale": args.scale, "sampler": sampler.name, "eta": args.ddim_eta, "checkpoint": args.ckpt,
             "embedding": args.embedding_path, "gamma": gamma, "H": args.H, "W": args.W}
+
+
+def viewer_settings(args: argparse.Namespace, settings: dict[str, object]) -> SampleSettings:
+    """This run's fields of the A1111 ``parameters`` chunk (the prompt is set per image)."""
+    return SampleSettings(
+        prompt="", negative_prompt=args.negative_prompt, steps=args.ddim_steps, sampler=str(settings["sampler"]),
+        cfg_scale=args.scale, seed=args.seed, width=args.W, height=args.H, **model_fields(args.ckpt),
+        embedding=Path(args.embedding_path).stem if args.embedding_path else None, gamma=settings["gamma"])
 
 
 @torch.no_grad()
@@ -217,19 +228,23 @@ def generate(args: argparse.Namespace, model: torch.nn.Module, sampler: SamplerB
 def sample(args: argparse.Namespace, model: torch.nn.Module, sampler: SamplerBase, prompts: list[str]) -> None:
     """Write every sample (numbered after the existing ones) and one grid of the run."""
     settings = run_settings(args, model, sampler)
+    viewer = viewer_settings(args, settings)
     sample_dir = Path(args.outdir) / "samples"
     index = next_free_index(sample_dir)
     all_images = []
     for iteration, batch, images in generate(args, model, sampler, prompt_batches(args, prompts)):
         if not args.skip_save:
             for prompt, image in zip(batch, to_pil_images(images)):
-                save_png(sample_dir / f"{index:05}.png", image, {"prompt": prompt, **settings, "iteration": iteration})
+                text = png_text(replace(viewer, prompt=prompt), {"prompt": prompt, **settings, "iteration": iteration})
+                save_png(sample_dir / f"{index:05}.png", image, text)
                 index += 1
         all_images.append(images)
     if not args.skip_grid:
         grid_path = Path(args.outdir) / f"grid-{next_free_index(args.outdir, GRID_PATTERN):04}.png"
         grid = to_grid_image(torch.cat(all_images), nrow=args.n_rows or args.n_samples)
-        save_png(grid_path, grid, {"prompt": "\n".join(dict.fromkeys(prompts)), **settings})
+        # a grid shows its first prompt to viewers, as A1111 does; the project key lists them all
+        text = png_text(replace(viewer, prompt=prompts[0]), {"prompts": list(dict.fromkeys(prompts)), **settings})
+        save_png(grid_path, grid, text)
         logger.info("Wrote grid %s", grid_path)
     logger.info("Samples are in %s", Path(args.outdir).resolve())
 

@@ -228,9 +228,12 @@ def test_make_class_images_generates_the_missing_ones(tmp_path, tiny_ckpt, photo
     assert script.main(args) == 0
     names = sorted(p.name for p in outdir.iterdir())
     assert names == ["00000.png", "00001.png", "00002.png"]
+    from helpers_a1111 import parse_parameters
+
     from ldm.sampling_io import read_png_text
 
-    assert read_png_text(outdir / "00002.png")["prompt"] == "a photo of a woman"
+    viewer = parse_parameters(read_png_text(outdir / "00002.png")["parameters"])
+    assert viewer["Prompt"] == "a photo of a woman" and viewer["Seed"] == "44"  # the seed of its batch: 42 + 2
     assert script.main(args) == 0 and len(list(outdir.iterdir())) == 3
     data = DreamBoothDataset(photo_dir, reg_data_root=outdir, class_word="woman", size=64)
     assert data.class_images.num_images == 3

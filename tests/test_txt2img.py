@@ -1,6 +1,8 @@
 """scripts/stable_txt2img.py and ldm.inference on the tiny config: outputs, determinism, embeddings, bad input."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_script
+from helpers_a1111 import parse_parameters
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -65,6 +68,16 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
+def viewer(path: Path) -> dict[str, str]:
+    """The sample's settings as AUTOMATIC1111's PNG Info reads them."""
+    return parse_parameters(read_png_text(path)["parameters"])
+
+
+def details(path: Path) -> dict:
+    """This project's own record of the sample."""
+    return json.loads(read_png_text(path)["momentum_ti"])
+
+
 def samples(outdir: Path) -> list[Path]:
     return sorted((outdir / "samples").glob("*.png"))
 
@@ -81,11 +94,17 @@ def test_writes_samples_grid_and_text_chunks(files, tmp_path) -> None:
     assert Image.open(written[0]).size == (64, 64)
     assert Image.open(out / "grid-0000.png").size[1] > 2 * 64  # 2 rows (iterations) of 2
     text = read_png_text(written[0])
-    expected = {"prompt": PROMPT, "negative_prompt": txt2img.DEFAULT_NEGATIVE_PROMPT, "seed": "42", "steps": "4",
-                "scale": "7.0", "sampler": "DDIM", "eta": "0.0", "checkpoint": str(files["ckpt"]),
-                "embedding": str(files["embedding"]), "gamma": "0.5", "H": "64", "W": "64"}
-    assert {k: text.get(k) for k in expected} == expected
-    assert read_png_text(out / "grid-0000.png")["prompt"] == PROMPT
+    assert set(text) == {"parameters", "momentum_ti"}, "no ComfyUI key (prompt, workflow)"
+    model_hash = hashlib.sha256(files["ckpt"].read_bytes()).hexdigest()[:10]
+    assert parse_parameters(text["parameters"]) == {
+        "Prompt": PROMPT, "Negative prompt": txt2img.DEFAULT_NEGATIVE_PROMPT, "Steps": "4", "Sampler": "DDIM",
+        "CFG scale": "7.0", "Seed": "42", "Size": "64x64", "Model hash": model_hash, "Model": "tiny",
+        "Embedding": "emb", "Embedding gamma": "0.5"}
+    expected = {"prompt": PROMPT, "negative_prompt": txt2img.DEFAULT_NEGATIVE_PROMPT, "seed": 42, "steps": 4,
+                "scale": 7.0, "sampler": "DDIM", "eta": 0.0, "checkpoint": str(files["ckpt"]),
+                "embedding": str(files["embedding"]), "gamma": 0.5, "H": 64, "W": 64, "iteration": 0}
+    assert details(written[0]) == expected
+    assert viewer(out / "grid-0000.png")["Prompt"] == PROMPT and details(out / "grid-0000.png")["prompts"] == [PROMPT]
     assert not list(out.rglob("*.tmp"))
 
 
@@ -109,7 +128,7 @@ def test_different_seed_differs(files, tmp_path) -> None:
     assert run(files, tmp_path / "b", "--seed", "2", "--skip_grid") == 0
     a, b = samples(tmp_path / "a")[0], samples(tmp_path / "b")[0]
     assert np.abs(pixels(a) - pixels(b)).max() > 0
-    assert read_png_text(b)["seed"] == "2"
+    assert viewer(b)["Seed"] == "2"
     assert not list((tmp_path / "a").glob("grid-*.png"))
 
 
@@ -117,7 +136,7 @@ def test_plms(files, tmp_path) -> None:
     out = tmp_path / "out"
     assert run(files, out, "--plms", "--n_iter", "1") == 0
     written = samples(out)
-    assert len(written) == 2 and read_png_text(written[0])["sampler"] == "PLMS"
+    assert len(written) == 2 and viewer(written[0])["Sampler"] == "PLMS"
     assert run(files, tmp_path / "ddim", "--n_iter", "1") == 0
     assert not np.array_equal(pixels(written[0]), pixels(samples(tmp_path / "ddim")[0]))
 
@@ -136,7 +155,7 @@ def test_from_file_batches_prompts(files, tmp_path) -> None:
     out = tmp_path / "out"
     assert run(files, out, "--from-file", str(prompts), "--n_iter", "1") == 0
     written = samples(out)  # batches of 2 prompts: [p1, p2], [p3]
-    assert [read_png_text(p)["prompt"] for p in written] == [
+    assert [viewer(p)["Prompt"] for p in written] == [
         "photo of a * woman", "a * woman smiling", "portrait of *"]
 
 
@@ -154,7 +173,7 @@ def test_negative_prompt_is_the_unconditional_side(files, tmp_path) -> None:
     assert run(files, tmp_path / "c", "--n_iter", "1", "--skip_grid", "--negative_prompt", "", "--scale", "1") == 0
     a, b, c = (samples(tmp_path / d)[0] for d in "abc")
     assert not np.array_equal(pixels(a), pixels(b))
-    assert read_png_text(b)["negative_prompt"] == ""
+    assert viewer(b)["Negative prompt"] == "" and details(b)["negative_prompt"] == ""
     assert not np.array_equal(pixels(b), pixels(c)), "scale 7.5 vs 1 must differ"
 
 
@@ -169,8 +188,8 @@ def test_gamma_remixes_the_embedding(files, tmp_path) -> None:
     assert not np.array_equal(stored, gamma1), "--gamma 1 must change a gamma-0.5 embedding's output"
     assert not np.array_equal(stored, plain), "the embedding must change the output"
     assert np.array_equal(gamma0, plain), "gamma 0 must equal the plain model"
-    assert read_png_text(samples(tmp_path / "gamma1")[0])["gamma"] == "1.0"
-    assert "embedding" not in read_png_text(samples(tmp_path / "plain")[0])
+    assert viewer(samples(tmp_path / "gamma1")[0])["Embedding gamma"] == "1.0"
+    assert "Embedding" not in viewer(samples(tmp_path / "plain")[0])
 
 
 def test_gamma_zero_conditioning_equals_plain_model(files) -> None:
