@@ -1,6 +1,7 @@
 """Lightning callbacks of the training entrypoint: embedding files, sample grids, signals."""
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import signal
@@ -13,7 +14,8 @@ import torchvision
 from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.util import atomic_write
+from ldm.png_metadata import SampleSettings, model_fields, png_text
+from ldm.sampling_io import save_png
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +104,23 @@ def to_grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
 class ImageLogger(pl.Callback):
     """Every ``batch_frequency`` steps, writes grids from ``pl_module.log_images`` to ``images/train``.
 
+    Each PNG carries the AUTOMATIC1111 ``parameters`` chunk (the grid's first caption, the sampler
+    settings, the model hash of ``checkpoint_path``; :mod:`ldm.png_metadata`) and the run's details.
     Failures here (a missing font, odd sizes) are logged and never stop training.
     """
 
     def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True,
                  increase_log_steps: bool = True, rescale: bool = True, disabled: bool = False,
                  log_on_batch_idx: bool = False, log_first_step: bool = False,
-                 log_images_kwargs: dict | None = None, save_dir: str | Path | None = None):
+                 log_images_kwargs: dict | None = None, save_dir: str | Path | None = None,
+                 checkpoint_path: str | Path | None = None):
         self.batch_frequency = max(1, int(batch_frequency))
         self.max_images = max_images
         self.disabled = disabled
         self.log_first_step = log_first_step
         self.log_images_kwargs = dict(log_images_kwargs or {})
         self.save_dir = Path(save_dir) if save_dir else None
+        self.checkpoint_path = checkpoint_path
 
     def _due(self, step: int) -> bool:
         return (step % self.batch_frequency == 0 and step > 0) or (self.log_first_step and step == 0)
@@ -131,11 +137,31 @@ class ImageLogger(pl.Callback):
             with torch.no_grad():
                 images = pl_module.log_images(batch, N=self.max_images, **self.log_images_kwargs)
             root.mkdir(parents=True, exist_ok=True)
+            text = self._png_text(pl_module, batch, images, step=step, epoch=trainer.current_epoch)
             for name, tensor in images.items():
                 path = root / f"{name}_gs-{step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
-                grid = to_grid_image(tensor[: self.max_images])
-                atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+                save_png(path, to_grid_image(tensor[: self.max_images]), text)
         except Exception as err:  # sample logging must never crash a training run
             logger.warning("Sample logging failed at step %d (training continues): %s", step, err)
         finally:
             pl_module.train(was_training)
+
+    def _png_text(self, pl_module, batch, images: dict[str, torch.Tensor], **details) -> dict[str, str]:
+        """The grids' text chunks: A1111 ``parameters`` of the sampling, the captions and step in ``momentum_ti``."""
+        sampling = {**keyword_defaults(pl_module.log_images), **self.log_images_kwargs}
+        captions = [str(c) for c in batch[pl_module.cond_stage_key][: self.max_images]]
+        manager = getattr(pl_module, "embedding_manager", None)
+        height, width = next(iter(images.values())).shape[-2:]
+        viewer = SampleSettings(
+            prompt=captions[0] if captions else "", negative_prompt="", steps=int(sampling["ddim_steps"]),
+            sampler="DDIM", cfg_scale=float(sampling["unconditional_guidance_scale"]),
+            seed=getattr(pl_module, "training_seed", None), width=int(width), height=int(height),
+            **model_fields(self.checkpoint_path), embedding=" ".join(manager.placeholders) if manager else None,
+            gamma=manager.gamma if manager else None)
+        return png_text(viewer, {"captions": captions, **details, "checkpoint": self.checkpoint_path})
+
+
+def keyword_defaults(function) -> dict[str, object]:
+    """The default values of ``function``'s keyword arguments."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}

@@ -42,7 +42,7 @@ class SampleSettings:
     steps: int
     sampler: str  # "DDIM" or "PLMS"
     cfg_scale: float
-    seed: int
+    seed: int | None  # None: not known (left out)
     width: int
     height: int
     model_hash: str | None = None

@@ -152,6 +152,7 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, devic
         params = params_of(cfg)
         if cfg.get("target") == "main.ImageLogger":
             params.save_dir = str(paths.logdir / "images")
+            params.checkpoint_path = OmegaConf.select(config, "model.params.ckpt_path")  # its hash goes in the PNGs
         callbacks.append(instantiate_from_config(cfg))
     loggers = [CSVLogger(paths.logdir, name="", version="csv"),
                TensorBoardLogger(paths.logdir, name="", version="tensorboard")]

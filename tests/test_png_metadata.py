@@ -54,3 +54,26 @@ def test_model_hash_is_the_sha256_prefix_of_the_file(tmp_path: Path) -> None:
     ckpt.write_bytes(b"other weights")  # a new file version is hashed again
     assert model_hash(ckpt) == hashlib.sha256(b"other weights").hexdigest()[:10]
     assert model_fields(None) == {"model_hash": None, "model_name": None}
+
+
+def test_training_image_logger_writes_the_chunks(tmp_path: Path, photo_dir, tiny_ckpt) -> None:
+    import main
+    from test_training_cli import base_argv, only_run
+
+    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "--accelerator", "cpu", "--max_steps", "2", "--gamma", "0.1",
+                     "lightning.callbacks.image_logger.params.batch_frequency=2",
+                     "lightning.callbacks.image_logger.params.max_images=1",
+                     "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=2")
+    assert main.main(argv) == 0
+    grids = sorted((only_run(tmp_path) / "images" / "train").glob("*_gs-000002_*.png"))
+    assert [g.name.split("_gs-")[0] for g in grids] == ["inputs", "reconstruction", "samples_scaled"]
+    for grid in grids:
+        text = read_png_text(grid)
+        assert set(text) == {"parameters", "momentum_ti"}
+        details = json.loads(text["momentum_ti"])
+        assert details["step"] == 2 and details["checkpoint"] == str(tiny_ckpt) and len(details["captions"]) == 1
+        assert parse_parameters(text["parameters"]) == {
+            "Prompt": details["captions"][0], "Negative prompt": "", "Steps": "2", "Sampler": "DDIM",
+            "CFG scale": "5.0", "Seed": "23", "Size": "64x64", "Model": tiny_ckpt.stem,
+            "Model hash": hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()[:10], "Embedding": "*",
+            "Embedding gamma": "0.1"}
