@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=None, help="momentum ratio in [0, 1] (seed: 0.1; 1 = plain TI)")
     p.add_argument("--descriptive_p", type=float, default=None, help="probability of each descriptive word")
     p.add_argument("--use_random_prompt", action="store_true", help="random TI object templates")
+    p.add_argument("--num_vectors_per_token", type=int, default=None,
+                   help="vectors the placeholder stands for (default 1; more: more capacity, longer prompts)")
+    p.add_argument("--progressive_words", action="store_true",
+                   help="with several vectors per token, train them one at a time (a new one every 2000 steps)")
     p.add_argument("--class_word", default=None, help="train on '* <class_word>' (e.g. woman)")
     p.add_argument("--use_facial_loss", action="store_true", help="add the dlib face-crop loss term")
     p.add_argument("--facial_loss_weight", type=float, default=1.0, help="lambda of the face term")
@@ -78,7 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training precision (default: lightning.trainer.precision, else 32)")
     p.add_argument("--accumulate_grad_batches", type=int, default=None,
                    help="micro-batches per optimizer step (default: lightning.trainer.accumulate_grad_batches, else 1)")
-    p.add_argument("--num_nodes", type=int, default=None)
+    p.add_argument("--num_nodes", type=int, default=None,
+                   help="machines in a multi-node DDP run (each sets MASTER_ADDR, MASTER_PORT, NODE_RANK; see README)")
+    p.add_argument("--validation_prompts", default=None, metavar="FILE",
+                   help="validation prompts, one per line ('*' is the placeholder; default: the training prompt "
+                        "and 3 edits)")
+    p.add_argument("--validation_ddim_steps", type=int, default=None,
+                   help="DDIM steps of the validation samples (default 20)")
+    p.add_argument("--validation_identity", action="store_true",
+                   help="score validation samples against the photos (dlib) and keep checkpoints/embeddings_best.pt "
+                        "(on with --use_facial_loss)")
+    p.add_argument("--no_validation", action="store_true",
+                   help="no validation sampling at saves (config key lightning.validation.enabled=false)")
     return p
 
 

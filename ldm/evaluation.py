@@ -16,7 +16,7 @@ import os
 import re
 import statistics
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldm.data.images import load_rgb, scan_image_folder
+from ldm.modules.face import FaceEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,44 @@ def identity_metrics(descriptors: Sequence[np.ndarray | None], references: Seque
         result.update(mean_distance=float(np.mean(distances)), median_distance=float(statistics.median(distances)),
                       fraction_under_threshold=sum(x < threshold for x in distances) / len(distances))
     return result
+
+
+class NoReferenceFaceError(ValueError):
+    """None of the reference photos shows a face that dlib finds."""
+
+
+class IdentityScorer:
+    """Identity metrics of images against the reference photos of one person.
+
+    The one implementation behind ``scripts/evaluate_identity.py`` and the identity score of a
+    training run's validation samples; dlib's models load once, on the first image.
+    """
+
+    def __init__(self, encoder: FaceEncoder, reference_descriptors: Sequence[np.ndarray | None], *, source: str,
+                 threshold: float = SAME_PERSON_THRESHOLD):
+        self.encoder = encoder
+        self.threshold = threshold
+        self.references = [d for d in reference_descriptors if d is not None]
+        if not self.references:
+            raise NoReferenceFaceError(
+                f"no face found in any of the {len(reference_descriptors)} reference photos in {source}; "
+                "pass photos where the face is visible (or try the cnn detector)")
+
+    @classmethod
+    def from_photos(cls, paths: Sequence[Path], *, source: str, detector: str = "hog",
+                    threshold: float = SAME_PERSON_THRESHOLD) -> IdentityScorer:
+        """A scorer whose reference set is the faces of the photos at ``paths``."""
+        encoder = FaceEncoder(detector=detector)
+        return cls(encoder, [encoder.descriptor(image) for _, image in iter_images(paths)], source=source,
+                   threshold=threshold)
+
+    def metrics(self, descriptors: Sequence[np.ndarray | None]) -> dict[str, Any]:
+        """:func:`identity_metrics` of ``descriptors`` against the reference set."""
+        return identity_metrics(descriptors, self.references, self.threshold)
+
+    def score(self, images: Iterable[Image.Image]) -> dict[str, Any]:
+        """Detection rate and distances of ``images`` (one descriptor each) to the reference set."""
+        return self.metrics([self.encoder.descriptor(image) for image in images])
 
 
 def text_for_clip(prompt: str, placeholder: str, class_word: str) -> str:

@@ -13,6 +13,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.util import atomic_write
 
+# The unconditional prompt of classifier-free guidance in stable_txt2img.py and the validation samples.
+DEFAULT_NEGATIVE_PROMPT = (
+    "disfigured, deformed, ugly, bad anatomy, bad proportions, extra limbs, missing limbs, extra fingers, "
+    "fused fingers, mutated hands, poorly drawn hands, poorly drawn face, cross-eyed, long neck, duplicate, "
+    "cropped, out of frame, blurry, lowres, jpeg artifacts, watermark, signature, text"
+)
+
 SAMPLE_PATTERN = re.compile(r"^(\d+)\.png$")
 GRID_PATTERN = re.compile(r"^grid-(\d+)\.png$")
 
@@ -24,6 +31,17 @@ def next_free_index(directory: str | os.PathLike[str], pattern: re.Pattern[str] 
         return 0
     numbers = [int(match.group(1)) for entry in folder.iterdir() if (match := pattern.match(entry.name))]
     return max(numbers, default=-1) + 1
+
+
+def read_prompt_file(path: str | os.PathLike[str]) -> list[str]:
+    """The non-empty lines of a prompt file (one prompt per line); ValueError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found; pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts (empty or blank lines only); write one prompt per line")
+    return prompts
 
 
 def to_pil_images(images: torch.Tensor) -> list[Image.Image]:

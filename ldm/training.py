@@ -15,6 +15,7 @@ from ldm.dreambooth import apply_dreambooth, dreambooth_callbacks, prepare_dream
 from ldm.models.diffusion.ddpm import NOTHING_TO_TRAIN
 from ldm.trainer_args import TrainerArgumentError, device_kwargs, trainer_kwargs
 from ldm.util import instantiate_from_config
+from ldm.validation.setup import build_validation
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +100,16 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) ->
             if not 0.0 <= opt.gamma <= 1.0:
                 raise TrainingError(f"--gamma must be in [0, 1] (1 = plain textual inversion), got {opt.gamma}")
             params.gamma = opt.gamma
+        if opt.num_vectors_per_token is not None:
+            if opt.num_vectors_per_token < 1:
+                raise TrainingError(f"--num_vectors_per_token must be at least 1, got {opt.num_vectors_per_token}")
+            params.num_vectors_per_token = opt.num_vectors_per_token
+        if opt.progressive_words:
+            params.progressive_words = True
     if opt.use_facial_loss:
         model.facial_loss_config = {"target": "ldm.modules.face_loss.FacialLoss",
                                     "params": {"weight": opt.facial_loss_weight}}
+    apply_validation_flags(config, opt)
     data = config.get("data")
     if data is None:
         return
@@ -130,16 +138,40 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) ->
             params.face_crops = {**face_crops, "detector": opt.face_detector, "crops_dir": str(paths.logdir / "faces")}
 
 
-def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, device_args: dict):
+def apply_validation_flags(config: DictConfig, opt: argparse.Namespace) -> None:
+    """The validation flags into ``lightning.validation`` (see :mod:`ldm.validation.settings`)."""
+    if opt.validation_ddim_steps is not None and opt.validation_ddim_steps < 1:
+        raise TrainingError(f"--validation_ddim_steps must be at least 1, got {opt.validation_ddim_steps}")
+    flags = {"enabled": False if opt.no_validation else None, "prompts_file": opt.validation_prompts,
+             "ddim_steps": opt.validation_ddim_steps,
+             "identity": True if opt.validation_identity or opt.use_facial_loss else None}
+    flags = {key: value for key, value in flags.items() if value is not None}
+    if flags:
+        if config.get("lightning") is None:
+            config.lightning = {}
+        if config.lightning.get("validation") is None:
+            config.lightning.validation = {}
+        config.lightning.validation.merge_with(flags)
+
+
+def save_every_n_steps(config: DictConfig) -> int:
+    """Steps between embedding saves (``lightning.modelcheckpoint.params.every_n_train_steps``, default 500)."""
+    lightning = config.get("lightning", OmegaConf.create())
+    return int(lightning.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500))
+
+
+def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, device_args: dict,
+                  validation=None):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from ldm.callbacks import EmbeddingCheckpoint
+    from ldm.run_log import RunSummary, StepProgressBar
 
     lightning = config.get("lightning", OmegaConf.create())
-    every = int(lightning.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500))
+    every = save_every_n_steps(config)
     if trainer_args["precision"] == "16-mixed" and device_args["accelerator"] == "cpu":
         raise TrainingError("--precision 16-mixed needs a GPU; use 32 or bf16-mixed on the CPU")
     callbacks = [
@@ -147,6 +179,7 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, devic
         EmbeddingCheckpoint(paths.ckptdir, every_n_train_steps=every),
         LearningRateMonitor(logging_interval="step"),
         *dreambooth_callbacks(config, paths.ckptdir),
+        *([StepProgressBar()] if trainer_args.get("enable_progress_bar", True) else []),
     ]
     for name, cfg in lightning.get("callbacks", {}).items():
         params = params_of(cfg)
@@ -154,6 +187,7 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, devic
             params.save_dir = str(paths.logdir / "images")
             params.checkpoint_path = OmegaConf.select(config, "model.params.ckpt_path")  # its hash goes in the PNGs
         callbacks.append(instantiate_from_config(cfg))
+    callbacks += [validation, RunSummary(validation)] if validation is not None else [RunSummary()]
     loggers = [CSVLogger(paths.logdir, name="", version="csv"),
                TensorBoardLogger(paths.logdir, name="", version="tensorboard")]
     kwargs = {"log_every_n_steps": min(10, every), **trainer_args, **device_args}
@@ -189,6 +223,8 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
             if getattr(model, "embedding_manager", None) is None:
                 raise TrainingError("--embedding_manager_ckpt needs a config with personalization_config")
             model.embedding_manager.load(opt.embedding_manager_ckpt)
+        validation = build_validation(config, data, model, images_dir=paths.logdir / "images",
+                                      ckptdir=paths.ckptdir, every_n_train_steps=save_every_n_steps(config))
     except (DataRootError, CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
         raise TrainingError(str(err).splitlines()[0]) from err
     batch = int(config.data.params.batch_size)
@@ -201,7 +237,7 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     model.training_seed = opt.seed
     logger.info("learning rate %.2e (%s)", model.learning_rate,
                 f"{factor} x base {base_lr:.2e}" if opt.scale_lr else "base, --scale_lr off")
-    trainer = build_trainer(config, paths, trainer_args, device_args)
+    trainer = build_trainer(config, paths, trainer_args, device_args, validation)
     if trainer.is_global_zero:
         paths.cfgdir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, paths.cfgdir / f"{now}-project.yaml")

@@ -55,21 +55,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     encoder = FaceEncoder(detector=args.detector)
     scorer = evaluation.ClipScorer.load(args.clip_model, device)
     ref_descriptors, ref_clip = embed_folder(reference_paths, encoder, scorer)
-    references = [d for d in ref_descriptors if d is not None]
-    if not references:
-        raise ValueError(f"no face found in any of the {len(reference_paths)} reference photos in {args.reference}; "
-                         "pass photos where the face is visible (or try --detector cnn)")
+    identity = evaluation.IdentityScorer(encoder, ref_descriptors, source=args.reference, threshold=args.threshold)
     text = evaluation.text_for_clip(args.prompt, args.placeholder, args.class_word) if args.prompt else None
     text_embedding = scorer.text_embedding(text) if scorer is not None and text else None
     rows = []
     for folder, paths in generated.items():
         descriptors, clip_embeddings = embed_folder(paths, encoder, scorer)
-        row = {"folder": folder, **evaluation.identity_metrics(descriptors, references, args.threshold),
+        row = {"folder": folder, **identity.metrics(descriptors),
                "clip_image_image": None, "clip_text_image": None}
         if scorer is not None:
             row.update(evaluation.clip_metrics(clip_embeddings, ref_clip, text_embedding))
         rows.append(row)
-    return {"reference": {"folder": args.reference, "images": len(reference_paths), "faces": len(references)},
+    reference = {"folder": args.reference, "images": len(reference_paths), "faces": len(identity.references)}
+    return {"reference": reference,
             "detector": args.detector, "threshold": args.threshold, "prompt": args.prompt, "clip_text": text,
             "clip_weights": None if scorer is None else str(scorer.path),
             "folders": rows}

@@ -39,15 +39,16 @@ from ldm.models.diffusion.ddim import DDIMSampler, SamplerBase
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.embedding_manager import EmbeddingManager, check_gamma
 from ldm.png_metadata import SampleSettings, model_fields, png_text
-from ldm.sampling_io import GRID_PATTERN, next_free_index, save_png, to_pil_images
+from ldm.sampling_io import (
+    DEFAULT_NEGATIVE_PROMPT,
+    GRID_PATTERN,
+    next_free_index,
+    read_prompt_file,
+    save_png,
+    to_pil_images,
+)
 
 logger = logging.getLogger("stable_txt2img")
-
-DEFAULT_NEGATIVE_PROMPT = (
-    "disfigured, deformed, ugly, bad anatomy, bad proportions, extra limbs, missing limbs, extra fingers, "
-    "fused fingers, mutated hands, poorly drawn hands, poorly drawn face, cross-eyed, long neck, duplicate, "
-    "cropped, out of frame, blurry, lowres, jpeg artifacts, watermark, signature, text"
-)
 
 
 class UsageError(ValueError):
@@ -119,13 +120,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of this run: --prompt, or the non-empty lines of --from-file."""
     if args.from_file is None:
         return [args.prompt]
-    path = Path(args.from_file)
-    if not path.is_file():
-        raise UsageError(f"--from-file {path} not found; pass a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"--from-file {path} has no prompts (empty or blank lines only); write one prompt per line")
-    return prompts
+    try:
+        return read_prompt_file(args.from_file)
+    except ValueError as err:
+        raise UsageError(f"--from-file {err}") from None
 
 
 def preflight(args: argparse.Namespace) -> None:

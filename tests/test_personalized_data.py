@@ -256,11 +256,17 @@ def test_descriptive_words(two_images: Path) -> None:
     n, appended = 1000, 0
     for caption in captions(some, n):
         assert caption.startswith(base)
-        words = [w for w in caption[len(base):].split(", ") if w]
+        words = [w for w in caption[len(base):].split(", ") if w.strip()]
         assert all(w in DESCRIPTIVE_WORDS for w in words)
         appended += len(words)
     rate = appended / (n * len(DESCRIPTIVE_WORDS))
     assert 0.07 < rate < 0.13, f"expected ~10% of words appended, got {rate:.3f}"
+
+
+def test_descriptive_words_keep_the_placeholder_a_token_of_its_own(two_images: Path, tiny_model) -> None:
+    ds = PersonalizedBase(two_images, size=32, descriptive_p=1.0, seed=0)
+    tokens = tiny_model.cond_stage_model.tokenize([ds[0]["caption"]])  # [1, 77]
+    assert torch.isin(tokens, torch.tensor(tiny_model.embedding_manager.token_ids)).any(), ds[0]["caption"]
 
 
 def test_random_templates(two_images: Path) -> None:

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from ldm.data.resumable import ResumableDataLoader, ResumableSampler
 from ldm.util import instantiate_from_config
 
 
@@ -41,7 +42,13 @@ class DataModuleFromConfig(pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled per epoch from the dataset's seed; its position is saved in checkpoints (exact resume)."""
+        dataset = self.datasets["train"]
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ResumableSampler(dataset, seed=getattr(dataset, "seed", None) or 0, num_replicas=world_size,
+                                   rank=rank)
+        return ResumableDataLoader(dataset, sampler=sampler, batch_size=self.batch_size,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=self.shuffle_val_dataloader)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ldm.data.images import DataRootError
 from ldm.data.personalized import PersonalizedBase
+from ldm.data.resumable import with_same_draw
 from ldm.modules.prior_loss import CLASS_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,6 @@ class DreamBoothDataset(PersonalizedBase):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = super().__getitem__(index)
         if self.class_images is not None:
-            extra = self.class_images[index % self.class_images.num_images]
+            extra = self.class_images[with_same_draw(index, index % self.class_images.num_images)]
             item.update({CLASS_PREFIX + key: value for key, value in extra.items()})
         return item

@@ -25,10 +25,14 @@ from torch.utils.data import Dataset, get_worker_info
 
 from ldm.data.images import DataRootError, ScanResult, check_data_root, iter_image_folder
 from ldm.data.prompts import PromptBuilder
+from ldm.data.resumable import DrawKey
 
 __all__ = ["PersonalizedBase", "BaseImages", "DataRootError"]
 
 logger = logging.getLogger(__name__)
+
+MIN_SIDE_DIVISOR = 4  # a photo's shorter side must be at least a quarter of the training size ...
+MIN_SIDE_ORIGINAL_SIZE = 32  # ... or this many pixels when images keep their own size (size None)
 
 INTERPOLATIONS = {
     "linear": Image.Resampling.BILINEAR,
@@ -50,11 +54,19 @@ def _to_unit_range(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
 
 
+def default_min_image_side(size: int | None) -> int:
+    """Photos whose shorter side is under this are skipped: a quarter of ``size``, or 32 px without a size."""
+    return MIN_SIDE_ORIGINAL_SIZE if size is None else max(1, size // MIN_SIDE_DIVISOR)
+
+
 class PersonalizedBase(Dataset):
     """Photos of one subject from ``data_root``, each item ``{"image", "caption", "image_index", "flipped"}``.
 
     ``len`` is ``num_images * repeats`` for ``set="train"`` and ``num_images`` otherwise; item ``k``
-    shows image ``k % num_images``, flipped horizontally with probability ``flip_p``.
+    shows image ``k % num_images``, flipped horizontally with probability ``flip_p``. Photos whose
+    shorter side is under ``min_image_side`` (default: a quarter of ``size``, 32 px without a size)
+    are skipped and listed with the other skipped files. A :class:`~ldm.data.resumable.DrawKey`
+    index seeds the item's flip and caption from its draw number (exact resume).
     """
 
     def __init__(
@@ -75,6 +87,7 @@ class PersonalizedBase(Dataset):
         use_random_prompt: bool = False,
         seed: int | None = None,
         face_crops: Mapping[str, Any] | None = None,
+        min_image_side: int | None = None,
     ) -> None:
         super().__init__()
         if interpolation not in INTERPOLATIONS:
@@ -87,6 +100,7 @@ class PersonalizedBase(Dataset):
             raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p}")
         self.data_root = check_data_root(data_root)
         self.size = size
+        self.min_image_side = default_min_image_side(size) if min_image_side is None else min_image_side
         self.repeats = repeats
         self.interpolation = interpolation
         self.flip_p = flip_p
@@ -127,6 +141,10 @@ class PersonalizedBase(Dataset):
         for path, image, reason in iter_image_folder(self.data_root):
             if image is None:
                 scan.skipped.append((path, reason))
+                continue
+            if min(image.size) < self.min_image_side:
+                scan.skipped.append((path, f"too small: {image.width}x{image.height}, the shorter side must be at "
+                                           f"least {self.min_image_side} px"))
                 continue
             if self.size is not None and min(image.size) < self.size:
                 num_upscaled += 1
@@ -207,11 +225,17 @@ class PersonalizedBase(Dataset):
     def __len__(self) -> int:
         return self.num_images * self.repeats if self.split == "train" else self.num_images
 
+    def _item_rng(self, index: int) -> random.Random:
+        """The RNG of one item: seeded from its draw number for a DrawKey (resumable), else the dataset RNG."""
+        if isinstance(index, DrawKey):
+            return random.Random(f"{self.seed}/{index.draw}")
+        return self._worker_rng()
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
         image_index = index % self.num_images
-        rng = self._worker_rng()
+        rng = self._item_rng(index)
         flipped = rng.random() < self.flip_p
         image = self._mirrored[image_index] if flipped else self._images[image_index]
         item = {

@@ -129,6 +129,8 @@ class PromptBuilder:
             text = template.format(self.subject)
         if self.descriptive_p > 0.0:
             words = [w for w in self.descriptive_words if rng.random() < self.descriptive_p]
+            if words and text.endswith(self.placeholder_token):
+                text += " "  # "* , 8k": CLIP reads "*," as one token, which would drop the placeholder
             text = ", ".join([text, *words])
         return text
 

@@ -353,7 +353,7 @@ class FaceEncoder:
         image = to_rgb(image)
         found = self.face_detector.detect(image)
         if isinstance(found, str):
-            logger.warning("no face descriptor: %s", found)
+            logger.debug("no face descriptor: %s", found)  # callers report images without a face
             return None
         if self._model is None:
             path = model_path(RECOGNITION_FILE, self.model_dir)

@@ -519,17 +519,22 @@ class LatentDiffusion(DDPM):
     # --- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def sample_images(self, prompts: Sequence[str], *, ddim_steps: int = 50, scale: float = 5.0,
-                      eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decoded DDIM samples for ``prompts``, in [-1, 1], shape [B, 3, H, W]."""
+                      eta: float = 0.0, generator: torch.Generator | None = None,
+                      x_T: torch.Tensor | None = None, negative_prompt: str = "") -> torch.Tensor:
+        """Decoded DDIM samples for ``prompts``, in [-1, 1], shape [B, 3, H, W].
+
+        ``x_T`` [B, C, h, w] is the starting noise (drawn from ``generator`` when None); ``negative_prompt``
+        is the unconditional side of classifier-free guidance.
+        """
         from ldm.models.diffusion.ddim import DDIMSampler
 
         cond = self.get_learned_conditioning(list(prompts))
-        uncond = self.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+        uncond = self.get_learned_conditioning([negative_prompt] * len(prompts)) if scale != 1.0 else None
         shape = (self.channels, self.image_size, self.image_size)
         samples, _ = DDIMSampler(self).sample(
             S=ddim_steps, conditioning=cond, batch_size=len(prompts), shape=shape, verbose=False,
             unconditional_guidance_scale=scale, unconditional_conditioning=uncond, eta=eta,
-            generator=generator)
+            generator=generator, x_T=x_T)
         return self.decode_first_stage(samples).clamp(-1, 1)
 
     @torch.no_grad()

@@ -1,0 +1,88 @@
+"""Which save is the best embedding: the rule, and ``checkpoints/embeddings_best.*`` with ``best.json``.
+
+Rule: among the saves whose validation samples show a face in at least half of the images
+(``MIN_DETECTION_RATE``), the best has the highest fraction of faces under dlib's same-person
+distance (0.6) to the training photos; ties go to the lower mean distance, then to the earlier
+save. A save without such faces never becomes the best, so a run whose samples show no faces
+writes no best at all.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ldm.util import atomic_write
+
+logger = logging.getLogger(__name__)
+
+MIN_DETECTION_RATE = 0.5
+BEST_STEM = "embeddings_best"
+BEST_JSON = "best.json"
+RULE = (f"highest identity_match among saves with face_detect_rate >= {MIN_DETECTION_RATE}; "
+        "ties: lower identity_distance, then the earlier step")
+
+
+@dataclass(frozen=True)
+class IdentityScore:
+    """The identity metrics of one save's validation samples."""
+
+    step: int
+    face_detect_rate: float | None
+    identity_distance: float | None
+    identity_match: float | None
+
+    @classmethod
+    def from_metrics(cls, step: int, metrics: dict[str, Any]) -> IdentityScore:
+        """From :func:`ldm.evaluation.identity_metrics`' keys."""
+        return cls(step, metrics["detection_rate"], metrics["mean_distance"], metrics["fraction_under_threshold"])
+
+    @property
+    def eligible(self) -> bool:
+        return (self.face_detect_rate is not None and self.face_detect_rate >= MIN_DETECTION_RATE
+                and self.identity_match is not None)
+
+    def beats(self, other: IdentityScore | None) -> bool:
+        """Whether this eligible score is better than ``other`` under the rule (strictly; ties keep ``other``)."""
+        if not self.eligible:
+            return False
+        if other is None:
+            return True
+        return (self.identity_match, -self.identity_distance) > (other.identity_match, -other.identity_distance)
+
+
+class BestEmbedding:
+    """Keeps the best save in ``ckptdir``; a resumed run continues from the ``best.json`` it finds."""
+
+    def __init__(self, ckptdir: str | Path):
+        self.ckptdir = Path(ckptdir)
+        self.best: IdentityScore | None = self._read()
+
+    @property
+    def json_path(self) -> Path:
+        return self.ckptdir / BEST_JSON
+
+    @property
+    def path(self) -> Path:
+        return self.ckptdir / f"{BEST_STEM}.pt"
+
+    def _read(self) -> IdentityScore | None:
+        if not self.json_path.is_file():
+            return None
+        record = json.loads(self.json_path.read_text())
+        return IdentityScore(**{key: record[key] for key in IdentityScore.__dataclass_fields__})
+
+    def offer(self, score: IdentityScore, manager) -> bool:
+        """Write ``manager``'s embedding as the best when ``score`` beats the best so far; True if written."""
+        if not score.beats(self.best):
+            return False
+        for suffix in (".pt", ".safetensors"):
+            manager.save(self.ckptdir / f"{BEST_STEM}{suffix}", step=score.step)
+        record = {**asdict(score), "file": self.path.name, "rule": RULE}
+        atomic_write(self.json_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+        self.best = score
+        logger.info("Best embedding so far: step %d (identity match %.2f, distance %.3f) -> %s", score.step,
+                    score.identity_match, score.identity_distance, self.path)
+        return True

@@ -1,0 +1,169 @@
+"""The validation callback: sample grids at every embedding save, identity scores, the best embedding.
+
+At every ``every_n_train_steps``-th step (the steps that write ``embeddings_gs-N.pt``) and at the
+end of training, rank 0 samples every validation prompt ``samples_per_prompt`` times with the
+sampler of ``stable_txt2img.py`` (DDIM, eta 0, classifier-free guidance with its negative prompt)
+from starting noise drawn once from ``seed``: every save starts from the same noise, so the grids
+compare across steps. A grid goes to ``images/validation/step-N.png`` (prompts written to the left
+and in the PNG's text chunks) and to TensorBoard. With ``identity`` on, the samples are scored
+against the training photos (:class:`ldm.evaluation.IdentityScorer`) and the best save is kept
+(:mod:`ldm.validation.best`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from ldm.evaluation import IdentityScorer, NoReferenceFaceError
+from ldm.sampling_io import save_png, to_pil_images
+from ldm.validation.best import BestEmbedding, IdentityScore
+from ldm.validation.grid import labelled_grid
+from ldm.validation.settings import ValidationSettings
+
+logger = logging.getLogger(__name__)
+
+SLOW_FRACTION = 0.1  # sampling longer than this fraction of the training time between saves is reported
+METRIC_NAMES = {"detection_rate": "val/face_detect_rate", "mean_distance": "val/identity_distance",
+                "fraction_under_threshold": "val/identity_match"}
+
+
+class ValidationSampler(pl.Callback):
+    """Validation grids, identity scores and the best embedding of a run (see the module docstring)."""
+
+    def __init__(self, settings: ValidationSettings, *, images_dir: str | Path, ckptdir: str | Path,
+                 every_n_train_steps: int, reference_photos: Sequence[Path] = ()):
+        self.settings = settings
+        self.samples_dir = Path(images_dir) / "validation"
+        self.ckptdir = Path(ckptdir)
+        self.every_n_train_steps = every_n_train_steps
+        self.reference_photos = list(reference_photos)
+        self.noise: torch.Tensor | None = None
+        self.scorer: IdentityScorer | None = None
+        self.best: BestEmbedding | None = None
+        self.validated_step: int | None = None
+        self.warned_slow = False
+        self.no_identity_reason = "--validation_identity to pick the best embedding"
+        self._training_since = 0.0
+
+    # ---------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        shape = (self.settings.num_samples, pl_module.channels, pl_module.image_size, pl_module.image_size)
+        self.noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.settings.seed))
+        if getattr(pl_module, "embedding_manager", None) is not None:
+            self.best = BestEmbedding(self.ckptdir)
+        if self.settings.identity:
+            self.scorer = self._load_scorer()
+        self._training_since = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+            self.validate(trainer, pl_module, step)
+
+    def on_train_end(self, trainer, pl_module):
+        self.validate(trainer, pl_module, trainer.global_step)
+
+    # ------------------------------------------------------------------------- the work
+    def validate(self, trainer, pl_module, step: int) -> None:
+        """Sample, write the grid, score and keep the best, once per step, on rank 0."""
+        if not trainer.is_global_zero or self.noise is None or self.validated_step == step:
+            return
+        self.validated_step = step
+        started = time.perf_counter()
+        try:
+            images = self.sample(trainer, pl_module)
+            self._write_grid(trainer, images, step)
+            if self.scorer is not None:
+                self._score(trainer, pl_module, images, step)
+        except Exception as err:  # validation must never crash a training run
+            logger.warning("Validation at step %d failed (training continues): %s", step, err)
+        finished = time.perf_counter()
+        self.notice_if_slow(finished - started, started - self._training_since, pl_module.device)
+        self._training_since = finished
+
+    @torch.no_grad()
+    def sample(self, trainer, pl_module) -> torch.Tensor:
+        """Samples [P * S, 3, H, W] in [-1, 1] on the CPU, prompt-major, from the fixed noise."""
+        s, per_prompt = self.settings, self.settings.samples_per_prompt
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context(), pl_module.ema_scope():
+                rows = [pl_module.sample_images(
+                    [prompt] * per_prompt, ddim_steps=s.ddim_steps, scale=s.scale, eta=s.eta,
+                    negative_prompt=s.negative_prompt,
+                    x_T=self.noise[i * per_prompt:(i + 1) * per_prompt].to(pl_module.device)).float().cpu()
+                    for i, prompt in enumerate(s.prompts)]
+        finally:
+            pl_module.train(was_training)
+        return torch.cat(rows)
+
+    def _write_grid(self, trainer, images: torch.Tensor, step: int) -> None:
+        s = self.settings
+        grid = labelled_grid(images, s.prompts)
+        path = save_png(self.samples_dir / f"step-{step}.png", grid, {
+            "prompts": "\n".join(s.prompts), "step": step, "samples_per_prompt": s.samples_per_prompt,
+            "seed": s.seed, "steps": s.ddim_steps, "scale": s.scale, "sampler": "DDIM", "eta": s.eta,
+            "negative_prompt": s.negative_prompt})
+        for experiment in (lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
+            experiment.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
+        logger.info("Validation samples at step %d: %s", step, path)
+
+    def _score(self, trainer, pl_module, images: torch.Tensor, step: int) -> None:
+        metrics = self.scorer.score(to_pil_images(images))
+        values = {name: float(metrics[key]) for key, name in METRIC_NAMES.items() if metrics[key] is not None}
+        for lg in trainer.loggers:
+            lg.log_metrics(values, step=step)
+        if not metrics["faces"]:
+            logger.info("Step %d: no identity score (no face found in the %d validation samples)",
+                        step, metrics["images"])
+            return
+        logger.info("Step %d identity: faces in %.0f%% of the samples, mean distance %.3f, %.0f%% the same person",
+                    step, 100 * metrics["detection_rate"], metrics["mean_distance"],
+                    100 * metrics["fraction_under_threshold"])
+        if self.best is not None:
+            self.best.offer(IdentityScore.from_metrics(step, metrics), pl_module.embedding_manager)
+
+    def _load_scorer(self) -> IdentityScorer | None:
+        """The identity scorer of the training photos, or None (with one warning saying why)."""
+        if not self.reference_photos:
+            self.no_identity_reason = "the training data lists no photos to compare with"
+        else:
+            try:
+                return IdentityScorer.from_photos(self.reference_photos, source="the training data",
+                                                  detector=self.settings.identity_detector)
+            except NoReferenceFaceError as err:
+                self.no_identity_reason = str(err)
+            except (ImportError, OSError) as err:
+                self.no_identity_reason = f"the face models are unavailable: {err}"
+        logger.warning("No identity score in this run: %s", self.no_identity_reason)
+        return None
+
+    def notice_if_slow(self, sampling_s: float, training_s: float, device: torch.device | str) -> None:
+        """Say once when sampling costs more than SLOW_FRACTION of the training time between saves."""
+        if self.warned_slow or training_s <= 0 or sampling_s <= SLOW_FRACTION * training_s:
+            return
+        self.warned_slow = True
+        logger.warning("Validation sampling took %.1f s, %.0f%% of the %.1f s of training since the previous save "
+                       "(on %s); turn it off with --no_validation or shorten it with --validation_ddim_steps",
+                       sampling_s, 100 * sampling_s / training_s, training_s, device)
+
+    def describe(self) -> str:
+        """Where the samples are and which embedding is the best, for the end-of-run summary."""
+        if self.best is not None and self.best.best is not None:
+            best = self.best.best
+            choice = f"best embedding {self.best.path} (step {best.step}, identity match {best.identity_match:.2f})"
+        elif self.scorer is not None:
+            choice = "no best embedding (no save had faces in at least half of its samples)"
+        else:
+            choice = f"no identity score ({self.no_identity_reason})"
+        return f"{choice}; validation samples in {self.samples_dir}"
