@@ -16,6 +16,7 @@ import sys
 from ldm.callbacks import EmbeddingCheckpoint, ImageLogger  # noqa: F401  (configs name main.ImageLogger)
 from ldm.cli import LOG_FORMAT, setup_logging
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
+from ldm.models.diffusion.compiled_unet import COMPILE_MODES
 from ldm.trainer_args import PRECISIONS
 
 logger = logging.getLogger("main")
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_epochs", type=int, default=None, help="stop after this many epochs")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="training precision (default: lightning.trainer.precision, else 32)")
+    p.add_argument("--compile_unet", nargs="?", const="auto", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the UNet (auto: CUDA graphs on a GPU; config key model.params.compile_unet)")
     p.add_argument("--accumulate_grad_batches", type=int, default=None,
                    help="micro-batches per optimizer step (default: lightning.trainer.accumulate_grad_batches, else 1)")
     p.add_argument("--num_nodes", type=int, default=None,

@@ -62,7 +62,8 @@ class EmbeddingCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = pl_module.global_step
-        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+        stopped = getattr(pl_module, "stopped_on_nonfinite_loss", False)  # set by ldm.nonfinite at this step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and not stopped:
             self._save(pl_module, f"embeddings_gs-{step}.pt")
         if self.save_requested:
             logger.warning("SIGUSR1 received: saving the embedding and a resumable checkpoint")

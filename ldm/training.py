@@ -13,6 +13,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.data.images import DataRootError
 from ldm.dreambooth import apply_dreambooth, dreambooth_callbacks, prepare_dreambooth_model
 from ldm.models.diffusion.ddpm import NOTHING_TO_TRAIN
+from ldm.precision import half_dtype
 from ldm.trainer_args import TrainerArgumentError, device_kwargs, trainer_kwargs
 from ldm.util import instantiate_from_config
 from ldm.validation.setup import build_validation
@@ -106,6 +107,8 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace, paths: RunPaths) ->
             params.num_vectors_per_token = opt.num_vectors_per_token
         if opt.progressive_words:
             params.progressive_words = True
+    if opt.compile_unet:
+        model.compile_unet = opt.compile_unet
     if opt.use_facial_loss:
         model.facial_loss_config = {"target": "ldm.modules.face_loss.FacialLoss",
                                     "params": {"weight": opt.facial_loss_weight}}
@@ -154,6 +157,22 @@ def apply_validation_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         config.lightning.validation.merge_with(flags)
 
 
+def hold_frozen_weights_in_half(model, config: DictConfig, precision: str) -> None:
+    """Under 16-mixed / bf16-mixed, frozen weights in half precision (see :mod:`ldm.precision`).
+
+    DreamBooth keeps its frozen VAE and text encoder in float32: they go into the exported checkpoint,
+    which must hold the base model's exact weights (the latent cache runs the VAE once per image anyway).
+    """
+    dtype = half_dtype(precision)
+    if dtype is None or not hasattr(model, "hold_frozen_weights_in_half"):
+        return
+    if config.get("dreambooth") is not None:
+        logger.info("%s: DreamBooth trains float32 master weights; the frozen parts stay float32 for the export",
+                    precision)
+        return
+    model.hold_frozen_weights_in_half(dtype)
+
+
 def save_every_n_steps(config: DictConfig) -> int:
     """Steps between embedding saves (``lightning.modelcheckpoint.params.every_n_train_steps``, default 500)."""
     lightning = config.get("lightning", OmegaConf.create())
@@ -168,13 +187,16 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, devic
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from ldm.callbacks import EmbeddingCheckpoint
+    from ldm.nonfinite import DEFAULT_EVERY_N_STEPS, NonFiniteLossStop
     from ldm.run_log import RunSummary, StepProgressBar
 
     lightning = config.get("lightning", OmegaConf.create())
     every = save_every_n_steps(config)
     if trainer_args["precision"] == "16-mixed" and device_args["accelerator"] == "cpu":
         raise TrainingError("--precision 16-mixed needs a GPU; use 32 or bf16-mixed on the CPU")
+    nonfinite_every = int(lightning.get("nonfinite_check_every_n_steps", DEFAULT_EVERY_N_STEPS))
     callbacks = [
+        NonFiniteLossStop(nonfinite_every, save_every_n_train_steps=every),  # first: it decides before any save
         ModelCheckpoint(dirpath=paths.ckptdir, save_last=True, save_top_k=0, every_n_train_steps=every),
         EmbeddingCheckpoint(paths.ckptdir, every_n_train_steps=every),
         LearningRateMonitor(logging_interval="step"),
@@ -238,6 +260,7 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     logger.info("learning rate %.2e (%s)", model.learning_rate,
                 f"{factor} x base {base_lr:.2e}" if opt.scale_lr else "base, --scale_lr off")
     trainer = build_trainer(config, paths, trainer_args, device_args, validation)
+    hold_frozen_weights_in_half(model, config, trainer_args["precision"])
     if trainer.is_global_zero:
         paths.cfgdir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, paths.cfgdir / f"{now}-project.yaml")

@@ -100,3 +100,16 @@ def randomize_zero_weights(model, seed: int = 0, std: float = 0.05) -> None:
         for param in model.parameters():
             if param.numel() and not param.any():
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def to_device_nonblocking(tensor, device):
+    """``tensor`` (on the CPU) on ``device``; to a GPU through pinned memory, so the host does not wait.
+
+    A plain ``.to("cuda")`` of pageable memory waits for all queued GPU work before copying.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

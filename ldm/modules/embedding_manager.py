@@ -135,8 +135,7 @@ class EmbeddingManager(nn.Module):
             out = token_embeds
             for token_id, vec in zip(self.token_ids, vectors):
                 mask = (tokens == token_id).unsqueeze(-1)  # [B, L, 1]
-                if mask.any():
-                    out = torch.where(mask, vec[0], out)
+                out = torch.where(mask, vec[0], out)  # no `if mask.any()`: that would wait for the GPU
             return out
         return self._splice_multi_vector(tokens, token_embeds, vectors)
 

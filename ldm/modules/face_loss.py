@@ -13,6 +13,7 @@ import torch
 
 from ldm.models.diffusion.auxiliary import AuxiliaryRows
 from ldm.models.diffusion.latent_cache import batch_cache_keys
+from ldm.util import to_device_nonblocking
 
 
 @dataclass
@@ -40,11 +41,12 @@ class FacialLoss:
         has_face = torch.as_tensor(batch[self.has_face_key]).bool().cpu()
         if not has_face.any():
             return None
-        rows = has_face.nonzero().flatten()
-        crops = model.batch_images(batch, self.face_key)[rows].to(model.device)
+        rows = has_face.nonzero().flatten()  # on the host (see LatentDiffusion.on_before_batch_transfer)
+        device_rows = to_device_nonblocking(rows, model.device)
+        crops = model.batch_images(batch, self.face_key).to(model.device)[device_rows]
         keys = batch_cache_keys(batch, "face")
         keys = [keys[i] for i in rows.tolist()] if keys is not None else None
-        return FaceBatch(latents=model.encode_to_latents(crops, keys), rows=rows.to(model.device))
+        return FaceBatch(latents=model.encode_to_latents(crops, keys), rows=device_rows)
 
     def rows(self, face: FaceBatch, cond: torch.Tensor, t: torch.Tensor) -> AuxiliaryRows:
         """The face rows for the batched UNet call: each crop reuses its photo's prompt and timestep."""

@@ -143,7 +143,7 @@ class SamplerBase:
         """DDIM update from step `index` to the one before it."""
         sigma = sched.sigmas[index]
         noise = None
-        if float(sigma) > 0.0:
+        if sched.noisy_steps[index]:
             noise = sample_noise(x.shape, x.device, opts.generator, opts.temperature, opts.noise_dropout)
         denoised_fn = self._quantize if opts.quantize_x0 else None
         return ddim_step(x, eps, sched.alphas[index], sched.alphas_prev[index], sigma, noise, denoised_fn)
@@ -161,7 +161,7 @@ class SamplerBase:
         batch = x.shape[0]
         indices = range(num_steps - 1, -1, -1)
         for i, index in enumerate(tqdm(indices, desc=f"{self.name} Sampler", total=num_steps, disable=not verbose)):
-            ts = torch.full((batch,), int(sched.timesteps[index]), device=self.device, dtype=torch.long)
+            ts = torch.full((batch,), sched.timestep_values[index], device=self.device, dtype=torch.long)
             if mask is not None:
                 alpha_t = self.model.alphas_cumprod.to(self.device).float()[ts].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
                 known = q_sample(x0.float(), alpha_t, sample_noise(x0.shape, self.device, generator))

@@ -16,16 +16,21 @@ from einops import rearrange
 from torch import nn
 
 from ldm.models.diffusion.auxiliary import batched_losses
+from ldm.models.diffusion.compiled_unet import CompiledUNet, compile_mode
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
 from ldm.models.diffusion.losses import per_sample_loss
 from ldm.models.diffusion.schedule import diffusion_buffers, extract, make_beta_schedule, vlb_weights
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.nonfinite import NonFiniteLossTracker, supports_fused_optimizer
+from ldm import precision
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+# batch entries that only name images (latent-cache keys, face flags)
+HOST_BATCH_KEYS = ("image_index", "flipped", "has_face", "class_image_index", "class_flipped")
 NOTHING_TO_TRAIN = ("nothing to train: every parameter is frozen by this config "
                     "(use a personalization_config, unfreeze_model or a trainable UNet)")
 
@@ -39,20 +44,25 @@ class DiffusionWrapper(nn.Module):
             raise ValueError(f"conditioning_key '{conditioning_key}' is not one of {CONDITIONING_KEYS}")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
+        self.compiled_unet: CompiledUNet | None = None  # a plain attribute: state-dict keys stay the same
+
+    def compile_unet(self, mode: str | None) -> None:
+        """Call the denoiser through ``torch.compile`` (``mode`` as :func:`compile_mode` returns; None: eager)."""
+        self.compiled_unet = CompiledUNet(self.diffusion_model, mode) if mode else None
 
     def forward(self, x, t, c_concat: Sequence[torch.Tensor] | None = None,
                 c_crossattn: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         key = self.conditioning_key
+        unet = self.compiled_unet or self.diffusion_model
         if key is None:
-            return self.diffusion_model(x, t)
+            return unet(x, t)
         if key == "concat":
-            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t)
+            return unet(torch.cat([x, *c_concat], dim=1), t)
         if key == "crossattn":
-            return self.diffusion_model(x, t, context=torch.cat(list(c_crossattn), dim=1))
+            return unet(x, t, context=torch.cat(list(c_crossattn), dim=1))
         if key == "hybrid":
-            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t,
-                                        context=torch.cat(list(c_crossattn), dim=1))
-        return self.diffusion_model(x, t, y=c_crossattn[0])  # "adm": class-conditional
+            return unet(torch.cat([x, *c_concat], dim=1), t, context=torch.cat(list(c_crossattn), dim=1))
+        return unet(x, t, y=c_crossattn[0])  # "adm": class-conditional
 
 
 class DDPM(pl.LightningModule):
@@ -87,6 +97,7 @@ class DDPM(pl.LightningModule):
         use_positional_encodings: bool = False,
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
+        compile_unet: bool | str = False,
     ):
         super().__init__()
         if parameterization not in ("eps", "x0"):
@@ -100,6 +111,8 @@ class DDPM(pl.LightningModule):
         self.channels = channels
         self.use_positional_encodings = use_positional_encodings
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.model.compile_unet(compile_mode(compile_unet))
+        self.half_weight_dtype: torch.dtype | None = None  # set by hold_frozen_weights_in_half
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model)
@@ -114,6 +127,7 @@ class DDPM(pl.LightningModule):
         self.learn_logvar = learn_logvar
         self.training_seed: int | None = None  # set by the entrypoint (--seed): see step_rng
         self.stopped_on_nonfinite_loss = False
+        self.nonfinite = NonFiniteLossTracker()
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
         if learn_logvar:
             self.logvar = nn.Parameter(logvar, requires_grad=True)
@@ -197,8 +211,24 @@ class DDPM(pl.LightningModule):
                 cond = [cond]
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
             cond = {key: cond} if cond is not None else {}
-        output = self.model(x_noisy, t, **cond)
+        with self.weights_autocast():
+            output = self.model(x_noisy, t, **cond)
         return output[0] if isinstance(output, tuple) and not return_ids else output
+
+    def frozen_weight_modules(self) -> dict[str, nn.Module | None]:
+        """The parts whose frozen convolution and linear weights may be held in half precision."""
+        return {"UNet": self.model}
+
+    def hold_frozen_weights_in_half(self, dtype: torch.dtype) -> int:
+        """Hold every frozen conv/linear weight in ``dtype`` (see :mod:`ldm.precision`) and run the parts
+        under autocast to it from now on; returns the number of parameters cast."""
+        count = precision.hold_frozen_weights_in_half(self.frozen_weight_modules(), dtype)
+        self.half_weight_dtype = dtype
+        return count
+
+    def weights_autocast(self):
+        """Autocast to the half dtype of the frozen weights, when they are held in one."""
+        return precision.weights_autocast(self.device, self.half_weight_dtype)
 
     def per_sample_losses(self, x_start: torch.Tensor, cond, t: torch.Tensor,
                           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,16 +296,17 @@ class DDPM(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         with self.step_rng():
             loss, loss_dict = self.shared_step(batch)
-        # Every rank must take the same branch, or DDP's gradient all-reduce would hang.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            logger.error("Loss is %s at step %d on this rank (not finite on at least one): stopping; the "
-                         "last good weights are kept.", loss.item(), self.global_step)
-            self.trainer.should_stop = True
-            self.stopped_on_nonfinite_loss = True
-            return None  # skips the optimizer step, so nothing is overwritten with NaN
+        # no host read here: a NaN/Inf loss is noted on the device, its update skipped in
+        # on_before_optimizer_step, and the ranks agree on stopping every N steps (ldm.nonfinite)
+        self.nonfinite.record(loss, self.global_step)
         self.log_dict(loss_dict, prog_bar=True, on_step=True, on_epoch=False, batch_size=self._batch_size(batch))
-        self.log("global_step", float(self.global_step), prog_bar=False, on_step=True, on_epoch=False)
+        # made on the device: a Python float would be copied there, which waits for the GPU
+        step = torch.full((), float(self.global_step), device=self.device)
+        self.log("global_step", step, prog_bar=False, on_step=True, on_epoch=False)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.nonfinite.skip_update_if_bad(optimizer)
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
@@ -303,7 +334,8 @@ class DDPM(pl.LightningModule):
         groups = [g for g in self.trainable_parameters() if g["params"]]
         if not groups:
             raise ValueError(NOTHING_TO_TRAIN)
-        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate)
+        # fused: one kernel per step, and it can skip a step on the device (see ldm.nonfinite)
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, fused=supports_fused_optimizer(groups))
         if self.scheduler_config is None:
             return optimizer
         schedule = instantiate_from_config(self.scheduler_config)
@@ -362,6 +394,7 @@ class LatentDiffusion(DDPM):
         self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
         self.cond_stage_model = self._build_cond_stage(cond_stage_config)
         self.latent_cache = LatentCache()
+        self._fixed_conditioning: dict[tuple, torch.Tensor] = {}  # see fixed_conditioning
         self.embedding_manager = None
         self.embedding_reg_weight = embedding_reg_weight
         self.unfreeze_model = unfreeze_model
@@ -404,6 +437,9 @@ class LatentDiffusion(DDPM):
     def weights_not_in_checkpoints(self) -> tuple[str, ...]:
         return ("embedding_manager.",) if self.embedding_manager is not None else ()
 
+    def frozen_weight_modules(self) -> dict[str, nn.Module | None]:
+        return {"UNet": self.model, "VAE": self.first_stage_model, "text encoder": self.cond_stage_model}
+
     def on_weights_loaded(self) -> None:
         """Re-read e_p and the init words from the freshly loaded text encoder."""
         if self.embedding_manager is not None:
@@ -419,7 +455,8 @@ class LatentDiffusion(DDPM):
 
     # --- first stage -------------------------------------------------------------------------
     def encode_first_stage(self, x: torch.Tensor):
-        return self.first_stage_model.encode(x)
+        with self.weights_autocast():
+            return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(self, encoder_posterior) -> torch.Tensor:
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
@@ -431,7 +468,8 @@ class LatentDiffusion(DDPM):
         return self.scale_factor * z
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        return self.first_stage_model.decode(z / self.scale_factor)
+        with self.weights_autocast():
+            return self.first_stage_model.decode(z / self.scale_factor)
 
     def encode_to_latents(self, images: torch.Tensor, cache_keys=None) -> torch.Tensor:
         """Scaled latents of images [B, 3, H, W]; posteriors are cached by key when keys are given."""
@@ -448,13 +486,30 @@ class LatentDiffusion(DDPM):
     # --- conditioning ------------------------------------------------------------------------
     def get_learned_conditioning(self, c):
         """Text (or other) conditioning; the embedding manager injects the learned vectors."""
-        if self.cond_stage_forward is not None:
-            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
-        encode = getattr(self.cond_stage_model, "encode", None)
-        if not callable(encode):
-            return self.cond_stage_model(c)
-        c = encode(c, embedding_manager=self.embedding_manager) if self.embedding_manager else encode(c)
+        with self.weights_autocast():
+            if self.cond_stage_forward is not None:
+                return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+            encode = getattr(self.cond_stage_model, "encode", None)
+            if not callable(encode):
+                return self.cond_stage_model(c)
+            c = encode(c, embedding_manager=self.embedding_manager) if self.embedding_manager else encode(c)
         return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+
+    def fixed_conditioning(self, prompt: str, batch_size: int) -> torch.Tensor:
+        """Conditioning of ``prompt`` repeated ``batch_size`` times: [B, L, D].
+
+        With a frozen text encoder and no placeholder in the prompt (the unconditional or negative side
+        of guidance) it never changes, so it is encoded once and reused (per device and precision).
+        """
+        manager = self.embedding_manager
+        trainable = any(p.requires_grad for p in self.cond_stage_model.parameters())
+        if trainable or (manager is not None and any(p in prompt for p in manager.placeholders)):
+            return self.get_learned_conditioning([prompt] * batch_size)
+        autocast = torch.is_autocast_enabled(self.device.type) and torch.get_autocast_dtype(self.device.type)
+        key = (prompt, str(self.device), self.half_weight_dtype, autocast)
+        if key not in self._fixed_conditioning:
+            self._fixed_conditioning[key] = self.get_learned_conditioning([prompt]).detach()
+        return self._fixed_conditioning[key].expand(batch_size, -1, -1)
 
     # --- training ----------------------------------------------------------------------------
     def get_input(self, batch: Mapping[str, Any], key: str, **_) -> list:
@@ -462,6 +517,15 @@ class LatentDiffusion(DDPM):
         images = self.batch_images(batch, key).to(self.device)
         z = self.encode_to_latents(images, batch_cache_keys(batch, "image"))
         return [z, batch[self.cond_stage_key]]
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Keep the batch's image indices and flags on the host, as lists: they are read as Python values
+        (latent-cache keys, face rows), and reading them from a GPU would wait for it every step."""
+        if isinstance(batch, dict):
+            for key in HOST_BATCH_KEYS:
+                if isinstance(batch.get(key), torch.Tensor):
+                    batch[key] = batch[key].tolist()
+        return batch
 
     def shared_step(self, batch: Mapping[str, Any], **_):
         z, c = self.get_input(batch, self.first_stage_key)
@@ -529,7 +593,7 @@ class LatentDiffusion(DDPM):
         from ldm.models.diffusion.ddim import DDIMSampler
 
         cond = self.get_learned_conditioning(list(prompts))
-        uncond = self.get_learned_conditioning([negative_prompt] * len(prompts)) if scale != 1.0 else None
+        uncond = self.fixed_conditioning(negative_prompt, len(prompts)) if scale != 1.0 else None
         shape = (self.channels, self.image_size, self.image_size)
         samples, _ = DDIMSampler(self).sample(
             S=ddim_steps, conditioning=cond, batch_size=len(prompts), shape=shape, verbose=False,

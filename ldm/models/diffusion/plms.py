@@ -30,7 +30,7 @@ class PLMSSampler(SamplerBase):
                 e_prime = plms_eps(e_t, old_eps)
             else:
                 x_next, _ = self._update(x, e_t, index, sched, opts)
-                t_next = torch.full_like(ts, int(sched.timesteps[max(index - 1, 0)]))  # [B]
+                t_next = torch.full_like(ts, sched.timestep_values[max(index - 1, 0)])  # [B]
                 e_prime = plms_first_eps(e_t, self._eps(x_next, t_next, opts))
             old_eps.append(e_t)
             if len(old_eps) > 3:

@@ -36,6 +36,14 @@ class StepSchedule:
     alphas: Tensor
     alphas_prev: Tensor
     sigmas: Tensor
+    # host copies the sampling loop branches on (reading the device tensors would wait for the GPU)
+    timestep_values: tuple[int, ...] = ()
+    noisy_steps: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.timestep_values:
+            object.__setattr__(self, "timestep_values", tuple(self.timesteps.tolist()))
+            object.__setattr__(self, "noisy_steps", tuple((self.sigmas > 0).tolist()))
 
     @property
     def sqrt_one_minus_alphas(self) -> Tensor:
@@ -46,7 +54,8 @@ class StepSchedule:
 
     def to(self, device: torch.device) -> "StepSchedule":
         return StepSchedule(timesteps=self.timesteps.to(device), alphas=self.alphas.to(device),
-                            alphas_prev=self.alphas_prev.to(device), sigmas=self.sigmas.to(device))
+                            alphas_prev=self.alphas_prev.to(device), sigmas=self.sigmas.to(device),
+                            timestep_values=self.timestep_values, noisy_steps=self.noisy_steps)
 
 
 def make_ddim_timesteps(num_ddim_steps: int, num_train_timesteps: int = 1000,

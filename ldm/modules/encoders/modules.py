@@ -15,6 +15,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.modules.encoders.tokenizer import CLIPBPETokenizer, PretrainedTokenizerAdapter
+from ldm.util import to_device_nonblocking
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class FrozenCLIPEmbedder(nn.Module):
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
         if bad:
             raise TypeError(f"FrozenCLIPEmbedder expects prompts as str or a list of str, got items of type {bad[0]}.")
-        return self.tokenizer(list(texts)).to(self.token_embedding.weight.device)
+        return to_device_nonblocking(self.tokenizer(list(texts)), self.token_embedding.weight.device)
 
     def encode_from_tokens(
         self, tokens: torch.Tensor, embedding_manager: EmbeddingManager | None = None
