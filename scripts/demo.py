@@ -1,18 +1,22 @@
-"""`make demo`: momentum textual inversion end to end on the tiny config, on a CPU, in minutes.
+"""`make demo`: momentum textual inversion that visibly learns, on a CPU, in a few minutes.
 
-1. Writes demo photos to inputs/demo/ (scikit-image's public-domain astronaut photo, with a few
-   flips, crops and rotations) and a tiny SD v1 checkpoint with RANDOM weights to models/ldm/tiny/.
-2. Trains a momentum embedding (gamma 0.1) on them with main.py, exactly as a real run would.
-3. Samples with the learned embedding through scripts/stable_txt2img.py.
+It uses the toy world (docs/toy_benchmark.md): a small SD v1-structured model pretrained by main.py
+on procedurally drawn "toys", and a judge that reads identity and attributes off an image.
 
-The weights are random, so the images are noise-like: the demo shows the whole workflow (files,
-logs, checkpoints, grids) working, not a likeness. Real use needs an SD v1 / DreamBooth checkpoint;
-see README.md.
+1. Writes the photo folder of a held-out subject (one the model never saw) to inputs/toy/subject-N/.
+2. Trains a momentum embedding on it with main.py, with the flags of the real workflow.
+3. Samples the subject in new contexts with scripts/stable_txt2img.py into outputs/toy-demo/.
+4. Judges the samples and prints, per prompt, how many show the subject and the asked attribute,
+   next to the init word alone.
+
+Real use needs an SD v1 / DreamBooth checkpoint; see README.md.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -21,84 +25,83 @@ sys.path.insert(0, str(ROOT))  # run as `python scripts/demo.py` from anywhere
 
 logger = logging.getLogger("demo")
 
-TINY_INFERENCE = ROOT / "configs/tiny/v1-inference.yaml"
-TINY_FINETUNE = ROOT / "configs/tiny/v1-finetune.yaml"
+DEMO_FLAGS = ("--gamma", "0.1", "--class_word", "toy", "--descriptive_p", "0.1", "--use_random_prompt")
+DEMO_PHRASE = "* toy"
 
 
-def write_demo_photos(folder: Path) -> list[Path]:
-    """A handful of varied views of the astronaut photo (skimage.data.astronaut, public domain)."""
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def sample_prompt(prompt: str, outdir: Path, embedding: Path | None, samples: int) -> Path:
+    """Samples of one prompt with stable_txt2img.py; returns their folder."""
+    from scripts import stable_txt2img
+    from ldm.toy_benchmark import INFERENCE_CONFIG, SAMPLER, TOY_MODEL
+
+    argv = ["--config", str(INFERENCE_CONFIG), "--ckpt", str(TOY_MODEL), "--prompt", prompt, "--H", "64", "--W", "64",
+            "--f", "4", "--ddim_steps", str(SAMPLER["ddim_steps"]), "--scale", str(SAMPLER["scale"]),
+            "--n_samples", str(samples), "--n_iter", "1", "--seed", "0", "--precision", "full", "--device", "cpu",
+            "--negative_prompt", "", "--outdir", str(outdir)]
+    if embedding is not None:
+        argv += ["--embedding_path", str(embedding)]
+    if stable_txt2img.main(argv) != 0:
+        raise RuntimeError(f"stable_txt2img.py failed for '{prompt}'")
+    return outdir / "samples"
+
+
+def judge_folder(folder: Path, judge_model):
+    """Verdicts for the newest PNGs of a samples folder."""
+    import numpy as np
     from PIL import Image
-    from skimage import data
 
-    from ldm.util import atomic_write
+    from ldm.toy_judge import judge, to_tensor
 
-    photo = Image.fromarray(data.astronaut())  # 512 x 512 RGB
-    views = {
-        "astronaut.png": photo,
-        "astronaut_mirror.png": photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
-        "astronaut_face.png": photo.crop((96, 0, 416, 320)),
-        "astronaut_tilt.png": photo.rotate(8, resample=Image.Resampling.BICUBIC, fillcolor=(255, 255, 255)),
-    }
-    paths = []
-    for name, view in views.items():
-        path = folder / name
-        if not path.exists():
-            atomic_write(path, lambda tmp, view=view: view.save(tmp, format="PNG"))
-        paths.append(path)
-    return paths
-
-
-def write_random_checkpoint(path: Path, seed: int = 0) -> Path:
-    """The tiny SD v1 of configs/tiny with random weights, saved in the SD checkpoint layout."""
-    if path.exists():
-        return path
-    import torch
-    from omegaconf import OmegaConf
-
-    from ldm.checkpoint import save_checkpoint
-    from ldm.util import instantiate_from_config, randomize_zero_weights
-
-    torch.manual_seed(seed)
-    model = instantiate_from_config(OmegaConf.load(TINY_INFERENCE).model)
-    randomize_zero_weights(model, seed)  # else the prompt has no effect and nothing trains
-    return save_checkpoint(path, model.state_dict())
+    files = sorted(folder.glob("*.png"))
+    return judge(judge_model, to_tensor([np.asarray(Image.open(f).convert("RGB")) for f in files]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="training steps (about 0.1-0.3 s each on a CPU)")
-    parser.add_argument("--logdir", default=str(ROOT / "logs"), help="where main.py writes the run")
-    parser.add_argument("--outdir", default=str(ROOT / "outputs/demo"), help="where the samples go")
+    parser.add_argument("--subject-seed", type=int, default=0, help="held-out subject to learn (0-23)")
+    parser.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--max_steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--logdir", type=Path, default=ROOT / "logs", help="where main.py writes the run")
+    parser.add_argument("--outdir", type=Path, default=ROOT / "outputs" / "toy-demo", help="where samples go")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.warning("DEMO: the tiny model has RANDOM weights; the workflow is real, the images are not a likeness")
 
-    import main as train_main
-    from scripts import stable_txt2img
+    from ldm.data.toy import write_photo_folder
+    from ldm.toy_benchmark import TOY_JUDGE, method, prompt_suite, require_toy_models, score_suite, train
+    from ldm.toy_judge import load_judge
 
-    photos = ROOT / "inputs/demo"
-    write_demo_photos(photos)
-    ckpt = write_random_checkpoint(ROOT / "models/ldm/tiny/random-weights.ckpt")
-    name = "demo"
-    code = train_main.main([
-        "--base", str(TINY_FINETUNE), "-t", "--actual_resume", str(ckpt), "-n", name,
-        "--data_root", str(photos), "--gamma", "0.1", "--descriptive_p", "0.1", "--use_random_prompt",
-        "--class_word", "woman", "--max_steps", str(args.steps), "--logdir", args.logdir,
-        "data.params.num_workers=0",
-    ])
-    if code != 0:
-        return code
-    run = max(Path(args.logdir).glob(f"demo_{name}_*"), key=lambda p: p.stat().st_mtime)
-    embedding = run / "checkpoints/embeddings.pt"
+    try:
+        require_toy_models()
+        photos = ROOT / "inputs" / "toy" / f"subject-{args.subject_seed}"
+        subject = write_photo_folder(args.subject_seed, photos)
+    except (FileNotFoundError, ValueError) as err:
+        logger.error("%s", err)
+        return 2
+    logger.info("Learning held-out subject %d (%s) from %s", args.subject_seed, subject.describe(), photos)
+    demo_method = method("momentum_0.1_prompts")
+    embedding = train(demo_method, photos, seed=0, workdir=args.logdir, max_steps=args.max_steps)
     logger.info("Trained embedding: %s", embedding)
-    code = stable_txt2img.main([
-        "--config", str(TINY_INFERENCE), "--ckpt", str(ckpt), "--embedding_path", str(embedding),
-        "--prompt", "a photo of a * woman", "--H", "64", "--W", "64", "--ddim_steps", "20",
-        "--n_samples", "4", "--n_iter", "1", "--scale", "7", "--outdir", args.outdir,
-    ])
-    if code == 0:
-        logger.info("Done. Run: %s  Samples: %s  (random weights: noise-like by design)", run, args.outdir)
-    return code
+
+    judge_model = load_judge(TOY_JUDGE)
+    report = {"subject": subject.describe(), "embedding": str(embedding), "prompts": {}}
+    for label, phrase, emb in (("init word", "toy", None), ("momentum TI", demo_method.phrase, embedding)):
+        suite = prompt_suite(phrase)
+        verdicts = []
+        for prompt, _, _ in suite:
+            folder = sample_prompt(prompt, args.outdir / slug(label) / slug(prompt), emb, args.samples)
+            verdicts += judge_folder(folder, judge_model)[-args.samples:]
+        score = score_suite(verdicts, suite, args.samples, subject)
+        report["prompts"][label] = score.per_prompt
+        logger.info("%s: fidelity %.2f, editability %.2f", label, score.fidelity, score.editability)
+        for prompt, value in score.per_prompt.items():
+            logger.info("    %-45s %.2f of samples show the subject (and the asked attribute)", prompt, value)
+    (args.outdir / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
+    logger.info("Samples in %s (one folder per prompt); scores in %s", args.outdir, args.outdir / "scores.json")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""The toy world's generator, datasets and judge (no diffusion model involved)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from ldm.data.toy import PHOTO_BACKGROUNDS, PHOTO_RESOLUTION, ToyScenes, write_photo_folder
+from ldm.data.toy_world import (
+    ACCESSORIES, BACKGROUNDS, BODY_COLOURS, CLASS_WORD, HELD_OUT_POOL_SIZE, PATTERNS, POSITIONS, SHAPES, SIZES,
+    Pose, Scene, Subject, caption, held_out_pool, held_out_subject, pretraining_subjects, random_pose, render,
+)
+from ldm.modules.encoders.tokenizer import CLIPBPETokenizer
+from ldm.toy_benchmark import prompt_suite, score_suite
+from ldm.toy_judge import UnknownQuestionError, Verdict, check_question
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+CENTRED = Pose("large", "center", 0.0, False, (0.0, 0.0, 0.0))
+
+
+def vocabulary() -> set[str]:
+    config = OmegaConf.load(ROOT / "configs/toy/v1-finetune.yaml")
+    descriptive = list(config.data.params.train.params.descriptive_words)
+    return {CLASS_WORD, "hat", "horns", "background", *SHAPES, *BODY_COLOURS, *PATTERNS, *BACKGROUNDS, *SIZES,
+            *POSITIONS, *descriptive}
+
+
+def test_every_content_word_is_one_clip_token():
+    tokenizer = CLIPBPETokenizer(max_length=8)
+    for word in sorted(vocabulary()):
+        ids = tokenizer([word])[0].tolist()
+        assert ids[2] == ids[-1], f"'{word}' is more than one CLIP token: {ids}"  # SOS, word, EOS, pad...
+
+
+def test_held_out_subjects_never_appear_in_pretraining():
+    pool = held_out_pool()
+    assert len(pool) == HELD_OUT_POOL_SIZE == len(set(pool))
+    assert not set(pool) & set(pretraining_subjects())
+    scenes = ToyScenes(size=32, num_scenes=3000, seed=5).scenes
+    assert not {s.subject for s in scenes} & set(pool)
+    assert len({s.subject for s in scenes}) > 150  # pretraining covers many subjects
+
+
+def test_render_is_reproducible_and_draws_the_features():
+    subject = Subject("square", "blue", "plain", "none")
+    image = np.asarray(render(Scene(subject, CENTRED, "pink"), 64)).astype(int)
+    again = np.asarray(render(Scene(subject, CENTRED, "pink"), 64)).astype(int)
+    assert (image == again).all()
+    assert tuple(image[2, 2]) == BACKGROUNDS["pink"]  # a corner shows the context
+    assert tuple(image[36, 32]) == BODY_COLOURS["blue"]  # the body centre shows the body colour
+    striped = np.asarray(render(Scene(Subject("square", "blue", "striped", "none"), CENTRED, "pink"), 64))
+    column = striped[24:48, 32].astype(int)
+    assert {tuple(p) for p in column} >= {BODY_COLOURS["blue"], (245, 245, 245)}  # stripes alternate
+    hat = np.asarray(render(Scene(Subject("square", "blue", "plain", "hat"), CENTRED, "pink"), 64)).astype(int)
+    assert (hat != image).any(axis=2)[:20].sum() > 20  # the accessory sits above the body
+
+
+def test_poses_differ_and_stay_in_range():
+    rng = random.Random(0)
+    poses = [random_pose(rng) for _ in range(200)]
+    assert {p.size for p in poses} == set(SIZES) and {p.position for p in poses} == set(POSITIONS)
+    assert all(p.position == "center" for p in poses if p.size == "large")
+    assert {p.mirror for p in poses} == {True, False}
+    assert max(abs(p.rotation_deg) for p in poses) <= 20.0
+
+
+def test_captions_use_the_vocabulary_and_the_class_word():
+    rng = random.Random(1)
+    words = vocabulary() | {"a", "photo", "of", "with", "on", "the", "in"}
+    for scene in ToyScenes(size=32, num_scenes=50, seed=3).scenes:
+        text = caption(scene, rng)
+        assert CLASS_WORD in text.split()
+        assert set(text.split()) <= words, text
+
+
+def test_scene_dataset_items_and_caption_dropout():
+    data = ToyScenes(size=32, num_scenes=40, seed=0, caption_dropout=0.5)
+    items = [data[i] for i in range(40)]
+    assert items[0]["image"].shape == (32, 32, 3) and -1.0 <= items[0]["image"].min() <= items[0]["image"].max() <= 1.0
+    assert 5 < sum(item["caption"] == "" for item in items) < 35
+    assert [item["image_index"] for item in items] == list(range(40))
+    crops = ToyScenes(size=32, num_scenes=4, seed=0, crop=16)
+    assert crops[0]["image"].shape == (16, 16, 3)
+    with pytest.raises(ValueError, match="crop"):
+        ToyScenes(size=32, num_scenes=4, crop=64)
+
+
+def test_photo_folder_shows_one_held_out_subject(tmp_path):
+    subject = write_photo_folder(3, tmp_path / "photos", num_photos=6)
+    assert subject == held_out_subject(3)
+    files = sorted((tmp_path / "photos").glob("*.png"))
+    assert len(files) == 6
+    from PIL import Image
+
+    corners = {Image.open(f).convert("RGB").getpixel((1, 1)) for f in files}
+    assert corners == {BACKGROUNDS[b] for b in PHOTO_BACKGROUNDS}
+    assert Image.open(files[0]).size == (PHOTO_RESOLUTION, PHOTO_RESOLUTION)
+
+
+@pytest.mark.parametrize("seed", [-1, HELD_OUT_POOL_SIZE])
+def test_a_subject_seed_that_does_not_exist_is_a_one_line_error(tmp_path, seed):
+    with pytest.raises(ValueError, match=r"subject seed .* does not exist") as err:
+        write_photo_folder(seed, tmp_path / "photos")
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_features_and_questions_are_refused():
+    with pytest.raises(ValueError, match="unknown colour 'teal'"):
+        Subject("round", "teal", "plain", "none")
+    with pytest.raises(UnknownQuestionError, match="the judge knows no attribute 'hair'"):
+        check_question("hair")
+
+
+def test_suite_scores_count_subject_and_attribute_together():
+    subject = Subject("round", "red", "striped", "hat")
+    right = {"shape": "round", "colour": "red", "pattern": "striped", "accessory": "hat", "size": "large",
+             "position": "center"}
+    suite = prompt_suite("*")
+    verdicts = []
+    for prompt, question, asked in suite:  # 2 samples per prompt
+        background = asked if question == "background" else "white"
+        good = Verdict(True, {**right, "background": background, **({question: asked} if question else {})})
+        wrong_subject = Verdict(True, {**good.answers, "colour": "blue"})
+        verdicts += [good, wrong_subject]
+    score = score_suite(verdicts, suite, 2, subject)
+    assert score.fidelity == 0.5 and score.editability == 0.5 and score.attribute == 1.0
+    absent = [Verdict(False, v.answers) for v in verdicts]
+    assert score_suite(absent, suite, 2, subject).fidelity == 0.0
+    with pytest.raises(UnknownQuestionError):
+        score_suite(verdicts[:4], [suite[0], ("a photo of a *", "hair", "long")], 2, subject)
