@@ -1,11 +1,19 @@
-# GPU image for training and sampling.
-#   docker build -t <username>/<imagename> .
-#   docker run -d -it -P --gpus all -v "$PWD/models:/workspace/models" \
-#       -v "$PWD/logs:/workspace/logs" --name <container_name> <username>/<imagename>
-#   docker exec -it <container_name> python main.py --help
-# Checkpoints are kept out of the build context (.dockerignore): mount models/ as above.
-# The CUDA 13.0 base matches the CUDA runtime bundled in the pinned torch wheel (host driver
-# >= 580); the wheel brings its own cuBLAS/cuDNN, the base image contributes the driver hooks.
+# GPU image for training and sampling. Build, then run with your checkpoints, photos and results
+# mounted from the host (README "Install for a GPU workstation" shows the same command):
+#   docker build -t <username>/momentum-ti .
+#   docker run -d -it -P --gpus all --shm-size=8g \
+#       -v "$PWD/models:/workspace/models" -v "$PWD/inputs:/workspace/inputs" \
+#       -v "$PWD/logs:/workspace/logs" -v "$PWD/outputs:/workspace/outputs" \
+#       --name momentum-ti <username>/momentum-ti
+#   docker exec -it momentum-ti python main.py --help
+# models/ (checkpoints) and inputs/ (photos) are never copied into the image (.dockerignore); logs/
+# (embeddings, last.ckpt) and outputs/ (samples) are written to the host, so they outlive the
+# container. --shm-size: DataLoader workers and NCCL (--gpus 0,1) share memory through /dev/shm,
+# which Docker limits to 64 MB by default (--ipc=host also works).
+# The CUDA 13.0 base matches the CUDA runtime bundled in the pinned torch wheel: the host needs an
+# NVIDIA driver >= 580 (nvidia-smi shows it) and the NVIDIA Container Toolkit. Without them main.py
+# --gpus stops with an error saying so; --accelerator cpu trains on the CPU. The wheel brings its
+# own cuBLAS/cuDNN, the base image contributes the driver hooks.
 FROM nvidia/cuda:13.0.1-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -34,8 +42,8 @@ COPY main.py README.md ./
 COPY configs ./configs
 COPY ldm ./ldm
 COPY scripts ./scripts
-COPY inputs ./inputs
-COPY models ./models
+# Mount points of the docker run above (empty in the image).
+RUN mkdir -p models inputs logs outputs
 
 # TensorBoard for logs/ (`tensorboard --logdir logs --bind_all`); `-P` publishes it.
 EXPOSE 6006

@@ -127,12 +127,30 @@ def find_clip_weights(clip_model: str | None) -> tuple[Path | None, str]:
     return (cached, str(cached)) if cached.is_file() else (None, f"no {cached}; pass --clip_model <file.pt>")
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation (its training statistics)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP's image preprocessing on tensors, with kornia: [B, 3, H, W] in [0, 1] -> [B, 3, size, size].
+
+    The short side is resized to ``size`` (bicubic, antialiased), the centre cropped and the colours
+    normalised, as the clip package does on PIL images (and LDM's CLIP image embedder on tensors).
+    """
+    import kornia
+
+    images = kornia.geometry.transform.resize(images, size, side="short", interpolation="bicubic",
+                                              antialias=True).clamp(0, 1)  # bicubic overshoots; PIL clips
+    images = kornia.geometry.transform.center_crop(images, (size, size))
+    mean, std = torch.tensor(CLIP_MEAN, device=images.device), torch.tensor(CLIP_STD, device=images.device)
+    return kornia.enhance.normalize(images, mean, std)
+
+
 @dataclass
 class ClipScorer:
-    """A CLIP model and its preprocessing, giving unit-norm image and text embeddings."""
+    """A CLIP model (its images preprocessed on tensors by :func:`clip_pixels`): unit-norm image and text embeddings."""
 
     model: Any
-    preprocess: Any
     device: torch.device
     path: Path
 
@@ -153,17 +171,18 @@ class ClipScorer:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # clip.load tries torch.jit.load first
-                model, preprocess = clip.load(str(path), device=device, jit=False)
+                model, _ = clip.load(str(path), device=device, jit=False)  # its PIL transform: see clip_pixels
         except Exception as err:  # clip/torch raise many types for a file that is not a CLIP model
             raise ValueError(f"{path}: cannot load CLIP weights ({str(err).splitlines()[0][:200]}); "
                              "pass a CLIP .pt file from the clip package's cache") from None
         logger.info("CLIP weights: %s", path)
-        return cls(model.eval(), preprocess, device, path)
+        return cls(model.eval(), device, path)
 
     @torch.no_grad()
     def image_embedding(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.preprocess(image).unsqueeze(0).to(self.device)  # [1, 3, S, S]
-        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)[0]
+        rgb = torch.from_numpy(np.asarray(image.convert("RGB"))).to(self.device)  # [H, W, 3] uint8
+        pixels = clip_pixels(rgb.permute(2, 0, 1)[None].float() / 255, self.model.visual.input_resolution)
+        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)[0]  # [E]
 
     @torch.no_grad()
     def text_embedding(self, text: str) -> torch.Tensor:

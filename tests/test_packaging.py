@@ -3,6 +3,7 @@
 import fnmatch
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -258,3 +259,98 @@ def test_make_rebuilds_venv_whose_interpreter_is_gone(make_sandbox: Path) -> Non
     (make_sandbox / ".venv" / ".installed").write_text("")
     plan = _make(make_sandbox, "-n", "test").stdout
     assert "-m venv" in plan and "pip install" in plan, f"a stamp without an interpreter must not count:\n{plan}"
+
+
+DOCKER_MOUNTS = {"/workspace/models", "/workspace/inputs", "/workspace/logs", "/workspace/outputs"}
+
+
+def _docker_runs(text: str, comment: str = "") -> list[list[str]]:
+    """Every `docker run` command in ``text`` (lines may start with ``comment``), `\\` continuations joined."""
+    lines = [line.strip().removeprefix(comment).strip() for line in text.splitlines()]
+    commands, pending = [], None
+    for line in lines:
+        if pending is None and not line.startswith("docker run"):
+            continue
+        pending = (pending or "") + " " + line.removesuffix("\\")
+        if not line.endswith("\\"):
+            commands.append(shlex.split(pending))
+            pending = None
+    return commands
+
+
+def _mounted(command: list[str]) -> set[str]:
+    """Container paths of the `-v host:container` options."""
+    return {command[i + 1].split(":")[1] for i, token in enumerate(command) if token in ("-v", "--volume")}
+
+
+def test_readme_and_dockerfile_document_one_docker_run_that_keeps_results() -> None:
+    readme = _docker_runs((ROOT / "README.md").read_text())
+    dockerfile = _docker_runs((ROOT / "Dockerfile").read_text(), comment="#")
+    assert len(readme) == 1 and len(dockerfile) == 1, (readme, dockerfile)
+    assert readme[0] == dockerfile[0], "the README and the Dockerfile header must show the same docker run"
+    command = readme[0]
+    assert _mounted(command) == DOCKER_MOUNTS, "models/ and inputs/ in, logs/ and outputs/ back to the host"
+    assert any(t.startswith("--shm-size") or t == "--ipc=host" for t in command), "DataLoader workers need /dev/shm"
+    assert "--gpus" in command
+
+
+def test_photos_and_weights_stay_out_of_the_image() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"models", "inputs", "**/*.ckpt", "**/*.safetensors", "**/*.pt", "**/*.jpg", "**/*.png"} <= ignored
+    assert not {"models", "inputs"} & {source.rstrip("/") for source in _copy_sources()}
+
+
+def test_driver_requirement_is_stated_where_users_read() -> None:
+    for name in ("README.md", "Dockerfile", "environment.yaml"):
+        assert "driver >= 580" in (ROOT / name).read_text(), f"{name} must state the NVIDIA driver requirement"
+
+
+# Files run only with the test requirements installed (the benchmark's diffusers reference).
+TEST_ONLY_CODE = ("scripts/benchmark.py", "scripts/bench/")
+
+
+def _imported_packages(paths: list[Path]) -> dict[str, set[str]]:
+    """Top-level modules the files import (stdlib and this repository's own left out) -> importing files."""
+    import ast
+    import sys
+
+    own = {p.stem for p in ROOT.iterdir()} | {p.stem for p in (ROOT / "scripts").iterdir()}
+    found: dict[str, set[str]] = {}
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - own:
+                found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def _distributions_by_module() -> dict[str, set[str]]:
+    """Top-level module -> normalised names of the installed distributions providing it (from their RECORD)."""
+    import importlib.metadata as metadata
+
+    provided: dict[str, set[str]] = {}
+    for dist in metadata.distributions():
+        tops = {f.parts[0].split(".")[0] for f in dist.files or [] if len(f.parts) > 1 or f.suffix in (".py", ".so")}
+        for top in tops:  # a package directory, a module file, or an extension such as dlib-bin's dlib.*.so
+            provided.setdefault(top, set()).add(_normalize(dist.metadata["Name"]))
+    return provided
+
+
+def test_every_imported_package_is_pinned() -> None:
+    code = sorted([*ROOT.glob("ldm/**/*.py"), *ROOT.glob("scripts/**/*.py"), ROOT / "main.py"])
+    runtime = [p for p in code if not str(p.relative_to(ROOT)).startswith(TEST_ONLY_CODE)]
+    test_lines = [line for line in _requirement_lines(ROOT / "requirements-test.txt") if not line.startswith("-r")]
+    pins = {"runtime": set(_runtime_pins()), "test": set(_runtime_pins()) | set(_pins(test_lines, "test"))}
+    distributions = _distributions_by_module()
+    for kind, files in (("runtime", runtime), ("test", code)):
+        for module, importers in sorted(_imported_packages(files).items()):
+            provided = distributions.get(module, set())
+            assert provided, f"{module} (imported by {sorted(importers)[0]}) is not installed"
+            where = "requirements.txt" if kind == "runtime" else "requirements-test.txt"
+            assert provided & pins[kind], f"{sorted(importers)[0]} imports {module} ({sorted(provided)}): pin it in {where}"
