@@ -1,0 +1,125 @@
+"""What a short run leaves for its user: metrics on disk, a step progress bar, a summary; flags; tiny photos."""
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from conftest import write_photos
+from PIL import Image
+from test_training_cli import base_argv, only_run
+
+import main
+from ldm.data.images import DataRootError
+from ldm.data.personalized import PersonalizedBase
+from ldm.run_log import format_duration
+from ldm.training import RunPaths, apply_flags, load_config
+
+TINY = "configs/tiny/v1-finetune.yaml"
+
+
+def test_a_3_step_run_has_its_metrics_on_disk_and_a_summary(tmp_path, photo_dir, tiny_ckpt, caplog, capfd) -> None:
+    # log_every_n_steps is 10 here: Lightning alone would write no train/loss for a 3-step run
+    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "-n", "short", "--max_steps", "3", "--no_validation",
+                     "lightning.callbacks.image_logger.params.disabled=true")
+    with caplog.at_level(logging.INFO):
+        assert main.main(argv) == 0
+    run = only_run(tmp_path, "short")
+    with open(run / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [2], "the last step's values (Lightning's step 2 is the 3rd step)"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2]
+
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training done")]
+    assert len(summary) == 1 and "3 steps (to step 3)" in summary[0] and "it/s" in summary[0]
+    assert "loss final" in summary[0] and "lowest" in summary[0]
+    captured = capfd.readouterr()
+    bar = captured.out + captured.err
+    assert re.search(r"Training step: 100%\|[^|]*\| 3/3 \[", bar), "the bar counts steps up to max_steps"
+    assert "v_num" not in bar and "Epoch 0" not in bar.split("Training step")[-1]
+
+
+def test_format_duration() -> None:
+    assert [format_duration(s) for s in (4.4, 75.2, 3725)] == ["4s", "1m15s", "1h02m05s"]
+
+
+# ---------------------------------------------------------------------------------- flags
+
+
+def test_flags_map_to_the_config(tmp_path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of *\n")
+    opt, _ = main.build_parser().parse_known_args([
+        "--base", TINY, "--num_vectors_per_token", "3", "--progressive_words", "--validation_prompts", str(prompts),
+        "--validation_ddim_steps", "7", "--validation_identity", "--no_validation", "--num_nodes", "2"])
+    config = load_config([TINY], [])
+    apply_flags(config, opt, RunPaths(tmp_path, tmp_path / "checkpoints", tmp_path / "configs", None))
+    embedding = config.model.params.personalization_config.params
+    assert embedding.num_vectors_per_token == 3 and embedding.progressive_words is True
+    assert dict(config.lightning.validation) == {"enabled": False, "prompts_file": str(prompts), "ddim_steps": 7,
+                                                 "identity": True}
+    assert opt.num_nodes == 2
+
+
+def test_facial_loss_turns_the_identity_score_on(tmp_path) -> None:
+    opt, _ = main.build_parser().parse_known_args(["--base", TINY, "--use_facial_loss"])
+    config = load_config([TINY], [])
+    apply_flags(config, opt, RunPaths(tmp_path, tmp_path / "checkpoints", tmp_path / "configs", None))
+    assert config.lightning.validation.identity is True and "enabled" not in config.lightning.validation
+
+
+def test_num_nodes_is_documented_in_the_help() -> None:
+    assert "NODE_RANK" in main.build_parser().format_help()
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--num_vectors_per_token", "0", "--num_vectors_per_token must be at least 1"),
+    ("--validation_ddim_steps", "0", "--validation_ddim_steps must be at least 1"),
+])
+def test_bad_flag_values_exit_2_with_one_line(tmp_path, photo_dir, tiny_ckpt, caplog, flag, value, expected) -> None:
+    with caplog.at_level(logging.INFO):
+        assert main.main(base_argv(tmp_path, photo_dir, tiny_ckpt, flag, value)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and expected in errors[0]
+
+
+# ---------------------------------------------------------------------------- tiny photos
+
+
+def test_a_1x1_photo_is_skipped_and_named(tmp_path) -> None:
+    folder = write_photos(tmp_path / "photos", count=2)
+    Image.new("RGB", (1, 1), "red").save(folder / "thumb.png")
+    data = PersonalizedBase(folder, size=64)
+    assert data.num_images == 2
+    assert [(p.name, reason) for p, reason in data.skipped] == [
+        ("thumb.png", "too small: 1x1, the shorter side must be at least 16 px")]
+    assert "thumb.png (too small" in data.summary()
+
+
+def test_a_folder_of_thumbnails_stops_with_the_usual_error(tmp_path, tiny_ckpt, caplog) -> None:
+    folder = tmp_path / "thumbs"
+    folder.mkdir()
+    Image.new("RGB", (1, 1), "red").save(folder / "thumb.png")
+    with pytest.raises(DataRootError, match=r"no usable images .* thumb.png \(too small: 1x1"):
+        PersonalizedBase(folder, size=512)
+    with caplog.at_level(logging.INFO):
+        assert main.main(base_argv(tmp_path / "logs", folder, tiny_ckpt)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "thumb.png (too small: 1x1" in errors[0]
+
+
+def test_min_image_side_is_a_quarter_of_the_training_size(tmp_path) -> None:
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    for side in (127, 128, 300):
+        Image.new("RGB", (side, side + 10), "gray").save(folder / f"{side}.png")
+    data = PersonalizedBase(folder, size=512)
+    assert sorted(Path(p).name for p in data.image_paths) == ["128.png", "300.png"]
+    assert PersonalizedBase(folder, size=512, min_image_side=100).num_images == 3
