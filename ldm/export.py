@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import pytorch_lightning as pl
 import torch
 
-from ldm.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from ldm.checkpoint import CheckpointError, ema_key, read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,22 @@ def pruned_state_dict(state_dict: Mapping[str, torch.Tensor], *, include_ema: bo
     return state
 
 
+def ema_as_model(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every ``model.*`` weight replaced by its EMA shadow (and the shadows dropped)."""
+    if not any(key.startswith(EMA_PREFIX) for key in state_dict):
+        raise CheckpointError("no EMA weights ('model_ema.*') to export: train with use_ema: true, or export "
+                              "without --ema_weights")
+    state = {}
+    for key, value in state_dict.items():
+        if key.startswith(EMA_PREFIX):
+            continue
+        shadow = ema_key(key) if key.startswith("model.") else None
+        if shadow is not None and shadow not in state_dict:
+            raise CheckpointError(f"the EMA weights lack {shadow}: they do not cover the model")
+        state[key] = state_dict[shadow] if shadow is not None else value
+    return state
+
+
 def export_path(directory: str | os.PathLike[str], export_format: str, stem: str = "model_pruned") -> Path:
     """``directory/model_pruned.ckpt`` or ``.safetensors``."""
     if export_format not in EXPORT_FORMATS:
@@ -66,11 +82,17 @@ def export_pruned(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLik
 
 
 def export_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike[str], *, half: bool = False,
-                      include_ema: bool = False, trust_pickle: bool = False) -> Path:
-    """Prune a training checkpoint (e.g. a DreamBooth run's ``last.ckpt``) into ``target``."""
+                      include_ema: bool = False, ema_weights: bool = False, trust_pickle: bool = False) -> Path:
+    """Prune a training checkpoint (e.g. a DreamBooth run's ``last.ckpt``) into ``target``.
+
+    ``ema_weights`` writes the EMA shadows as the UNet's weights (what sampling with EMA would use).
+    """
+    if ema_weights and include_ema:
+        raise CheckpointError("ema_weights already writes the EMA weights as the model's; drop include_ema")
     checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
     meta = {key: checkpoint.meta[key] for key in KEPT_META if key in checkpoint.meta}
-    return export_pruned(checkpoint.state_dict, target, half=half, include_ema=include_ema, meta=meta)
+    state = ema_as_model(checkpoint.state_dict) if ema_weights else checkpoint.state_dict
+    return export_pruned(state, target, half=half, include_ema=include_ema, meta=meta)
 
 
 class PrunedExport(pl.Callback):

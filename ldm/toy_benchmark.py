@@ -38,7 +38,7 @@ EDIT_PROMPTS: tuple[tuple[str, str, str], ...] = (
     ("a photo of a small {}", "size", "small"),
 )
 SAMPLER = {"ddim_steps": 25, "scale": 3.0}
-QUIET = ["lightning.trainer.enable_progress_bar=false", "lightning.callbacks.image_logger.params.disabled=true",
+QUIET = ["--no_validation", "lightning.trainer.enable_progress_bar=false", "lightning.callbacks.image_logger.params.disabled=true",
          "lightning.modelcheckpoint.params.every_n_train_steps=100000"]
 
 

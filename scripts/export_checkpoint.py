@@ -29,13 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="output file, .ckpt or .safetensors")
     p.add_argument("--half", action="store_true", help="write float16 weights (half the size)")
     p.add_argument("--include_ema", action="store_true", help="keep the EMA weights (model_ema.*)")
+    p.add_argument("--ema_weights", action="store_true",
+                   help="write the EMA weights as the UNet's weights (instead of the last training weights)")
     p.add_argument("--trust_pickle", action="store_true", help="allow checkpoints that need arbitrary code to load")
     return p
 
 
 def export(args: argparse.Namespace) -> None:
     path = export_checkpoint(args.source, args.target, half=args.half, include_ema=args.include_ema,
-                             trust_pickle=args.trust_pickle)
+                             ema_weights=args.ema_weights, trust_pickle=args.trust_pickle)
     logger.info("Wrote %s", path)
 
 

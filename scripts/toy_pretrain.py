@@ -72,7 +72,8 @@ def train_diffusion(workdir: Path, out: Path) -> Path:
     logdir = run_main(["--base", str(ROOT / "configs/toy/v1-inference.yaml"), str(ROOT / "configs/toy/pretrain.yaml"),
                        "-t", "-n", "toy-pretrain", "--accelerator", "cpu", "-l", str(workdir), "-s", str(SEED),
                        f"model.params.first_stage_config.params.ckpt_path={out / AUTOENCODER_FILE}"])
-    return export_checkpoint(logdir / "checkpoints" / "last.ckpt", out / MODEL_FILE, half=True, trust_pickle=True)
+    return export_checkpoint(logdir / "checkpoints" / "last.ckpt", out / MODEL_FILE, half=True, ema_weights=True,
+                             trust_pickle=True)
 
 
 def train_judge_stage(out: Path) -> Path:

@@ -36,7 +36,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
             if name not in self.datasets:
                 self.datasets[name] = instantiate_from_config(cfg)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool) -> DataLoader | list:
+        """The split's loader; no batches (an empty list) when the config has no such split."""
+        if name not in self.datasets:
+            return []
         return DataLoader(self.datasets[name], batch_size=self.batch_size, num_workers=self.num_workers,
                           shuffle=shuffle,
                           persistent_workers=self.num_workers > 0)

@@ -97,6 +97,7 @@ class DDPM(pl.LightningModule):
         use_positional_encodings: bool = False,
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
+        noise_offset: float = 0.0,
         compile_unet: bool | str = False,
     ):
         super().__init__()
@@ -121,6 +122,7 @@ class DDPM(pl.LightningModule):
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
         self.loss_type = loss_type
+        self.noise_offset = noise_offset
         if monitor is not None:
             self.monitor = monitor
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
@@ -230,10 +232,23 @@ class DDPM(pl.LightningModule):
         """Autocast to the half dtype of the frozen weights, when they are held in one."""
         return precision.weights_autocast(self.device, self.half_weight_dtype)
 
+    def training_noise(self, x_start: torch.Tensor) -> torch.Tensor:
+        """The loss's noise: N(0, I), plus ``noise_offset`` times one N(0, 1) draw per sample and channel.
+
+        Offset noise (Guttenberg 2023): SD's schedule leaves some of the image's mean in x_T, so a model
+        trained on plain noise never learns to choose an image's overall colour from the prompt.
+        """
+        noise = torch.randn_like(x_start)
+        if self.noise_offset:
+            per_channel = torch.randn(*x_start.shape[:2], *([1] * (x_start.ndim - 2)), device=x_start.device,
+                                      dtype=x_start.dtype)  # [B, C, 1, 1]
+            noise = noise + self.noise_offset * per_channel
+        return noise
+
     def per_sample_losses(self, x_start: torch.Tensor, cond, t: torch.Tensor,
                           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Simple and VLB losses of each sample, shape [B] each, from one denoiser call."""
-        noise = torch.randn_like(x_start) if noise is None else noise
+        noise = self.training_noise(x_start) if noise is None else noise
         x_noisy = self.q_sample(x_start, t, noise)
         prediction = self.apply_model(x_noisy, t, cond)
         target = noise if self.parameterization == "eps" else x_start
