@@ -45,10 +45,11 @@ def hold_frozen_weights_in_half(modules: dict[str, nn.Module | None], dtype: tor
     """
     if dtype not in HALF_DTYPES.values():
         raise ValueError(f"half weights must be float16 or bfloat16, got {dtype}")
-    total = 0
+    total, seen = 0, set()
     for name, module in modules.items():
-        if module is None:
+        if module is None or id(module) in seen:  # e.g. a first stage that is also the conditioner
             continue
+        seen.add(id(module))
         count = 0
         for layer in frozen_matmul_layers(module):
             count += sum(p.numel() for p in layer.parameters(recurse=False))

@@ -2,13 +2,23 @@
 """Benchmark this project against diffusers on the same weights, in one run on one machine.
 
 Rows (``--only`` picks groups): ``unet`` forward, ``vae`` decode, ``ddim`` (20 DDIM steps with
-classifier-free guidance), ``ti`` (one momentum-TI training step at batch 1 and 2 against diffusers'
-textual-inversion recipe), ``ti_parts`` (the parts of those two steps timed alone, and the lowest
-ratio that skipping the VAE encode and the token-table optimizer can give), ``face`` (the TI step
-with the facial loss against the same step without it), ``face_prep`` (dlib face crops of the
-fixture photos, cold and warm cache) and ``dreambooth`` (one DreamBooth step with prior preservation
-against diffusers' ``train_dreambooth.py`` recipe). Each row reports the median time and the peak
-extra memory of ours and of the baseline, and their ratios.
+classifier-free guidance), ``sample`` (prompt to image: 50 guided DDIM steps and the decode, against
+``StableDiffusionPipeline``), ``ti`` (one momentum-TI training step against diffusers'
+textual-inversion recipe, at each of ``--ti-batches``), ``ti_parts`` (the parts of those steps timed
+alone, and the lowest ratio that skipping the VAE encode and the token-table optimizer can give),
+``face`` (the TI step with the facial loss against the same step without it), ``face_prep`` (dlib
+face crops of the fixture photos, cold and warm cache), ``dreambooth`` (one DreamBooth step with prior
+preservation against diffusers' ``train_dreambooth.py`` recipe) and, only when named since compiling
+takes minutes, ``compiled`` (the TI step and the sampling with ``--compile_unet``, against diffusers
+eager and with ``torch.compile`` on its UNet).
+Each row reports the median time and the peak extra memory of ours and of the baseline, their
+ratios, and the FLOP rate achieved (FlopCounterMode) with its share of the GPU's dense half peak.
+
+``--precision fp16|bf16`` runs each side as its users would under mixed precision, with autocast:
+ours holds its frozen weights in half precision (as ``main.py --precision 16-mixed|bf16-mixed`` and
+``stable_txt2img.py`` do); diffusers' textual-inversion recipe holds the UNet and VAE in half precision
+and its trained text encoder in float32, ``train_dreambooth.py`` the VAE and text encoder in half
+precision and its trained UNet in float32, ``StableDiffusionPipeline`` everything in half precision.
 
     python scripts/benchmark.py --config sd-v1 --device cpu --size 256 --repeats 3 --markdown
 """
@@ -34,6 +44,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.util import instantiate_from_config, randomize_zero_weights  # noqa: E402
 from scripts.bench import reference  # noqa: E402
+from scripts.bench.flops import count_flops, dense_half_peak_tflops  # noqa: E402
 from scripts.bench.measure import (  # noqa: E402
     Measurement,
     measure,
@@ -43,7 +54,10 @@ from scripts.bench.measure import (  # noqa: E402
     saved_activation_bytes,
     tensor_bytes,
     timed,
+    with_state,
 )
+from scripts.bench.ours import OursStep, dreambooth_batch, ti_batch  # noqa: E402
+from scripts.bench.speed_rows import compiled_rows, sample_rows  # noqa: E402
 from scripts.bench.table import Row, markdown_table, plain_table  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -52,10 +66,13 @@ CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune.yaml",
            "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune.yaml"}
 DREAMBOOTH_CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune_unfrozen.yaml",
                       "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune_unfrozen.yaml"}
-GROUPS = ("unet", "vae", "ddim", "ti", "ti_parts", "face", "dreambooth", "face_prep")
+GROUPS = ("unet", "vae", "ddim", "sample", "ti", "ti_parts", "face", "dreambooth", "face_prep", "compiled")
+OPT_IN_GROUPS = ("compiled",)  # run only when named in --only
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
-TI_BATCHES = (1, 2)
+TI_BATCHES = {"cpu": (1, 2), "cuda": (1, 2, 8)}
 DDIM_STEPS = 20
+SAMPLE_STEPS = 50
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GUIDANCE = 7.5
 PROMPT = "a photo of a *"
 FACIAL_LOSS = {"target": "ldm.modules.face_loss.FacialLoss", "params": {"weight": 1.0}}
@@ -69,10 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model size")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="fp32, or autocast to bf16/fp16 on both sides")
+                   help="fp32, or mixed precision with half-precision weights as each side's users run it")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median), after 1 warm-up")
-    p.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="row groups to run")
-    p.add_argument("--batch", type=int, default=1, help="batch of the unet/vae/ddim rows (TI rows: 1 and 2)")
+    p.add_argument("--only", nargs="+", choices=GROUPS, default=[g for g in GROUPS if g not in OPT_IN_GROUPS],
+                   help=f"row groups to run (default: all but {', '.join(OPT_IN_GROUPS)})")
+    p.add_argument("--batch", type=int, default=1, help="batch of the unet/vae/ddim/sample rows")
+    p.add_argument("--ti-batches", type=int, nargs="+", default=None,
+                   help="batches of the ti, ti_parts, face and compiled rows (default: 1 2 on cpu, 1 2 8 on cuda)")
+    p.add_argument("--sample-steps", type=int, default=SAMPLE_STEPS, help="DDIM steps of the sample rows")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense half-precision peak (default: known NVIDIA data-center GPUs)")
     p.add_argument("--size", type=int, default=None,
                    help="image side in pixels (default: 64 tiny; sd-v1 256 on cpu, 512 on cuda)")
     p.add_argument("--ddim-steps", type=int, default=DDIM_STEPS, help="steps of the ddim row")
@@ -85,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.size = 64 if args.config == "tiny" else (512 if args.device == "cuda" else 256)
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if min(args.repeats, args.batch, args.threads, args.ddim_steps) < 1:
-        p.error("--repeats, --batch, --threads and --ddim-steps must be at least 1")
+    args.ti_batches = tuple(args.ti_batches or TI_BATCHES[args.device])
+    if min(args.repeats, args.batch, args.threads, args.ddim_steps, args.sample_steps, *args.ti_batches) < 1:
+        p.error("--repeats, --batch, --threads, --ti-batches, --ddim-steps and --sample-steps must be at least 1")
     if args.size % 8:
         p.error(f"--size must be a multiple of 8 (the VAE downsamples by 8), got {args.size}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -105,6 +129,10 @@ class Bench:
         self.original_config = OmegaConf.to_container(config, resolve=True)
         logger.info("building our LatentDiffusion from %s", CONFIGS[args.config])
         self.ours = instantiate_from_config(config.model).to(self.device).eval()
+        self.weight_dtype = HALF_DTYPES.get(args.precision)  # None: float32
+        self.checkpoint  # the float32 weights the diffusers models are made from, read before ours are cast
+        if self.weight_dtype is not None:
+            self.ours.hold_frozen_weights_in_half(self.weight_dtype)
         ddconfig = config.model.params.first_stage_config.params.ddconfig
         factor = 2 ** (len(ddconfig.ch_mult) - 1)
         self.latent_shape = (int(config.model.params.channels), args.size // factor, args.size // factor)
@@ -116,16 +144,26 @@ class Bench:
     def checkpoint(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.ours.state_dict().items()}
 
+    @property
+    def half_or_float32(self) -> torch.dtype:
+        return self.weight_dtype or torch.float32
+
+    def placed(self, module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """``module`` on the device, cast to ``dtype`` when one is given (diffusers warns about any cast)."""
+        return module.to(self.device) if dtype is None else module.to(self.device, dtype)
+
     @functools.cached_property
     def unet(self):
-        return reference.unet(self.original_config, self.checkpoint).to(self.device)
+        """diffusers' UNet in the recipes' weight dtype (half under mixed precision)."""
+        return self.placed(reference.unet(self.original_config, self.checkpoint), self.weight_dtype)
 
     @functools.cached_property
     def vae(self):
-        return reference.vae(self.original_config, self.checkpoint).to(self.device)
+        return self.placed(reference.vae(self.original_config, self.checkpoint), self.weight_dtype)
 
     @functools.cached_property
     def text_model(self):
+        """The text encoder in float32: the TI recipe trains its token table."""
         return reference.text_encoder(self.ours.cond_stage_model.text_model.config, self.checkpoint).to(self.device)
 
     def randn(self, *shape: int) -> torch.Tensor:
@@ -146,23 +184,48 @@ class Bench:
         """Measure one callable under the chosen precision."""
         return measure(self.under_precision(fn), self.device, self.args.repeats)
 
+    def flops(self, fn: Callable[[], Any]) -> int:
+        """FLOPs of one call under the chosen precision."""
+        return count_flops(self.under_precision(fn))
+
+    @property
+    def latent_numel(self) -> int:
+        return self.latent_shape[0] * self.latent_shape[1] * self.latent_shape[2]
+
+    def ti_step(self, n: int, face: bool = False) -> OursStep:
+        """Our TI step at batch ``n`` (on the shared model)."""
+        self.ours.learning_rate = self.lr
+        return OursStep(self.ours, ti_batch(n, self.args.size, PROMPT, face), self.latent_numel)
+
+    def reference_ti_step(self, ours: OursStep, unet=None) -> reference.TextualInversionStep:
+        """diffusers' TI recipe on the images of ``ours`` (``unet``: e.g. a compiled one; default ``self.unet``)."""
+        pixels = ours.batch["image"].permute(0, 3, 1, 2).contiguous()  # [B, 3, H, W]
+        ids = self.ours.cond_stage_model.tokenize(ours.batch["caption"])
+        return reference.TextualInversionStep(unet or self.unet, self.vae, self.text_model, ids,
+                                              self.ours.embedding_manager.token_ids[0], pixels,
+                                              self.ours.scale_factor, lr=self.lr, weight_dtype=self.half_or_float32)
+
 
 # --- inference rows --------------------------------------------------------------------------------
 def unet_rows(b: Bench) -> list[Row]:
     n = b.args.batch
     x, t, ctx = b.randn(n, *b.latent_shape), torch.randint(0, 1000, (n,), device=b.device), b.randn(n, *b.context_shape)
     ours_unet, ref_unet = b.ours.model.diffusion_model, b.unet
-    ours, ref = b.pair(torch.inference_mode()(lambda: ours_unet(x, t, context=ctx)),
-                       torch.inference_mode()(lambda: ref_unet(x, t, encoder_hidden_states=ctx).sample))
-    return [Row("unet_forward", "diffusers", ours, ref, f"batch {n}, latent {b.latent_shape[1]}px")]
+    ours = torch.inference_mode()(lambda: ours_unet(x, t, context=ctx))
+    ref = torch.inference_mode()(lambda: ref_unet(x, t, encoder_hidden_states=ctx).sample)
+    ours_m, ref_m = b.pair(ours, ref)
+    return [Row("unet_forward", "diffusers", ours_m, ref_m, f"batch {n}, latent {b.latent_shape[1]}px",
+                b.flops(ours), b.flops(ref))]
 
 
 def vae_rows(b: Bench) -> list[Row]:
     z = b.randn(b.args.batch, *b.latent_shape)
     ref_vae, scale = b.vae, b.ours.scale_factor
-    ours, ref = b.pair(torch.inference_mode()(lambda: b.ours.decode_first_stage(z)),
-                       torch.inference_mode()(lambda: ref_vae.decode(z / scale).sample))
-    return [Row("vae_decode", "diffusers", ours, ref, f"batch {b.args.batch}, {b.args.size}px")]
+    ours = torch.inference_mode()(lambda: b.ours.decode_first_stage(z))
+    ref = torch.inference_mode()(lambda: ref_vae.decode(z / scale).sample)
+    ours_m, ref_m = b.pair(ours, ref)
+    return [Row("vae_decode", "diffusers", ours_m, ref_m, f"batch {b.args.batch}, {b.args.size}px", b.flops(ours),
+                b.flops(ref))]
 
 
 def ddim_rows(b: Bench) -> list[Row]:
@@ -176,70 +239,24 @@ def ddim_rows(b: Bench) -> list[Row]:
                               unconditional_conditioning=uncond, unconditional_guidance_scale=GUIDANCE,
                               eta=0.0, x_T=x_t, verbose=False)[0]
 
-    ours_m, ref_m = b.pair(ours, lambda: reference.ddim_sample(ref_unet, x_t, cond, uncond, steps, GUIDANCE))
-    return [Row(f"ddim{steps}_cfg", "diffusers", ours_m, ref_m, f"batch {n}, scale {GUIDANCE}")]
+    def ref():
+        return reference.ddim_sample(ref_unet, x_t, cond, uncond, steps, GUIDANCE)
 
-
-def optimizer_and_cache_bytes(optimizer: torch.optim.Optimizer, cache, latent_numel: int) -> int:
-    """What our step keeps between steps: optimizer state plus the cached posteriors (mean and
-    log-variance per latent, fp32)."""
-    return tensor_bytes(optimizer.state_dict()["state"]) + len(cache) * 2 * latent_numel * 4
+    ours_m, ref_m = b.pair(ours, ref)
+    return [Row(f"ddim{steps}_cfg", "diffusers", ours_m, ref_m, f"batch {n}, scale {GUIDANCE}", b.flops(ours),
+                b.flops(ref))]
 
 
 # --- training rows ---------------------------------------------------------------------------------
-class OursTIStep:
-    """One momentum-TI step of our LatentDiffusion: shared_step, backward, AdamW over the embedding."""
-
-    def __init__(self, b: Bench, batch_size: int, face: bool):
-        self.model = b.ours.train()
-        self.model.learning_rate = b.lr
-        self.model.latent_cache.clear()  # the warm-up step fills it; the timed steps hit it
-        size = b.args.size
-        self.batch: dict[str, Any] = {
-            "image": torch.rand(batch_size, size, size, 3) * 2 - 1,  # [B, H, W, 3] like the dataset
-            "caption": [PROMPT] * batch_size,
-            "image_index": torch.arange(batch_size),
-            "flipped": torch.zeros(batch_size, dtype=torch.bool),
-        }
-        if face:
-            self.batch["face"] = torch.rand(batch_size, size, size, 3) * 2 - 1
-            self.batch["has_face"] = torch.ones(batch_size, dtype=torch.bool)
-        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=b.lr)
-        self.latent_numel = b.latent_shape[0] * b.latent_shape[1] * b.latent_shape[2]
-
-    def __call__(self) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.model.shared_step(self.batch)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-    def persistent_bytes(self) -> int:
-        return optimizer_and_cache_bytes(self.optimizer, self.model.latent_cache, self.latent_numel)
-
-    def release(self) -> None:
-        self.model.latent_cache.clear()
-        self.model.eval()
-
-
-def _with_state(m: Measurement, state_bytes: int) -> Measurement:
-    """Add the memory a recipe keeps between steps (optimizer state, caches) to a step's peak."""
-    peak = None if m.peak_bytes is None else m.peak_bytes + state_bytes
-    return Measurement(m.median_s, m.times_s, peak)
-
-
 def ti_rows(b: Bench) -> list[Row]:
     rows = []
-    for n in TI_BATCHES:
-        ours = OursTIStep(b, n, face=False)
-        pixels = ours.batch["image"].permute(0, 3, 1, 2).contiguous().to(b.device)  # [B, 3, H, W]
-        ids = b.ours.cond_stage_model.tokenize([PROMPT] * n)
-        ref = reference.TextualInversionStep(b.unet, b.vae, b.text_model, ids, b.ours.embedding_manager.token_ids[0],
-                                             pixels, b.ours.scale_factor, lr=b.lr)
+    for n in b.args.ti_batches:
+        ours = b.ti_step(n)
+        ref = b.reference_ti_step(ours)
         ours_m, ref_m = b.pair(ours, ref)
-        rows.append(Row(f"ti_step_b{n}", "diffusers TI", _with_state(ours_m, ours.persistent_bytes()),
-                        _with_state(ref_m, tensor_bytes(ref.persistent_state())),
-                        f"{b.args.size}px; mem incl. optimizer state/cache"))
+        rows.append(Row(f"ti_step_b{n}", "diffusers TI", with_state(ours_m, ours.persistent_bytes()),
+                        with_state(ref_m, tensor_bytes(ref.persistent_state())),
+                        f"{b.args.size}px; mem incl. optimizer state/cache", b.flops(ours), b.flops(ref)))
         ours.release()
         ref.release()
     return rows
@@ -272,8 +289,8 @@ def ti_part_rows(b: Bench) -> list[Row]:
     adamw = table_adamw_row(b)
     rows = [adamw]
     ours_unet = b.ours.model.diffusion_model
-    for n in TI_BATCHES:
-        pixels = torch.rand(n, 3, b.args.size, b.args.size, device=b.device) * 2 - 1
+    for n in b.args.ti_batches:
+        pixels = torch.rand(n, 3, b.args.size, b.args.size, device=b.device, dtype=b.half_or_float32) * 2 - 1
         x, t = b.randn(n, *b.latent_shape), torch.randint(0, 1000, (n,), device=b.device)
         context = b.randn(n, *b.context_shape)
 
@@ -323,55 +340,18 @@ def saved_activation_row(b: Bench, n: int) -> Row:
 
 def face_rows(b: Bench) -> list[Row]:
     rows = []
-    for n in TI_BATCHES:
-        with_face, without = OursTIStep(b, n, face=True), OursTIStep(b, n, face=False)
+    for n in b.args.ti_batches:
+        with_face, without = b.ti_step(n, face=True), b.ti_step(n)
         without.batch = {k: v for k, v in with_face.batch.items() if k not in ("face", "has_face")}
         face_m, plain_m = b.pair(with_face, without)
-        rows.append(Row(f"face_step_b{n}", "ours, no face", _with_state(face_m, with_face.persistent_bytes()),
-                        _with_state(plain_m, without.persistent_bytes()), f"{b.args.size}px; target <= 1.9"))
+        rows.append(Row(f"face_step_b{n}", "ours, no face", with_state(face_m, with_face.persistent_bytes()),
+                        with_state(plain_m, without.persistent_bytes()), f"{b.args.size}px; target <= 1.3",
+                        b.flops(with_face), b.flops(without)))
         with_face.release()
     return rows
 
 
 # --- DreamBooth ------------------------------------------------------------------------------------
-class OursDreamBoothStep:
-    """One DreamBooth step of our LatentDiffusion (UNet trainable, prior preservation on): shared_step,
-    backward, AdamW over the trainable parameters, zero_grad."""
-
-    def __init__(self, model, size: int, lr: float, latent_numel: int):
-        self.model = model.train()
-        self.model.learning_rate = lr
-        self.model.latent_cache.clear()  # the warm-up step fills it; the timed steps hit it
-        self.batch: dict[str, Any] = {  # one collated item of ldm.data.dreambooth.DreamBoothDataset
-            "image": torch.rand(1, size, size, 3) * 2 - 1,  # [1, H, W, 3] like the dataset
-            "caption": [DREAMBOOTH_PROMPT],
-            "image_index": torch.tensor([0]),
-            "flipped": torch.zeros(1, dtype=torch.bool),
-            "class_image": torch.rand(1, size, size, 3) * 2 - 1,
-            "class_caption": [CLASS_PROMPT],
-            "class_image_index": torch.tensor([0]),
-            "class_flipped": torch.zeros(1, dtype=torch.bool),
-        }
-        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=lr,
-                                           weight_decay=DREAMBOOTH_WEIGHT_DECAY)
-        self.latent_numel = latent_numel
-
-    def __call__(self) -> float:
-        loss, _ = self.model.shared_step(self.batch)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    def persistent_bytes(self) -> int:
-        return optimizer_and_cache_bytes(self.optimizer, self.model.latent_cache, self.latent_numel)
-
-    def release(self) -> None:
-        self.optimizer.state.clear()
-        self.model.latent_cache.clear()
-        self.model.eval()
-
-
 def dreambooth_rows(b: Bench) -> list[Row]:
     """Our DreamBooth model (its own unfrozen config) against diffusers' recipe on the same weights."""
     config = OmegaConf.load(DREAMBOOTH_CONFIGS[b.args.config])
@@ -382,26 +362,30 @@ def dreambooth_rows(b: Bench) -> list[Row]:
     # zero-initialised layers (the UNet's output conv) would stop every other gradient
     randomize_zero_weights(model.model, std=0.02)
     checkpointing = bool(config.model.params.unet_config.params.get("use_checkpoint", False))
-    lr = float(config.model.base_learning_rate)
-    latent_numel = b.latent_shape[0] * b.latent_shape[1] * b.latent_shape[2]
-    ours = OursDreamBoothStep(model, b.args.size, lr, latent_numel)
+    model.learning_rate = lr = float(config.model.base_learning_rate)
+    ours = OursStep(model, dreambooth_batch(b.args.size, DREAMBOOTH_PROMPT, CLASS_PROMPT), b.latent_numel,
+                    weight_decay=DREAMBOOTH_WEIGHT_DECAY)
 
     original_config = OmegaConf.to_container(config, resolve=True)
     checkpoint = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    text_model = reference.text_encoder(model.cond_stage_model.text_model.config, checkpoint).to(b.device)
+    # train_dreambooth.py holds the frozen VAE and text encoder in the mixed-precision dtype; ours keeps
+    # them in float32 for its export (ldm.training.hold_frozen_weights_in_half)
+    frozen_dtype = b.weight_dtype
+    text_model = b.placed(reference.text_encoder(model.cond_stage_model.text_model.config, checkpoint), frozen_dtype)
     images = torch.cat([ours.batch["image"], ours.batch["class_image"]])  # [2, H, W, 3]: subject, class
-    pixels = images.permute(0, 3, 1, 2).contiguous().to(b.device)  # [2, 3, H, W]
+    pixels = images.permute(0, 3, 1, 2).contiguous()  # [2, 3, H, W]
     ids = model.cond_stage_model.tokenize([DREAMBOOTH_PROMPT, CLASS_PROMPT])
     ref = reference.DreamBoothStep(reference.unet(original_config, checkpoint).to(b.device),
-                                   reference.vae(original_config, checkpoint).to(b.device), text_model, ids, pixels,
-                                   model.scale_factor, gradient_checkpointing=checkpointing,
-                                   prior_loss_weight=PRIOR_LOSS_WEIGHT, lr=lr, weight_decay=DREAMBOOTH_WEIGHT_DECAY)
+                                   b.placed(reference.vae(original_config, checkpoint), frozen_dtype), text_model,
+                                   ids, pixels, model.scale_factor, gradient_checkpointing=checkpointing,
+                                   prior_loss_weight=PRIOR_LOSS_WEIGHT, lr=lr, weight_decay=DREAMBOOTH_WEIGHT_DECAY,
+                                   weight_dtype=b.half_or_float32)
     del checkpoint
     ours_m, ref_m = b.pair(ours, ref)
-    row = Row("db_step", "diffusers DB", _with_state(ours_m, ours.persistent_bytes()),
-              _with_state(ref_m, tensor_bytes(ref.persistent_state())),
+    row = Row("db_step", "diffusers DB", with_state(ours_m, ours.persistent_bytes()),
+              with_state(ref_m, tensor_bytes(ref.persistent_state())),
               f"{b.args.size}px, 1 subject + 1 class, ckpt {'on' if checkpointing else 'off'}; ours caches latents "
-              "(baseline encodes every step); mem incl. optimizer state/cache")
+              "(baseline encodes every step); mem incl. optimizer state/cache", b.flops(ours), b.flops(ref))
     ours.release()
     ref.release()
     return [row]
@@ -432,8 +416,9 @@ def face_prep_rows(b: Bench) -> list[Row]:
             Row("face_prep_warm", "cold cache", warm, cold, note + "; disk cache hits")]
 
 
-ROW_BUILDERS = {"unet": unet_rows, "vae": vae_rows, "ddim": ddim_rows, "ti": ti_rows, "ti_parts": ti_part_rows,
-                "face": face_rows, "face_prep": face_prep_rows, "dreambooth": dreambooth_rows}
+ROW_BUILDERS = {"unet": unet_rows, "vae": vae_rows, "ddim": ddim_rows, "sample": sample_rows, "ti": ti_rows,
+                "ti_parts": ti_part_rows, "face": face_rows, "face_prep": face_prep_rows,
+                "dreambooth": dreambooth_rows, "compiled": compiled_rows}
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -449,11 +434,20 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def peak_tflops(args: argparse.Namespace) -> float | None:
+    """The dense half-precision peak the "% peak" column compares with (half-precision runs only)."""
+    if args.precision == "fp32":
+        return None
+    return args.peak_tflops or dense_half_peak_tflops(torch.device(args.device))
+
+
 def header(args: argparse.Namespace) -> str:
     import diffusers
 
-    return (f"config={args.config} device={args.device} precision={args.precision} size={args.size} "
-            f"batch={args.batch} repeats={args.repeats} threads={torch.get_num_threads()} "
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    return (f"config={args.config} device={device} precision={args.precision} size={args.size} "
+            f"batch={args.batch} ti_batches={','.join(map(str, args.ti_batches))} repeats={args.repeats} "
+            f"threads={torch.get_num_threads()} peak_tflops={peak_tflops(args)} "
             f"torch={torch.__version__} diffusers={diffusers.__version__}")
 
 
@@ -461,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     rows = run(args)
-    table = markdown_table(rows) if args.markdown else plain_table(rows)
+    peak = peak_tflops(args)
+    table = markdown_table(rows, peak) if args.markdown else plain_table(rows, peak)
     sys.stdout.write(header(args) + "\n\n" + table + "\n")
     return 0
 

@@ -9,13 +9,16 @@ import math
 import shutil
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
-INFERENCE_ROWS = ["unet_forward", "vae_decode", "ddim2_cfg"]
+INFERENCE_ROWS = ["unet_forward", "vae_decode", "ddim2_cfg", "sample_ddim2_b1"]
 TI_ROWS = ["ti_step_b1", "ti_step_b2"]
 TI_PART_ROWS = ["ti_part_table_adamw"] + [f"ti_{part}_b{n}" for n in (1, 2)
                                           for part in ("part_text", "part_unet", "part_vae", "floor", "part_saved")]
 TRAINING_ROWS = ["face_step_b1", "face_step_b2", "db_step"]
+FLOP_ROWS = ("unet_forward", "vae_decode", "ddim", "sample", "ti_step", "face_step", "db_step")
 
 
 def _load_benchmark():
@@ -33,7 +36,7 @@ def test_tiny_benchmark_reports_every_row_with_finite_ratios(tmp_path: Path) -> 
     if photo.is_file():  # one photo keeps the dlib part short; without fixtures the row reports a skip
         shutil.copy(photo, faces)
     args = bench.parse_args(["--config", "tiny", "--repeats", "1", "--threads", "1", "--ddim-steps", "2",
-                             "--face-detector", "hog", "--faces", str(faces)])
+                             "--sample-steps", "2", "--face-detector", "hog", "--faces", str(faces)])
     rows = bench.run(args)
 
     prep_rows = ["face_prep_cold", "face_prep_warm"] if photo.is_file() else ["face_prep"]
@@ -50,7 +53,32 @@ def test_tiny_benchmark_reports_every_row_with_finite_ratios(tmp_path: Path) -> 
         if row.name.startswith(("ti_step", "face_step", "db_step")):
             # both sides keep optimizer state, so the peak is never zero and the ratio is defined
             assert math.isfinite(row.memory_ratio) and row.memory_ratio > 0, f"{row.name}: {row.memory_ratio}"
+        if row.name.startswith(FLOP_ROWS):
+            assert row.ours_flops > 0 and row.reference_flops > 0, f"{row.name}: FLOPs not counted"
     if photo.is_file():
         assert "1 faces" in rows[-1].note, f"the fixture photo should give one face crop: {rows[-1].note}"
     table = bench.markdown_table(rows)
     assert all(f"| {r.name} |" in table for r in rows)
+
+
+def test_half_precision_runs_each_side_with_its_users_weights() -> None:
+    """bf16: ours holds frozen conv/linear weights in bf16; diffusers' TI recipe its UNet and VAE, not its
+    trained text encoder."""
+    bench = _load_benchmark()
+    b = bench.Bench(bench.parse_args(["--config", "tiny", "--precision", "bf16", "--threads", "1"]))
+    assert b.ours.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
+    assert b.ours.embedding_manager.vectors[0].dtype == torch.float32
+    assert b.unet.dtype == torch.bfloat16 and b.vae.dtype == torch.bfloat16
+    assert b.text_model.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in b.checkpoint.values() if v.is_floating_point()), (
+        "the diffusers models are made from the float32 weights")
+
+
+def test_table_reports_flop_rate_and_share_of_peak() -> None:
+    from scripts.bench.measure import Measurement
+    from scripts.bench.table import Row, markdown_table
+
+    row = Row("ti_step_b8", "diffusers TI", Measurement(0.5, [0.5], None), Measurement(1.0, [1.0], None),
+              ours_flops=int(100e12), reference_flops=int(150e12))
+    line = markdown_table([row], peak_tflops=400.0).splitlines()[-1]
+    assert "| 200 | 150 | 50.0 |" in line, line  # 100 TFLOP in 0.5 s, 150 in 1 s; 200 of a 400 peak

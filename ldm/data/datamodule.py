@@ -4,10 +4,24 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.resumable import ResumableDataLoader, ResumableSampler
 from ldm.util import instantiate_from_config
+
+# batch entries that only name images (latent-cache keys, face flags), read as Python values
+HOST_BATCH_KEYS = ("image_index", "flipped", "has_face", "class_image_index", "class_flipped")
+
+
+def keep_on_host(batch):
+    """``batch`` with its image indices and flags as lists, which Lightning leaves on the host where they
+    are read: reading them from a GPU would wait for it in every step."""
+    if isinstance(batch, dict):
+        for key in HOST_BATCH_KEYS:
+            if isinstance(batch.get(key), torch.Tensor):
+                batch[key] = batch[key].tolist()
+    return batch
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -52,6 +66,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
                                    rank=rank)
         return ResumableDataLoader(dataset, sampler=sampler, batch_size=self.batch_size,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        return keep_on_host(batch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=self.shuffle_val_dataloader)

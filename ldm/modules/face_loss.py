@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from ldm.models.diffusion.auxiliary import AuxiliaryRows
-from ldm.models.diffusion.latent_cache import batch_cache_keys
+from ldm.models.diffusion.latent_cache import batch_cache_keys, host_values
 from ldm.util import to_device_nonblocking
 
 
@@ -38,14 +38,14 @@ class FacialLoss:
         """Cached latents of the batch's face crops, or None when no photo in it has a face."""
         if self.face_key not in batch:
             return None
-        has_face = torch.as_tensor(batch[self.has_face_key]).bool().cpu()
-        if not has_face.any():
+        # flags on the host (ldm.data.datamodule.keep_on_host keeps them there): no GPU read
+        rows = [i for i, has_face in enumerate(host_values(batch[self.has_face_key])) if has_face]
+        if not rows:
             return None
-        rows = has_face.nonzero().flatten()  # on the host (see LatentDiffusion.on_before_batch_transfer)
-        device_rows = to_device_nonblocking(rows, model.device)
+        device_rows = to_device_nonblocking(torch.tensor(rows), model.device)
         crops = model.batch_images(batch, self.face_key).to(model.device)[device_rows]
         keys = batch_cache_keys(batch, "face")
-        keys = [keys[i] for i in rows.tolist()] if keys is not None else None
+        keys = [keys[i] for i in rows] if keys is not None else None
         return FaceBatch(latents=model.encode_to_latents(crops, keys), rows=device_rows)
 
     def rows(self, face: FaceBatch, cond: torch.Tensor, t: torch.Tensor) -> AuxiliaryRows:

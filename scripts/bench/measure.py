@@ -44,6 +44,12 @@ def precision_context(device: torch.device, precision: str) -> contextlib.Abstra
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def with_state(m: Measurement, state_bytes: int) -> Measurement:
+    """Add the memory a recipe keeps between steps (optimizer state, caches) to a step's peak."""
+    peak = None if m.peak_bytes is None else m.peak_bytes + state_bytes
+    return Measurement(m.median_s, m.times_s, peak)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

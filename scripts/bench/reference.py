@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
@@ -19,7 +19,7 @@ from diffusers.loaders.single_file_utils import (
     create_unet_diffusers_config_from_ldm,
     create_vae_diffusers_config_from_ldm,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # Stable Diffusion v1's training schedule as diffusers spells it.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -80,18 +80,34 @@ def ddim_sample(model: UNet2DConditionModel, x_t: torch.Tensor, cond: torch.Tens
     return latents
 
 
+def pipeline(unet_model: UNet2DConditionModel, vae_model: AutoencoderKL, text_model: CLIPTextModel,
+             vocab: Mapping[str, int], merges: list) -> StableDiffusionPipeline:
+    """diffusers' StableDiffusionPipeline on these models with SD v1's DDIM scheduler, offline.
+
+    The tokenizer is transformers' CLIPTokenizer on the vocabulary and merges of our BPE tokenizer.
+    """
+    scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **SD_SCHEDULE)
+    pipe = StableDiffusionPipeline(vae=vae_model, text_encoder=text_model, unet=unet_model, scheduler=scheduler,
+                                   tokenizer=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class TextualInversionStep:
     """One training step of diffusers' ``examples/textual_inversion`` recipe.
 
-    The VAE encodes the images every step; the whole token-embedding table of the text encoder is
-    trainable (the rest frozen) under AdamW, and after each step every row but the placeholder's is
-    restored from a copy of the original table.
+    Under mixed precision the recipe holds the UNet and VAE in ``weight_dtype`` and the text encoder in
+    float32 (it trains); attention is diffusers' default (SDPA). The VAE encodes the images every step;
+    the whole token-embedding table of the text encoder is trainable (the rest frozen) under AdamW, and
+    after each step every row but the placeholder's is restored from a copy of the original table.
     """
 
     def __init__(self, unet_model: UNet2DConditionModel, vae_model: AutoencoderKL, text_model: CLIPTextModel,
                  input_ids: torch.Tensor, placeholder_id: int, pixels: torch.Tensor, scaling_factor: float,
-                 lr: float = 5e-4):
+                 lr: float = 5e-4, weight_dtype: torch.dtype = torch.float32):
         self.unet, self.vae, self.text_model = unet_model, vae_model, text_model
+        self.weight_dtype = weight_dtype  # of the UNet and VAE (the recipe's --mixed_precision); the text encoder trains
         self.input_ids = input_ids.to(text_model.device)  # [B, 77], tokenized by the data loader in diffusers' recipe
         self.pixels = pixels  # [B, 3, H, W] in [-1, 1]
         self.scaling_factor = scaling_factor
@@ -111,12 +127,13 @@ class TextualInversionStep:
         return [self.optimizer.state_dict()["state"], self.original_table]
 
     def __call__(self) -> float:
-        latents = self.vae.encode(self.pixels).latent_dist.sample().detach() * self.scaling_factor
+        pixels = self.pixels.to(self.weight_dtype)
+        latents = self.vae.encode(pixels).latent_dist.sample().detach() * self.scaling_factor
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        hidden = self.text_model(self.input_ids)[0]
+        hidden = self.text_model(self.input_ids)[0].to(self.weight_dtype)
         prediction = self.unet(noisy, t, hidden).sample
         loss = F.mse_loss(prediction.float(), noise.float())
         loss.backward()
@@ -145,8 +162,9 @@ class DreamBoothStep:
     def __init__(self, unet_model: UNet2DConditionModel, vae_model: AutoencoderKL, text_model: CLIPTextModel,
                  input_ids: torch.Tensor, pixels: torch.Tensor, scaling_factor: float, *,
                  gradient_checkpointing: bool, prior_loss_weight: float = 1.0, lr: float = 1e-6,
-                 weight_decay: float = 1e-2):
+                 weight_decay: float = 1e-2, weight_dtype: torch.dtype = torch.float32):
         self.unet, self.vae, self.text_model = unet_model, vae_model, text_model
+        self.weight_dtype = weight_dtype  # of the frozen VAE and text encoder; the UNet trains in float32
         self.input_ids = input_ids.to(text_model.device)  # [2B, 77]: subject prompts, then class prompts
         self.pixels = pixels  # [2B, 3, H, W] in [-1, 1]: subject images, then class images
         self.scaling_factor = scaling_factor
@@ -165,7 +183,7 @@ class DreamBoothStep:
         return [self.optimizer.state_dict()["state"]]
 
     def __call__(self) -> float:
-        latents = self.vae.encode(self.pixels).latent_dist.sample() * self.scaling_factor
+        latents = self.vae.encode(self.pixels.to(self.weight_dtype)).latent_dist.sample() * self.scaling_factor
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           device=latents.device)

@@ -18,6 +18,8 @@ class Row:
     ours: Measurement | None  # None: the row was skipped (see note)
     reference: Measurement | None
     note: str = ""
+    ours_flops: int | None = None  # FLOPs of one call (scripts/bench/flops.py)
+    reference_flops: int | None = None
 
     @property
     def time_ratio(self) -> float | None:
@@ -32,7 +34,8 @@ class Row:
         return self.ours.peak_bytes / self.reference.peak_bytes
 
 
-HEADERS = ("row", "baseline", "ours ms", "base ms", "time ratio", "ours MiB", "base MiB", "mem ratio", "note")
+HEADERS = ("row", "baseline", "ours ms", "base ms", "time ratio", "ours MiB", "base MiB", "mem ratio",
+           "ours TFLOP/s", "base TFLOP/s", "ours % peak", "note")
 
 
 def _ms(m: Measurement | None) -> str:
@@ -47,18 +50,36 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.2f}"
 
 
-def cells(row: Row) -> list[str]:
+def tflops(flops: int | None, m: Measurement | None) -> float | None:
+    """Achieved TFLOP/s of a measured call."""
+    if flops is None or m is None or m.median_s <= 0:
+        return None
+    return flops / m.median_s / 1e12
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _percent_of_peak(row: Row, peak_tflops: float | None) -> str:
+    rate = tflops(row.ours_flops, row.ours)
+    return "-" if rate is None or not peak_tflops else f"{100 * rate / peak_tflops:.1f}"
+
+
+def cells(row: Row, peak_tflops: float | None = None) -> list[str]:
     return [row.name, row.baseline, _ms(row.ours), _ms(row.reference), _ratio(row.time_ratio),
-            _mib(row.ours), _mib(row.reference), _ratio(row.memory_ratio), row.note]
+            _mib(row.ours), _mib(row.reference), _ratio(row.memory_ratio),
+            _rate(tflops(row.ours_flops, row.ours)), _rate(tflops(row.reference_flops, row.reference)),
+            _percent_of_peak(row, peak_tflops), row.note]
 
 
-def plain_table(rows: list[Row]) -> str:
-    lines = [list(HEADERS)] + [cells(r) for r in rows]
+def plain_table(rows: list[Row], peak_tflops: float | None = None) -> str:
+    lines = [list(HEADERS)] + [cells(r, peak_tflops) for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADERS))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def markdown_table(rows: list[Row]) -> str:
+def markdown_table(rows: list[Row], peak_tflops: float | None = None) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(cells(r, peak_tflops)) + " |" for r in rows]
     return "\n".join(lines)

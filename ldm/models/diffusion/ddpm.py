@@ -29,8 +29,6 @@ from ldm.util import instantiate_from_config
 logger = logging.getLogger(__name__)
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
-# batch entries that only name images (latent-cache keys, face flags)
-HOST_BATCH_KEYS = ("image_index", "flipped", "has_face", "class_image_index", "class_flipped")
 NOTHING_TO_TRAIN = ("nothing to train: every parameter is frozen by this config "
                     "(use a personalization_config, unfreeze_model or a trainable UNet)")
 
@@ -532,15 +530,6 @@ class LatentDiffusion(DDPM):
         images = self.batch_images(batch, key).to(self.device)
         z = self.encode_to_latents(images, batch_cache_keys(batch, "image"))
         return [z, batch[self.cond_stage_key]]
-
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Keep the batch's image indices and flags on the host, as lists: they are read as Python values
-        (latent-cache keys, face rows), and reading them from a GPU would wait for it every step."""
-        if isinstance(batch, dict):
-            for key in HOST_BATCH_KEYS:
-                if isinstance(batch.get(key), torch.Tensor):
-                    batch[key] = batch[key].tolist()
-        return batch
 
     def shared_step(self, batch: Mapping[str, Any], **_):
         z, c = self.get_input(batch, self.first_stage_key)

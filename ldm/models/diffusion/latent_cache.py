@@ -19,9 +19,13 @@ def batch_cache_keys(batch: Mapping[str, Any], kind: str) -> list[CacheKey] | No
     """Keys ``(kind, image_index, flipped)`` for a batch from a personalization dataset, else None."""
     if "image_index" not in batch or "flipped" not in batch:
         return None
-    indices = torch.as_tensor(batch["image_index"]).tolist()
-    flipped = torch.as_tensor(batch["flipped"]).tolist()
+    indices, flipped = host_values(batch["image_index"]), host_values(batch["flipped"])
     return [(kind, int(i), bool(f)) for i, f in zip(indices, flipped)]
+
+
+def host_values(values) -> list:
+    """A batch entry of indices or flags as a list (read from a tensor only when it is one)."""
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
 
 
 class LatentCache:
