@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation prompts, one per line ('*' is the placeholder; default: the training prompt "
                         "and 3 edits)")
     p.add_argument("--validation_ddim_steps", type=int, default=None,
-                   help="DDIM steps of the validation samples (default 20)")
+                   help="DDIM steps of the validation samples (default 10)")
     p.add_argument("--validation_identity", action="store_true",
                    help="score validation samples against the photos (dlib) and keep checkpoints/embeddings_best.pt "
                         "(on with --use_facial_loss)")

@@ -8,9 +8,10 @@ textual-inversion recipe, at each of ``--ti-batches``), ``ti_parts`` (the parts 
 alone, and the lowest ratio that skipping the VAE encode and the token-table optimizer can give),
 ``face`` (the TI step with the facial loss against the same step without it), ``face_prep`` (dlib
 face crops of the fixture photos, cold and warm cache), ``dreambooth`` (one DreamBooth step with prior
-preservation against diffusers' ``train_dreambooth.py`` recipe) and, only when named since compiling
-takes minutes, ``compiled`` (the TI step and the sampling with ``--compile_unet``, against diffusers
-eager and with ``torch.compile`` on its UNet).
+preservation against diffusers' ``train_dreambooth.py`` recipe), ``validation`` (in-run validation
+sampling at a save against the training steps between two saves, and the identity score of its
+samples) and, only when named since compiling takes minutes, ``compiled`` (the TI step and the
+sampling with ``--compile_unet``, against diffusers eager and with ``torch.compile`` on its UNet).
 Each row reports the median time and the peak extra memory of ours and of the baseline, their
 ratios, and the FLOP rate achieved (FlopCounterMode) with its share of the GPU's dense half peak.
 
@@ -59,6 +60,7 @@ from scripts.bench.measure import (  # noqa: E402
 from scripts.bench.ours import OursStep, dreambooth_batch, ti_batch  # noqa: E402
 from scripts.bench.speed_rows import compiled_rows, sample_rows  # noqa: E402
 from scripts.bench.table import Row, markdown_table, plain_table  # noqa: E402
+from scripts.bench.validation import validation_rows  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -66,7 +68,8 @@ CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune.yaml",
            "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune.yaml"}
 DREAMBOOTH_CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune_unfrozen.yaml",
                       "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune_unfrozen.yaml"}
-GROUPS = ("unet", "vae", "ddim", "sample", "ti", "ti_parts", "face", "dreambooth", "face_prep", "compiled")
+GROUPS = ("unet", "vae", "ddim", "sample", "ti", "ti_parts", "face", "dreambooth", "face_prep", "validation",
+          "compiled")
 OPT_IN_GROUPS = ("compiled",)  # run only when named in --only
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
 TI_BATCHES = {"cpu": (1, 2), "cuda": (1, 2, 8)}
@@ -416,9 +419,18 @@ def face_prep_rows(b: Bench) -> list[Row]:
             Row("face_prep_warm", "cold cache", warm, cold, note + "; disk cache hits")]
 
 
+def validation_group_rows(b: Bench) -> list[Row]:
+    """In-run validation sampling against the training between two saves, and identity scoring."""
+    step = b.ti_step(1)
+    try:
+        return validation_rows(b, CONFIGS[b.args.config], b.under_precision(step))
+    finally:
+        step.release()
+
+
 ROW_BUILDERS = {"unet": unet_rows, "vae": vae_rows, "ddim": ddim_rows, "sample": sample_rows, "ti": ti_rows,
                 "ti_parts": ti_part_rows, "face": face_rows, "face_prep": face_prep_rows,
-                "dreambooth": dreambooth_rows, "compiled": compiled_rows}
+                "dreambooth": dreambooth_rows, "validation": validation_group_rows, "compiled": compiled_rows}
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -430,7 +442,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     for group in GROUPS:
         if group in args.only:
             logger.info("measuring %s", group)
-            rows += ROW_BUILDERS[group](bench)
+            group_rows = ROW_BUILDERS[group](bench)
+            logger.info("%s rows:\n%s", group, plain_table(group_rows))  # kept if a later group fails
+            rows += group_rows
     return rows
 
 

@@ -19,6 +19,7 @@ TI_PART_ROWS = ["ti_part_table_adamw"] + [f"ti_{part}_b{n}" for n in (1, 2)
                                           for part in ("part_text", "part_unet", "part_vae", "floor", "part_saved")]
 TRAINING_ROWS = ["face_step_b1", "face_step_b2", "db_step"]
 FLOP_ROWS = ("unet_forward", "vae_decode", "ddim", "sample", "ti_step", "face_step", "db_step")
+VALIDATION_ROW = "validation_save"
 
 
 def _load_benchmark():
@@ -40,7 +41,12 @@ def test_tiny_benchmark_reports_every_row_with_finite_ratios(tmp_path: Path) -> 
     rows = bench.run(args)
 
     prep_rows = ["face_prep_cold", "face_prep_warm"] if photo.is_file() else ["face_prep"]
-    assert [r.name for r in rows] == INFERENCE_ROWS + TI_ROWS + TI_PART_ROWS + TRAINING_ROWS + prep_rows
+    identity_rows = ["identity_score"]  # skipped: scoring needs reference and sample photos, one is given
+    assert [r.name for r in rows] == (INFERENCE_ROWS + TI_ROWS + TI_PART_ROWS + TRAINING_ROWS + prep_rows
+                                      + [VALIDATION_ROW] + identity_rows)
+    validation = rows[-2]
+    assert validation.time_ratio > 0 and "every 50 steps" in validation.note
+    rows = rows[:-2]
     for row in rows[:-len(prep_rows)]:
         assert row.ours is not None and row.ours.median_s > 0, f"{row.name} has no measurement"
         if row.baseline == "-":  # a part timed alone

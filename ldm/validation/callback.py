@@ -11,6 +11,7 @@ against the training photos (:class:`ldm.evaluation.IdentityScorer`) and the bes
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -32,6 +33,12 @@ logger = logging.getLogger(__name__)
 SLOW_FRACTION = 0.1  # sampling longer than this fraction of the training time between saves is reported
 METRIC_NAMES = {"detection_rate": "val/face_detect_rate", "mean_distance": "val/identity_distance",
                 "fraction_under_threshold": "val/identity_match"}
+
+
+def starting_noise(settings: ValidationSettings, channels: int, latent_size: int) -> torch.Tensor:
+    """The fixed noise [P * S, C, h, w] every validation starts from, drawn on the CPU from ``settings.seed``."""
+    shape = (settings.num_samples, channels, latent_size, latent_size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(settings.seed))
 
 
 class ValidationSampler(pl.Callback):
@@ -56,8 +63,7 @@ class ValidationSampler(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
-        shape = (self.settings.num_samples, pl_module.channels, pl_module.image_size, pl_module.image_size)
-        self.noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.settings.seed))
+        self.noise = starting_noise(self.settings, pl_module.channels, pl_module.image_size)
         if getattr(pl_module, "embedding_manager", None) is not None:
             self.best = BestEmbedding(self.ckptdir)
         if self.settings.identity:
@@ -80,7 +86,7 @@ class ValidationSampler(pl.Callback):
         self.validated_step = step
         started = time.perf_counter()
         try:
-            images = self.sample(trainer, pl_module)
+            images = self.sample(pl_module, trainer.precision_plugin.forward_context())
             self._write_grid(trainer, images, step)
             if self.scorer is not None:
                 self._score(trainer, pl_module, images, step)
@@ -91,13 +97,16 @@ class ValidationSampler(pl.Callback):
         self._training_since = finished
 
     @torch.no_grad()
-    def sample(self, trainer, pl_module) -> torch.Tensor:
-        """Samples [P * S, 3, H, W] in [-1, 1] on the CPU, prompt-major, from the fixed noise."""
+    def sample(self, pl_module, precision: contextlib.AbstractContextManager) -> torch.Tensor:
+        """Samples [P * S, 3, H, W] in [-1, 1] on the CPU, prompt-major, from the fixed noise.
+
+        ``precision`` is the training's autocast context (Lightning's ``forward_context()``).
+        """
         s, per_prompt = self.settings, self.settings.samples_per_prompt
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with trainer.precision_plugin.forward_context(), pl_module.ema_scope():
+            with precision, pl_module.ema_scope():
                 rows = [pl_module.sample_images(
                     [prompt] * per_prompt, ddim_steps=s.ddim_steps, scale=s.scale, eta=s.eta,
                     negative_prompt=s.negative_prompt,

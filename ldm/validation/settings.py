@@ -8,7 +8,7 @@ Config keys (all optional), with ``main.py`` flags that set them::
         prompts: [...]           # a list; '*' stands for the placeholder
         prompts_file: FILE       # --validation_prompts FILE: one prompt per line
         samples_per_prompt: 2
-        ddim_steps: 20           # --validation_ddim_steps N
+        ddim_steps: 10           # --validation_ddim_steps N
         scale: 7.5               # stable_txt2img.py's default guidance
         seed: 42                 # seed of the fixed starting noise
         identity: false          # --validation_identity (and --use_facial_loss) set true
@@ -45,7 +45,7 @@ class ValidationSettings:
 
     prompts: tuple[str, ...]
     samples_per_prompt: int = 2
-    ddim_steps: int = 20
+    ddim_steps: int = 10
     scale: float = 7.5
     eta: float = 0.0
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
