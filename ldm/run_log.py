@@ -11,9 +11,14 @@ from __future__ import annotations
 import logging
 import time
 
+from typing import TYPE_CHECKING
+
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
+
+if TYPE_CHECKING:
+    from ldm.validation.callback import ValidationSampler
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +57,11 @@ def format_duration(seconds: float) -> str:
 class RunSummary(pl.Callback):
     """Flushes the last step's metrics and logs the end-of-run line (see the module docstring).
 
-    ``validation`` (a :class:`ldm.validation.callback.ValidationSampler`) adds the best embedding and
-    where the samples are; place this callback after it so its final validation has run.
+    ``validation`` adds the best embedding and where the samples are; place this callback after it,
+    so that its final validation has run.
     """
 
-    def __init__(self, validation=None):
+    def __init__(self, validation: ValidationSampler | None = None):
         self.validation = validation
         self._started = 0.0
         self._first_step = 0

@@ -22,8 +22,8 @@ from ldm.validation.callback import ValidationSampler
 from ldm.validation.settings import ValidationSettings, default_prompts
 
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
-QUICK = ("lightning.callbacks.image_logger.params.disabled=true", "lightning.modelcheckpoint.params.every_n_train_steps=2",
-         "--validation_ddim_steps", "2")
+QUICK = ("lightning.callbacks.image_logger.params.disabled=true",
+         "lightning.modelcheckpoint.params.every_n_train_steps=2", "--validation_ddim_steps", "2")
 
 
 def vectors(path: Path) -> torch.Tensor:
