@@ -171,8 +171,10 @@ class ValidationSampler(pl.Callback):
         if self.best is not None and self.best.best is not None:
             best = self.best.best
             choice = f"best embedding {self.best.path} (step {best.step}, identity match {best.identity_match:.2f})"
-        elif self.scorer is not None:
-            choice = "no best embedding (no save had faces in at least half of its samples)"
-        else:
+        elif self.scorer is None:
             choice = f"no identity score ({self.no_identity_reason})"
+        elif self.best is None:
+            choice = "identity scores in the metrics (no embedding file to keep in this run)"
+        else:
+            choice = "no best embedding (no save had faces in at least half of its samples)"
         return f"{choice}; validation samples in {self.samples_dir}"
