@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldm.data.toy_world import CLASS_WORD, Subject
+from ldm.data.toy_world import CLASS_WORD, IDENTITY_FEATURES, Subject
 from ldm.toy_judge import ToyJudge, Verdict, check_question, judge
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ EDIT_PROMPTS: tuple[tuple[str, str, str], ...] = (
     ("a photo of a small {}", "size", "small"),
 )
 SAMPLER = {"ddim_steps": 25, "scale": 3.0}
-QUIET = ["--no_validation", "lightning.trainer.enable_progress_bar=false", "lightning.callbacks.image_logger.params.disabled=true",
+QUIET = ["--no_validation", "lightning.trainer.enable_progress_bar=false",
+         "lightning.callbacks.image_logger.params.disabled=true",
          "lightning.modelcheckpoint.params.every_n_train_steps=100000"]
 
 
@@ -102,7 +103,7 @@ def run_main(argv: list[str]) -> Path:
 
 
 def train(m: Method, photos: Path, seed: int, workdir: Path, *, base_ckpt: Path = TOY_MODEL,
-          max_steps: int | None = None) -> Path:
+          max_steps: int | None = None, extra: Sequence[str] = ()) -> Path:
     """Run method ``m``; returns the embedding file (or the DreamBooth model for ``dreambooth``)."""
     config = DREAMBOOTH_CONFIG if not m.embedding else FINETUNE_CONFIG
     argv = ["--base", str(config), "-t", "--actual_resume", str(base_ckpt), "--accelerator", "cpu",
@@ -111,7 +112,7 @@ def train(m: Method, photos: Path, seed: int, workdir: Path, *, base_ckpt: Path 
         argv += ["--init_word", CLASS_WORD]
     if max_steps is not None:
         argv += ["--max_steps", str(max_steps)]
-    logdir = run_main(argv + QUIET)
+    logdir = run_main(argv + QUIET + list(extra))
     result = logdir / "checkpoints" / ("embeddings.pt" if m.embedding else "model_pruned.safetensors")
     if not result.is_file():
         raise RuntimeError(f"{m.name}: the run wrote no {result.name} in {logdir}")
@@ -140,17 +141,19 @@ class SuiteScore:
     fidelity: float
     editability: float
     attribute: float  # fraction of edit samples with the asked attribute, subject or not
+    features: float  # plain-prompt samples: mean fraction of the 4 identity features judged right
     per_prompt: dict[str, float] = field(default_factory=dict)
 
 
 def score_suite(verdicts: Sequence[Verdict], suite, samples_per_prompt: int, subject: Subject | None) -> SuiteScore:
     """Fidelity (plain prompt shows ``subject``) and editability (edit shows it and the asked attribute)."""
     chunks = [verdicts[i * samples_per_prompt:(i + 1) * samples_per_prompt] for i in range(len(suite))]
-    per_prompt, plain, edits, attributes = {}, [], [], []
+    per_prompt, plain, edits, attributes, features = {}, [], [], [], []
     for (prompt, question, asked), chunk in zip(suite, chunks):
         right_subject = [subject is not None and v.shows(subject) for v in chunk]
         if question is None:
             plain += right_subject
+            features += [feature_match(v, subject) for v in chunk]
             per_prompt[prompt] = float(np.mean(right_subject))
             continue
         check_question(question)
@@ -159,7 +162,16 @@ def score_suite(verdicts: Sequence[Verdict], suite, samples_per_prompt: int, sub
         edits += both
         attributes += has_attribute
         per_prompt[prompt] = float(np.mean(both))
-    return SuiteScore(float(np.mean(plain)), float(np.mean(edits)), float(np.mean(attributes)), per_prompt)
+    return SuiteScore(float(np.mean(plain)), float(np.mean(edits)), float(np.mean(attributes)),
+                      float(np.mean(features)), per_prompt)
+
+
+def feature_match(verdict: Verdict, subject: Subject | None) -> float:
+    """Fraction of ``subject``'s identity features the judge reads in a sample (0 without a subject)."""
+    if subject is None or not verdict.present:
+        return 0.0
+    pairs = zip(IDENTITY_FEATURES, subject.features())
+    return float(np.mean([verdict.answers[name] == value for name, value in pairs]))
 
 
 def evaluate(model, judge_model: ToyJudge, phrase: str, subject: Subject | None, *, samples_per_prompt: int,

@@ -4,10 +4,11 @@ It uses the toy world (docs/toy_benchmark.md): a small SD v1-structured model pr
 on procedurally drawn "toys", and a judge that reads identity and attributes off an image.
 
 1. Writes the photo folder of a held-out subject (one the model never saw) to inputs/toy/subject-N/.
-2. Trains a momentum embedding on it with main.py, with the flags of the real workflow.
+2. Runs the original code's recipe with main.py: DreamBooth on the photos (identifier ``sks``), then
+   a momentum embedding (gamma 0.1, class word, descriptive words) anchored on ``sks``.
 3. Samples the subject in new contexts with scripts/stable_txt2img.py into outputs/toy-demo/.
 4. Judges the samples and prints, per prompt, how many show the subject and the asked attribute,
-   next to the init word alone.
+   next to the init word alone on the pretrained model.
 
 Real use needs an SD v1 / DreamBooth checkpoint; see README.md.
 """
@@ -25,20 +26,16 @@ sys.path.insert(0, str(ROOT))  # run as `python scripts/demo.py` from anywhere
 
 logger = logging.getLogger("demo")
 
-DEMO_FLAGS = ("--gamma", "0.1", "--class_word", "toy", "--descriptive_p", "0.1", "--use_random_prompt")
-DEMO_PHRASE = "* toy"
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def sample_prompt(prompt: str, outdir: Path, embedding: Path | None, samples: int) -> Path:
+def sample_prompt(prompt: str, outdir: Path, ckpt: Path, embedding: Path | None, samples: int) -> Path:
     """Samples of one prompt with stable_txt2img.py; returns their folder."""
     from scripts import stable_txt2img
-    from ldm.toy_benchmark import INFERENCE_CONFIG, SAMPLER, TOY_MODEL
+    from ldm.toy_benchmark import INFERENCE_CONFIG, SAMPLER
 
-    argv = ["--config", str(INFERENCE_CONFIG), "--ckpt", str(TOY_MODEL), "--prompt", prompt, "--H", "64", "--W", "64",
+    argv = ["--config", str(INFERENCE_CONFIG), "--ckpt", str(ckpt), "--prompt", prompt, "--H", "64", "--W", "64",
             "--f", "4", "--ddim_steps", str(SAMPLER["ddim_steps"]), "--scale", str(SAMPLER["scale"]),
             "--n_samples", str(samples), "--n_iter", "1", "--seed", "0", "--precision", "full", "--device", "cpu",
             "--negative_prompt", "", "--outdir", str(outdir)]
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from ldm.data.toy import write_photo_folder
-    from ldm.toy_benchmark import TOY_JUDGE, method, prompt_suite, require_toy_models, score_suite, train
+    from ldm.toy_benchmark import TOY_JUDGE, TOY_MODEL, method, prompt_suite, require_toy_models, score_suite, train
     from ldm.toy_judge import load_judge
 
     try:
@@ -82,17 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", err)
         return 2
     logger.info("Learning held-out subject %d (%s) from %s", args.subject_seed, subject.describe(), photos)
-    demo_method = method("momentum_0.1_prompts")
-    embedding = train(demo_method, photos, seed=0, workdir=args.logdir, max_steps=args.max_steps)
-    logger.info("Trained embedding: %s", embedding)
+    dreambooth_model = train(method("dreambooth"), photos, seed=0, workdir=args.logdir, max_steps=args.max_steps)
+    recipe = method("dreambooth_momentum_0.1")
+    embedding = train(recipe, photos, seed=0, workdir=args.logdir, base_ckpt=dreambooth_model,
+                      max_steps=args.max_steps)
+    logger.info("DreamBooth model: %s; momentum embedding: %s", dreambooth_model, embedding)
 
     judge_model = load_judge(TOY_JUDGE)
     report = {"subject": subject.describe(), "embedding": str(embedding), "prompts": {}}
-    for label, phrase, emb in (("init word", "toy", None), ("momentum TI", demo_method.phrase, embedding)):
+    runs = (("init word", "toy", TOY_MODEL, None),
+            ("DreamBooth + momentum TI", recipe.phrase, dreambooth_model, embedding))
+    for label, phrase, ckpt, emb in runs:
         suite = prompt_suite(phrase)
         verdicts = []
         for prompt, _, _ in suite:
-            folder = sample_prompt(prompt, args.outdir / slug(label) / slug(prompt), emb, args.samples)
+            folder = sample_prompt(prompt, args.outdir / slug(label) / slug(prompt), ckpt, emb, args.samples)
             verdicts += judge_folder(folder, judge_model)[-args.samples:]
         score = score_suite(verdicts, suite, args.samples, subject)
         report["prompts"][label] = score.per_prompt

@@ -72,10 +72,12 @@ def subject_seeds(args: argparse.Namespace) -> list[int]:
 
 
 def summarize(scores: list) -> dict[str, float]:
-    fid = [s.fidelity for s in scores]
-    edit = [s.editability for s in scores]
-    return {"fidelity": float(np.mean(fid)), "editability": float(np.mean(edit)),
-            "fidelity_std": float(np.std(fid)), "editability_std": float(np.std(edit)), "runs": len(scores)}
+    """Mean and spread (std over subjects and seeds) of each figure."""
+    summary = {}
+    for name in ("fidelity", "editability", "features", "attribute"):
+        values = [getattr(s, name) for s in scores]
+        summary[name], summary[f"{name}_std"] = float(np.mean(values)), float(np.std(values))
+    return {**summary, "runs": len(scores)}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -88,7 +90,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     base = load_toy_model()
     start = time.perf_counter()
     results = {"methods": {}, "init_word": {}, "runs": [], "figure_rows": {}}
-    init_scores, per_method = [], {m.name: [] for m in methods}
+    init_scores, oracle_scores, per_method = [], [], {m.name: [] for m in methods}
     for subject_seed in subject_seeds(args):
         photos = args.workdir / "photos" / f"subject-{subject_seed}"
         subject = write_photo_folder(subject_seed, photos)
@@ -96,6 +98,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         score, images = evaluate(base, judge_model, CLASS_WORD, subject, samples_per_prompt=args.samples, seed=0)
         init_scores.append(score)
         results["figure_rows"].setdefault("init word", images[::args.samples])
+        score, _ = evaluate(base, judge_model, subject.describe(), subject, samples_per_prompt=args.samples, seed=0)
+        oracle_scores.append(score)
         for seed in seeds:
             dreambooth_model = None
             for m in methods:
@@ -120,12 +124,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 results["figure_rows"].setdefault(m.name, images[::args.samples])
                 results["runs"].append({"method": m.name, "subject_seed": subject_seed, "seed": seed,
                                         "fidelity": score.fidelity, "editability": score.editability,
+                                        "features": score.features,
                                         "attribute": score.attribute, "per_prompt": score.per_prompt,
                                         "train_seconds": round(train_s, 1)})
                 logger.info("%s subject %d seed %d: fidelity %.2f editability %.2f (train %.0f s)", m.name,
                             subject_seed, seed, score.fidelity, score.editability, train_s)
     results["methods"] = {name: summarize(scores) for name, scores in per_method.items()}
     results["init_word"] = summarize(init_scores)
+    results["full_description"] = summarize(oracle_scores)
     results["prompt_following"] = prompt_following(base, judge_model, samples_per_prompt=args.samples)
     results["judge_accuracy"] = json.loads(TOY_ACCURACY.read_text()) if TOY_ACCURACY.is_file() else {}
     results["minutes"] = round((time.perf_counter() - start) / 60, 1)
@@ -135,11 +141,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| method | fidelity | editability | runs |", "| --- | --- | --- | --- |"]
-    rows = [("init word only", results["init_word"]), *results["methods"].items()]
+    """Mean ± std over subjects and seeds of each figure, one row per method."""
+    lines = ["| method | fidelity | editability | identity features | asked attribute | runs |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    rows = [("init word only (`toy`)", results["init_word"]),
+            ("full description (no training)", results["full_description"]), *results["methods"].items()]
     for name, r in rows:
-        lines.append(f"| {name} | {r['fidelity']:.2f} ± {r['fidelity_std']:.2f} | "
-                     f"{r['editability']:.2f} ± {r['editability_std']:.2f} | {r['runs']} |")
+        cells = " | ".join(f"{r[k]:.2f} ± {r[k + '_std']:.2f}" for k in ("fidelity", "editability", "features",
+                                                                           "attribute"))
+        lines.append(f"| {name} | {cells} | {r['runs']} |")
     return "\n".join(lines) + "\n"
 
 

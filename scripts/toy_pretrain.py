@@ -60,8 +60,8 @@ def train_autoencoder(workdir: Path, out: Path) -> Path:
     common = ["-t", "--accelerator", "cpu", "-l", str(workdir), "-s", str(SEED)]
     crops = run_main(["--base", str(ROOT / "configs/toy/autoencoder.yaml"), "-n", "toy-autoencoder-crops", *common])
     stage1 = save_checkpoint(workdir / "toy-autoencoder-crops.safetensors", autoencoder_weights(crops))
-    whole = run_main(["--base", str(ROOT / "configs/toy/autoencoder.yaml"), str(ROOT / "configs/toy/autoencoder_full.yaml"),
-                      "-n", "toy-autoencoder-full", *common,
+    configs = [str(ROOT / "configs/toy/autoencoder.yaml"), str(ROOT / "configs/toy/autoencoder_full.yaml")]
+    whole = run_main(["--base", *configs, "-n", "toy-autoencoder-full", *common,
                       f"model.params.autoencoder_config.params.ckpt_path={stage1}"])
     return save_checkpoint(out / AUTOENCODER_FILE, autoencoder_weights(whole))
 
@@ -96,8 +96,8 @@ def train_judge_stage(out: Path) -> Path:
 def write_checksums(out: Path) -> None:
     from ldm.util import atomic_write
 
-    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
-             for p in sorted(out.glob("*.safetensors"))]
+    shipped = [out / name for name in (MODEL_FILE, JUDGE_FILE) if (out / name).is_file()]
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in shipped]
     atomic_write(out / "SHA256SUMS", lambda tmp: tmp.write_text("".join(lines)))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, get_worker_info
 
 from ldm.data.images import DataRootError, ScanResult, check_data_root, iter_image_folder
-from ldm.data.prompts import PromptBuilder
+from ldm.data.prompts import DESCRIPTIVE_WORDS, PromptBuilder
 from ldm.data.resumable import DrawKey
 
 __all__ = ["PersonalizedBase", "BaseImages", "DataRootError"]
@@ -84,6 +84,7 @@ class PersonalizedBase(Dataset):
         coarse_class_text: str | None = None,
         class_word: str | None = None,
         descriptive_p: float = 0.0,
+        descriptive_words: Sequence[str] | None = None,
         use_random_prompt: bool = False,
         seed: int | None = None,
         face_crops: Mapping[str, Any] | None = None,
@@ -113,6 +114,7 @@ class PersonalizedBase(Dataset):
             coarse_class_text=coarse_class_text,
             use_random_prompt=use_random_prompt,
             descriptive_p=descriptive_p,
+            descriptive_words=tuple(descriptive_words) if descriptive_words else DESCRIPTIVE_WORDS,
             per_image_tokens=per_image_tokens,
             mixing_prob=mixing_prob,
         )

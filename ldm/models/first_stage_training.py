@@ -56,7 +56,8 @@ class FirstStageTraining(pl.LightningModule):
         optimizer = torch.optim.Adam(self.trainable_parameters(), lr=self.learning_rate, betas=(0.9, 0.99))
         if self.scheduler_config is None:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=instantiate_from_config(self.scheduler_config))
+        schedule = instantiate_from_config(self.scheduler_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
         return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
 
     @torch.no_grad()
