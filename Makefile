@@ -23,7 +23,7 @@ BENCH_ARGS ?=
 help:
 	@echo "make venv       create $(VENV) (Python 3.11) and install requirements-test.txt"
 	@echo "make test       run the whole test suite (extra pytest flags: PYTEST_ARGS=...)"
-	@echo "make demo       run scripts/demo.py (extra flags: DEMO_ARGS=...)"
+	@echo "make demo       learn a held-out toy subject on the CPU: scripts/demo.py (extra flags: DEMO_ARGS=...)"
 	@echo "make bench      run scripts/benchmark.py --config tiny (extra flags: BENCH_ARGS=...)"
 	@echo "make clean      remove caches; make distclean also removes $(VENV)"
 

@@ -80,7 +80,7 @@ def summarize(scores: list) -> dict[str, float]:
     return {**summary, "runs": len(scores)}
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
+def run_benchmark(args: argparse.Namespace, subjects: list[int]) -> dict:
     require_toy_models()
     torch.set_num_threads(args.threads)
     names = list(QUICK_METHODS) if args.quick else args.methods
@@ -91,7 +91,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     results = {"methods": {}, "init_word": {}, "runs": [], "figure_rows": {}}
     init_scores, oracle_scores, per_method = [], [], {m.name: [] for m in methods}
-    for subject_seed in subject_seeds(args):
+    for subject_seed in subjects:
         photos = args.workdir / "photos" / f"subject-{subject_seed}"
         subject = write_photo_folder(subject_seed, photos)
         logger.info("Subject %d: %s (photos in %s)", subject_seed, subject.describe(), photos)
@@ -174,7 +174,7 @@ def body(args: argparse.Namespace) -> int:
     unknown = [n for n in args.methods if n not in METHOD_NAMES]
     if unknown:
         raise ValueError(f"unknown method '{unknown[0]}': use {', '.join(METHOD_NAMES)}")
-    results = run_benchmark(args)
+    results = run_benchmark(args, subject_seeds(args))
     figure_rows = results.pop("figure_rows")
     if args.figure:
         write_figure(figure_rows, args.figure)

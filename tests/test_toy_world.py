@@ -130,3 +130,25 @@ def test_suite_scores_count_subject_and_attribute_together():
     assert score_suite(absent, suite, 2, subject).fidelity == 0.0
     with pytest.raises(UnknownQuestionError):
         score_suite(verdicts[:4], [suite[0], ("a photo of a *", "hair", "long")], 2, subject)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--subject-seed", "99"], "--subject-seed 99 does not exist"),
+    (["--methods", "ti", "lora"], "unknown method 'lora'"),
+    (["--subjects", "0"], "--subjects must be 1 to 24"),
+])
+def test_benchmark_refuses_bad_input_in_one_line(argv, message, tmp_path, caplog):
+    from scripts import toy_benchmark
+
+    assert toy_benchmark.main([*argv, "--workdir", str(tmp_path)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0]
+    assert not any(tmp_path.iterdir())  # nothing trained or written
+
+
+def test_a_missing_toy_model_names_the_command_that_builds_it(tmp_path, monkeypatch):
+    import ldm.toy_benchmark as toy
+
+    monkeypatch.setattr(toy, "TOY_MODEL", toy.ROOT / "models/toy/missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="python scripts/toy_pretrain.py"):
+        toy.require_toy_models()
