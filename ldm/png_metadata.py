@@ -20,12 +20,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 PARAMETERS_KEY = "parameters"
 PROJECT_KEY = "momentum_ti"
@@ -85,6 +88,7 @@ def model_hash(path: str | os.PathLike[str]) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _sha256_prefix(path: str, size: int, mtime_ns: int) -> str:
+    logger.info("Hashing %s (%.1f GB) for the PNGs' Model hash", path, size / 1e9)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -12,6 +12,7 @@ and the prompt embeddings must equal ours (this project loading the same file) w
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from test_training_cli import base_argv, only_run
 import main
 from ldm.checkpoint import load_embeddings
 from ldm.inference import attach_embedding, load_model
+
+logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_INFERENCE = ROOT / "configs" / "tiny" / "v1-inference.yaml"
@@ -120,6 +123,7 @@ def test_a1111_reading_rule_gives_our_prompt_embeddings(runs, ours, pipe, gamma:
         expected = our_prompt_embedding(ours, path)
         theirs = a1111_prompt_embedding(pipe.text_encoder, pipe.tokenizer, a1111_vectors(path))
         diff = (theirs - expected).abs().max().item()
+        logger.info("A1111 rule, %s, gamma %s: prompt embedding max |diff| %.1e", path.name, gamma, diff)
         assert diff <= TOLERANCE, f"{path.name} (gamma {gamma}): A1111's prompt embedding differs by {diff}"
         emb = load_embeddings(path)
         assert emb.gamma == gamma and emb.source_format == "momentum-ti/2"
@@ -136,6 +140,7 @@ def test_diffusers_loader_gives_our_prompt_embeddings(runs, ours, pipe, gamma: f
         with torch.no_grad():
             theirs, _ = pipe.encode_prompt(PROMPT.replace("*", token), torch.device("cpu"), 1, False)
         diff = (theirs[0] - our_prompt_embedding(ours, path)).abs().max().item()
+        logger.info("diffusers loader, %s, gamma %s: prompt embedding max |diff| %.1e", path.name, gamma, diff)
         assert diff <= TOLERANCE, f"{path.name} (gamma {gamma}): diffusers' prompt embedding differs by {diff}"
 
 

@@ -61,7 +61,6 @@ from ldm.util import atomic_write
 logger = logging.getLogger(__name__)
 
 FORMAT = "momentum-ti/2"
-FORMAT_V1 = "momentum-ti/1"
 ORIGINAL_FORMAT = "textual-inversion"
 MOMENTUM_KEY = "momentum_ti"  # our own namespace, in a .pt and in safetensors metadata
 FOREIGN_PLACEHOLDER = "*"  # the string_to_param key AUTOMATIC1111 and diffusers read
