@@ -204,7 +204,7 @@ class Bench:
         """diffusers' TI recipe on the images of ``ours`` (``unet``: e.g. a compiled one; default ``self.unet``)."""
         pixels = ours.batch["image"].permute(0, 3, 1, 2).contiguous()  # [B, 3, H, W]
         ids = self.ours.cond_stage_model.tokenize(ours.batch["caption"])
-        return reference.TextualInversionStep(unet or self.unet, self.vae, self.text_model, ids,
+        return reference.TextualInversionStep(self.unet if unet is None else unet, self.vae, self.text_model, ids,
                                               self.ours.embedding_manager.token_ids[0], pixels,
                                               self.ours.scale_factor, lr=self.lr, weight_dtype=self.half_or_float32)
 
