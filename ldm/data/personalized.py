@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from ldm.data.images import DataRootError, ScanResult, check_data_root, iter_image_folder
 from ldm.data.prompts import DESCRIPTIVE_WORDS, PromptBuilder
-from ldm.data.resumable import DrawKey
+from ldm.data.resumable import ItemRandom
 
 __all__ = ["PersonalizedBase", "BaseImages", "DataRootError"]
 
@@ -121,8 +121,7 @@ class PersonalizedBase(Dataset):
         self.scan, self._images, self._num_upscaled = self._load_folder()
         self._mirrored = [ImageOps.mirror(img) for img in self._images]
         self.prompts.check_num_images(self.num_images)
-        self._rng = random.Random(seed)
-        self._rng_worker_seed: int | None = None
+        self._random = ItemRandom(seed)
         self._faces = self._prepare_faces(face_crops) if face_crops is not None else None
         logger.info(self.summary())
 
@@ -216,28 +215,14 @@ class PersonalizedBase(Dataset):
         return "\n  ".join(lines)
 
     # --------------------------------------------------------------------------- torch Dataset
-    def _worker_rng(self) -> random.Random:
-        """The dataset RNG, re-seeded once per DataLoader worker (see the module docstring)."""
-        info = get_worker_info()
-        if info is not None and info.seed != self._rng_worker_seed:
-            self._rng = random.Random(f"{self.seed}/{info.seed}")
-            self._rng_worker_seed = info.seed
-        return self._rng
-
     def __len__(self) -> int:
         return self.num_images * self.repeats if self.split == "train" else self.num_images
-
-    def _item_rng(self, index: int) -> random.Random:
-        """The RNG of one item: seeded from its draw number for a DrawKey (resumable), else the dataset RNG."""
-        if isinstance(index, DrawKey):
-            return random.Random(f"{self.seed}/{index.draw}")
-        return self._worker_rng()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
         image_index = index % self.num_images
-        rng = self._item_rng(index)
+        rng = self._random.for_index(index)
         flipped = rng.random() < self.flip_p
         image = self._mirrored[image_index] if flipped else self._images[image_index]
         item = {

@@ -14,10 +14,11 @@ uninterrupted run:
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 
 class DrawKey(int):
@@ -36,6 +37,29 @@ class DrawKey(int):
     def with_index(self, index: int) -> DrawKey:
         """Another index with the same draw (e.g. the class image paired with a subject photo)."""
         return DrawKey(index, self.draw)
+
+
+class ItemRandom:
+    """The random source of a dataset's items.
+
+    A :class:`DrawKey` index gets a ``random.Random`` seeded from ``(seed, draw)`` (resumable and
+    worker-independent); a plain index gets the dataset's own RNG, seeded with ``seed`` in the main
+    process and re-seeded once per DataLoader worker from ``(seed, worker seed)``.
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+        self._rng = random.Random(seed)
+        self._worker_seed: int | None = None
+
+    def for_index(self, index: int) -> random.Random:
+        if isinstance(index, DrawKey):
+            return random.Random(f"{self.seed}/{index.draw}")
+        info = get_worker_info()
+        if info is not None and info.seed != self._worker_seed:
+            self._rng = random.Random(f"{self.seed}/{info.seed}")
+            self._worker_seed = info.seed
+        return self._rng
 
 
 def with_same_draw(key: int, index: int) -> int:

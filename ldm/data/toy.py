@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from ldm.data.prompts import IMAGENET_TEMPLATES_SMALL
+from ldm.data.resumable import ItemRandom
 from ldm.data.toy_world import (
     Scene, Subject, caption, held_out_subject, pretraining_subjects, random_pose, render, BACKGROUNDS,
 )
@@ -56,19 +57,11 @@ class ToyScenes(Dataset):
         self.crop = crop
         self.scenes = scene_list(num_scenes, seed)
         self._pixels: dict[int, np.ndarray] = {}
-        self._rng = random.Random(seed)
-        self._rng_worker_seed: int | None = None
+        self._random = ItemRandom(seed)
         logger.info("Toy world: %d scenes of %d subjects at %d px", num_scenes, len(pretraining_subjects()), size)
 
     def __len__(self) -> int:
         return len(self.scenes)
-
-    def _worker_rng(self) -> random.Random:
-        info = get_worker_info()
-        if info is not None and info.seed != self._rng_worker_seed:
-            self._rng = random.Random(f"{self.seed}/{info.seed}")
-            self._rng_worker_seed = info.seed
-        return self._rng
 
     def image(self, index: int) -> np.ndarray:
         """Scene ``index`` as float32 H x W x 3 in [-1, 1] (rendered once, then kept)."""
@@ -83,7 +76,7 @@ class ToyScenes(Dataset):
         return caption(self.scenes[index], rng, template, self.p_word)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self._worker_rng()
+        rng = self._random.for_index(index)
         if self.crop is not None:  # random square crops: cheap steps for a fully convolutional autoencoder
             top, left = rng.randrange(self.size - self.crop + 1), rng.randrange(self.size - self.crop + 1)
             return {"image": self.image(index)[top:top + self.crop, left:left + self.crop]}
