@@ -15,6 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ldm import precision
 from ldm.models.diffusion.auxiliary import batched_losses
 from ldm.models.diffusion.compiled_unet import CompiledUNet, compile_mode
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
@@ -23,7 +24,6 @@ from ldm.models.diffusion.schedule import diffusion_buffers, extract, make_beta_
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.nonfinite import NonFiniteLossTracker, supports_fused_optimizer
-from ldm import precision
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
