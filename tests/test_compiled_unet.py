@@ -56,7 +56,7 @@ def test_unknown_compile_mode_is_refused() -> None:
         compile_mode("fastest")
 
 
-def test_flag_writes_the_config_key(tmp_path) -> None:
+def test_flag_writes_the_config_key() -> None:
     from omegaconf import OmegaConf
 
     opt = main.build_parser().parse_args(["--compile_unet"])
