@@ -32,6 +32,7 @@ def batch():
 
 def fresh(tiny_model, half: bool):
     model = copy.deepcopy(tiny_model).train()
+    model.latent_cache.clear()  # the session model may hold latents of other tests' images under the same keys
     if half:
         model.hold_frozen_weights_in_half(BF16)
     return model
