@@ -85,3 +85,12 @@ def make_batch(image_index=(0, 1), flipped=(False, True), size: int = 64, seed: 
         "image_index": torch.tensor(image_index),
         "flipped": torch.tensor(flipped),
     }
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded CPU ops, whose results do not depend on how work is split between threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

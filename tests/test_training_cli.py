@@ -107,15 +107,6 @@ def test_scale_lr(tmp_path, photo_dir, tiny_ckpt, caplog, extra, expected) -> No
 # -------------------------------------------------------------------------------- resume
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded CPU ops, whose results do not depend on how work is split between threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_ckpt, one_thread) -> None:
     one_photo = write_photos(tmp_path / "one", count=1)
     # One photo, no flips: the data stream is the same whatever the resume point (see the report on
