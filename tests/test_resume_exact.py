@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import ROOT
