@@ -34,20 +34,28 @@ def test_sampler_loop_reads_nothing_per_step(tiny_model, sampler_class) -> None:
     assert len(reads[6]) == len(reads[2]), f"host reads grow with the steps: {reads}"
 
 
-def test_fixed_conditioning_is_encoded_once_while_it_cannot_change(tiny_model, monkeypatch) -> None:
-    model = copy.deepcopy(tiny_model).eval()
-    encoded: list[list[str]] = []
-    encode = LatentDiffusion.get_learned_conditioning
+ENCODE = LatentDiffusion.get_learned_conditioning  # the unrecorded original
+
+
+@pytest.fixture
+def encoded(monkeypatch) -> list[list[str]]:
+    """The prompt lists LatentDiffusion.get_learned_conditioning is called with, in order."""
+    calls: list[list[str]] = []
 
     def recording(self, prompts):
-        encoded.append(list(prompts))
-        return encode(self, prompts)
+        calls.append(list(prompts))
+        return ENCODE(self, prompts)
 
     monkeypatch.setattr(LatentDiffusion, "get_learned_conditioning", recording)
+    return calls
+
+
+def test_fixed_conditioning_is_encoded_once_while_it_cannot_change(tiny_model, encoded) -> None:
+    model = copy.deepcopy(tiny_model).eval()
     first = model.fixed_conditioning(NEGATIVE, 2)
     second = model.fixed_conditioning(NEGATIVE, 3)
     assert encoded == [[NEGATIVE]] and first.shape[0] == 2 and second.shape[0] == 3
-    assert torch.equal(first[0], second[0]) and torch.equal(first[0], encode(model, [NEGATIVE])[0])
+    assert torch.equal(first[0], second[0]) and torch.equal(first[0], ENCODE(model, [NEGATIVE])[0])
     model.fixed_conditioning("a photo of a *", 1)
     model.fixed_conditioning("a photo of a *", 1)
     assert encoded[1:] == [["a photo of a *"]] * 2, "a prompt with the placeholder is encoded every time"
@@ -56,15 +64,7 @@ def test_fixed_conditioning_is_encoded_once_while_it_cannot_change(tiny_model, m
     assert encoded[-1] == [NEGATIVE], "a trainable text encoder is encoded every time"
 
 
-def test_txt2img_encodes_the_negative_prompt_once_per_run(files, tmp_path, monkeypatch) -> None:  # noqa: F811
-    encoded: list[list[str]] = []
-    encode = LatentDiffusion.get_learned_conditioning
-
-    def recording(self, prompts):
-        encoded.append(list(prompts))
-        return encode(self, prompts)
-
-    monkeypatch.setattr(LatentDiffusion, "get_learned_conditioning", recording)
+def test_txt2img_encodes_the_negative_prompt_once_per_run(files, tmp_path, encoded) -> None:  # noqa: F811
     assert run(files, tmp_path / "out", "--negative_prompt", NEGATIVE) == 0  # 2 iterations of a batch of 2
     assert sum(NEGATIVE in prompts for prompts in encoded) == 1, encoded
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 4

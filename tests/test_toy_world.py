@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from omegaconf import OmegaConf
 
 from ldm.data.toy import PHOTO_BACKGROUNDS, PHOTO_RESOLUTION, ToyScenes, write_photo_folder
@@ -16,7 +17,6 @@ from ldm.modules.encoders.tokenizer import CLIPBPETokenizer
 from ldm.toy_benchmark import prompt_suite, score_suite
 from ldm.toy_judge import UnknownQuestionError, Verdict, check_question
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 CENTRED = Pose("large", "center", 0.0, False, (0.0, 0.0, 0.0))
 
 
