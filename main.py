@@ -13,9 +13,7 @@ import datetime
 import logging
 import sys
 
-from ldm.callbacks import EmbeddingCheckpoint, ImageLogger  # noqa: F401  (configs name main.ImageLogger)
 from ldm.cli import LOG_FORMAT, setup_logging
-from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
 from ldm.models.diffusion.compiled_unet import COMPILE_MODES
 from ldm.trainer_args import PRECISIONS
 

@@ -8,8 +8,20 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
+# Config targets that name another place than where the class lives: the original code's configs
+# name classes defined in its main.py, and configs saved by older runs name modules since moved.
+TARGET_ALIASES = {
+    "main.ImageLogger": "ldm.callbacks.ImageLogger",
+    "main.DataModuleFromConfig": "ldm.data.datamodule.DataModuleFromConfig",
+}
+
+
 def get_obj_from_str(path: str) -> Any:
-    """Return the object named by a dotted path such as ``ldm.models.autoencoder.AutoencoderKL``."""
+    """Return the object named by a dotted path such as ``ldm.models.autoencoder.AutoencoderKL``.
+
+    Paths in :data:`TARGET_ALIASES` resolve to where the class lives now.
+    """
+    path = TARGET_ALIASES.get(path, path)
     module_name, _, attr = path.rpartition(".")
     if not module_name:
         raise ValueError(f"'{path}' is not a dotted path of the form package.module.Name")
@@ -29,22 +41,6 @@ def instantiate_from_config(config: Mapping[str, Any], **overrides: Any) -> Any:
     params = dict(config.get("params", None) or {})
     params.update(overrides)
     return get_obj_from_str(config["target"])(**params)
-
-
-def count_params(model, trainable_only: bool = False) -> int:
-    """Number of parameters of ``model`` (only the trainable ones when asked)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def exists(value: Any) -> bool:
-    return value is not None
-
-
-def default(value: Any, fallback: Any) -> Any:
-    """``value`` unless it is None, else ``fallback`` (called if callable)."""
-    if value is not None:
-        return value
-    return fallback() if callable(fallback) else fallback
 
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
