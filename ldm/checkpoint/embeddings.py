@@ -225,6 +225,11 @@ def load_embeddings(
     return emb
 
 
+def no_gamma_error(source: str | os.PathLike[str]) -> ValueError:
+    """The error of a script given a file that stores no gamma (seed/original TI files) and no --gamma."""
+    return ValueError(f"{source} stores no gamma: pass --gamma (0.1 for the seed's momentum runs, 1 for plain TI)")
+
+
 def _from_momentum_block(path: Path, block: Mapping[str, Any], *, step: Any) -> EmbeddingFile:
     """A momentum-ti/2 file: v, e_p and gamma exactly as saved (the foreign keys are derived from them)."""
     params, base = block.get("trainable_vectors"), block.get("base_vectors")
