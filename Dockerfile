@@ -29,8 +29,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python3.11 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/workspace
+ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /workspace
 
@@ -38,10 +37,13 @@ WORKDIR /workspace
 COPY requirements.txt ./
 RUN pip install --no-input -r requirements.txt
 
-COPY main.py README.md ./
+COPY pyproject.toml main.py README.md ./
 COPY configs ./configs
 COPY ldm ./ldm
 COPY scripts ./scripts
+# The project itself (ldm, main.py), editable over /workspace as `make venv` installs it: the scripts
+# import `ldm` as an installed package. Its dependencies are the pins installed above.
+RUN pip install --no-input --no-deps --no-build-isolation -e .
 # Mount points of the docker run above (empty in the image).
 RUN mkdir -p models inputs logs outputs
 

@@ -1,6 +1,6 @@
 # Developer entry points. `make help` lists them.
-# The virtualenv is (re)installed only when it is missing or when a requirements file is newer
-# than its stamp, so repeated `make test` runs go straight to pytest.
+# The virtualenv is (re)installed only when it is missing or when a requirements file or
+# pyproject.toml is newer than its stamp, so repeated `make test` runs go straight to pytest.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -13,6 +13,7 @@ VENV ?= .venv
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQUIREMENTS := requirements.txt requirements-test.txt
+PROJECT := pyproject.toml
 PIP_FLAGS ?= --disable-pip-version-check --no-input $(if $(CI),--progress-bar off)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
@@ -21,7 +22,7 @@ BENCH_ARGS ?=
 .PHONY: help venv test demo bench clean distclean FORCE
 
 help:
-	@echo "make venv       create $(VENV) (Python 3.11) and install requirements-test.txt"
+	@echo "make venv       create $(VENV) (Python 3.11), install requirements-test.txt and this project (editable)"
 	@echo "make test       run the whole test suite (extra pytest flags: PYTEST_ARGS=...)"
 	@echo "make demo       learn a held-out toy subject on the CPU: scripts/demo.py (extra flags: DEMO_ARGS=...)"
 	@echo "make bench      run scripts/benchmark.py --config tiny (extra flags: BENCH_ARGS=...)"
@@ -37,10 +38,13 @@ $(VENV_PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "error: $(PYTHON) is not Python 3.11; run make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv --clear $(VENV)
 
-# Reinstalls when a requirements file is newer than the stamp. The stamp is written only after pip
-# succeeded, so a failed install is retried on the next run.
-$(STAMP): $(REQUIREMENTS) $(if $(VENV_BROKEN),FORCE) | $(VENV_PY)
+# Reinstalls when a requirements file or pyproject.toml is newer than the stamp. The stamp is written
+# only after pip succeeded, so a failed install is retried on the next run. The project (ldm, main.py)
+# is installed editable on top of the pins: no dependencies of its own to resolve, and no build
+# isolation, so it builds offline with the pinned setuptools.
+$(STAMP): $(REQUIREMENTS) $(PROJECT) $(if $(VENV_BROKEN),FORCE) | $(VENV_PY)
 	$(VENV_PY) -m pip install $(PIP_FLAGS) -r requirements-test.txt
+	$(VENV_PY) -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	touch $@
 
 FORCE:

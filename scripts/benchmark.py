@@ -25,28 +25,24 @@ precision and its trained UNet in float32, ``StableDiffusionPipeline`` everythin
 """
 from __future__ import annotations
 
+import argparse
+import functools
+import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.util import instantiate_from_config, randomize_zero_weights  # noqa: E402
-from scripts.bench import reference  # noqa: E402
-from scripts.bench.flops import count_flops, dense_half_peak_tflops  # noqa: E402
-from scripts.bench.measure import (  # noqa: E402
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import instantiate_from_config, randomize_zero_weights
+from bench import reference
+from bench.flops import count_flops, dense_half_peak_tflops
+from bench.measure import (
     Measurement,
     measure,
     measure_pair,
@@ -57,11 +53,12 @@ from scripts.bench.measure import (  # noqa: E402
     timed,
     with_state,
 )
-from scripts.bench.ours import OursStep, dreambooth_batch, ti_batch  # noqa: E402
-from scripts.bench.speed_rows import compiled_rows, sample_rows  # noqa: E402
-from scripts.bench.table import Row, markdown_table, plain_table  # noqa: E402
-from scripts.bench.validation import validation_rows  # noqa: E402
+from bench.ours import OursStep, dreambooth_batch, ti_batch
+from bench.speed_rows import compiled_rows, sample_rows
+from bench.table import Row, markdown_table, plain_table
+from bench.validation import validation_rows
 
+ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("benchmark")
 
 CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune.yaml",

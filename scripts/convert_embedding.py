@@ -9,25 +9,21 @@ e = e_p + gamma * (v - e_p); --gamma re-mixes before exporting. Files that store
 Targets: ours (.pt/.safetensors, keeps v, e_p and gamma), ti (.pt, original TI layout),
 diffusers (.safetensors/.bin, {token: e}), a1111 (.pt with name/step, or .safetensors {"emb_params": e}).
 """
+import argparse
+import logging
 import sys
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-# Run as `python scripts/convert_embedding.py` without installing: put the repository root first on
-# the import path, so `ldm` below is this checkout's package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-from ldm.checkpoint import (  # noqa: E402
+from ldm.checkpoint import (
     EmbeddingFile,
-    interop,  # noqa: E402
+    interop,
     load_embeddings,
 )
-from ldm.cli import run_script  # noqa: E402
-from ldm.modules.embedding_manager import check_gamma  # noqa: E402
+from ldm.checkpoint.embeddings import no_gamma_error
+from ldm.cli import run_script
+from ldm.modules.embedding_manager import check_gamma
 
 logger = logging.getLogger("convert_embedding")
 
@@ -55,7 +51,7 @@ def prepare(args: argparse.Namespace) -> EmbeddingFile:
     if args.gamma is not None:
         emb = replace(emb, gamma=check_gamma(args.gamma))
     if emb.gamma is None:
-        raise ValueError(f"{source} stores no gamma: pass --gamma (0.1 for the seed's momentum runs, 1 for plain TI)")
+        raise no_gamma_error(source)
     if args.placeholder is not None:
         emb = interop.select_placeholder(emb, args.placeholder, source)
     if args.ckpt is not None:

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as `python scripts/demo.py` from anywhere
 
 logger = logging.getLogger("demo")
 
@@ -32,7 +31,7 @@ def slug(text: str) -> str:
 
 def sample_prompt(prompt: str, outdir: Path, ckpt: Path, embedding: Path | None, samples: int) -> Path:
     """Samples of one prompt with stable_txt2img.py; returns their folder."""
-    from scripts import stable_txt2img
+    import stable_txt2img  # scripts/stable_txt2img.py, next to this script
     from ldm.toy_benchmark import INFERENCE_CONFIG, SAMPLER
 
     argv = ["--config", str(INFERENCE_CONFIG), "--ckpt", str(ckpt), "--prompt", prompt, "--H", "64", "--W", "64",

@@ -11,26 +11,21 @@ similarity to the prompt with the placeholder replaced by --class_word. CLIP wei
 --clip_model (a .pt file) or the clip package's cache (~/.cache/clip); nothing is downloaded, and
 without them the CLIP metrics are null.
 """
+import argparse
+import json
+import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-
-# Run as `python scripts/evaluate_identity.py` without installing: put the repository root first on
-# the import path, so `ldm` below is this checkout's package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
 from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from ldm import evaluation  # noqa: E402
-from ldm.cli import run_script  # noqa: E402
-from ldm.inference import resolve_device  # noqa: E402
-from ldm.modules.face import FaceEncoder  # noqa: E402
-from ldm.util import atomic_write  # noqa: E402
+from ldm import evaluation
+from ldm.cli import run_script
+from ldm.inference import resolve_device
+from ldm.modules.face import FaceEncoder
+from ldm.util import atomic_write
 
 logger = logging.getLogger("evaluate_identity")
 

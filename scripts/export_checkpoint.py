@@ -6,19 +6,13 @@ The output holds the state dict only, in the released SD v1 key layout (no optim
 manager, no EMA unless --include_ema), as .ckpt or .safetensors (from the output's suffix). It loads
 in ``main.py --actual_resume``, ``scripts/stable_txt2img.py --ckpt`` and diffusers' single-file loader.
 """
+import argparse
+import logging
 import sys
-from pathlib import Path
+from typing import Sequence
 
-# Run as `python scripts/export_checkpoint.py` without installing: put the repository root first
-# on the import path, so `ldm` below is this checkout's package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from typing import Sequence  # noqa: E402
-
-from ldm.cli import run_script  # noqa: E402
-from ldm.export import export_checkpoint  # noqa: E402
+from ldm.cli import run_script
+from ldm.export import export_checkpoint
 
 logger = logging.getLogger("export_checkpoint")
 

@@ -9,32 +9,27 @@ vocabulary tokens of e (cosine against the token table of --ckpt). Without --ckp
 token table is reported as unavailable. With several files (sorted by step) it shows the drift of v:
 its norm and its cosine to the first and to the previous file.
 """
+import argparse
+import json
+import logging
+import math
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-
-# Run as `python scripts/inspect_embedding.py` without installing: put the repository root first on
-# the import path, so `ldm` below is this checkout's package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
 from typing import Any
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from ldm.checkpoint import (  # noqa: E402
+from ldm.checkpoint import (
     EmbeddingFile,
-    interop,  # noqa: E402
+    interop,
     load_embeddings,
 )
-from ldm.cli import run_script, setup_logging  # noqa: E402
-from ldm.modules.embedding_manager import single_token_id  # noqa: E402
-from ldm.util import atomic_write  # noqa: E402
+from ldm.cli import run_script, setup_logging
+from ldm.modules.embedding_manager import single_token_id
+from ldm.util import atomic_write
 
 logger = logging.getLogger("inspect_embedding")
 STEP_IN_NAME = re.compile(r"(?:gs|step)-(\d+)")

@@ -9,26 +9,21 @@ Images already there count: only the missing ones are made, so an interrupted ru
 Each batch is seeded with ``seed + index of its first image``, so the images do not depend on how
 often the script was restarted. Then train with ``main.py ... --reg_data_root OUTDIR``.
 """
+import argparse
+import contextlib
+import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Sequence
 
-# Run as `python scripts/make_class_images.py` without installing: put the repository root first
-# on the import path, so `ldm` below is this checkout's package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from typing import Callable, Sequence  # noqa: E402
-
-import torch  # noqa: E402
-
-from ldm.cli import run_script  # noqa: E402
-from ldm.data.prompts import DEFAULT_TEMPLATE  # noqa: E402
-from ldm.inference import load_model, resolve_device  # noqa: E402
-from ldm.png_metadata import SampleSettings, model_fields, png_text  # noqa: E402
-from ldm.sampling_io import SAMPLE_PATTERN, next_free_index, save_png, to_pil_images  # noqa: E402
+from ldm.cli import run_script
+from ldm.data.prompts import DEFAULT_TEMPLATE
+from ldm.inference import load_model, resolve_device
+from ldm.png_metadata import SampleSettings, model_fields, png_text
+from ldm.sampling_io import SAMPLE_PATTERN, next_free_index, save_png, to_pil_images
 
 logger = logging.getLogger("make_class_images")
 

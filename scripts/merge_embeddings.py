@@ -8,25 +8,20 @@ be a single CLIP token. When the inputs share one gamma (and all or none store e
 keeps v, e_p and gamma; otherwise it stores each input's effective vectors with gamma 1. Seed files
 (no e_p) need --ckpt unless gamma is 1.
 """
+import argparse
+import logging
 import sys
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-# Run as `python scripts/merge_embeddings.py` without installing: put the repository root first on
-# the import path, so `ldm` below is this checkout's package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-from ldm.checkpoint import (  # noqa: E402
+from ldm.checkpoint import (
     EmbeddingFile,
-    interop,  # noqa: E402
+    interop,
     load_embeddings,
     save_embeddings,
 )
-from ldm.cli import run_script  # noqa: E402
+from ldm.checkpoint.embeddings import no_gamma_error
+from ldm.cli import run_script
 
 logger = logging.getLogger("merge_embeddings")
 
@@ -126,7 +121,7 @@ def load_inputs(args: argparse.Namespace) -> list[tuple[str, EmbeddingFile]]:
     for path in args.inputs:
         emb = load_embeddings(path, default_gamma=args.gamma)
         if emb.gamma is None:
-            raise ValueError(f"{path} stores no gamma: pass --gamma (0.1 for the seed's momentum runs, 1 for plain TI)")
+            raise no_gamma_error(path)
         if table is not None:
             interop.check_dim(emb, table.shape[1], path, f"the text encoder of {args.ckpt}")
             if emb.base is None:

@@ -21,10 +21,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-# Run as `python scripts/stable_txt2img.py` without installing: put the repository root (the parent
-# of scripts/) first on the import path, so the `ldm` imports below are this checkout's package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from ldm.callbacks import to_grid_image
 from ldm.checkpoint import load_embeddings, probe_weights_file
 from ldm.cli import run_script

@@ -20,22 +20,20 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as `python scripts/toy_benchmark.py` from anywhere
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from ldm.cli import run_script  # noqa: E402
-from ldm.data.toy import write_photo_folder  # noqa: E402
-from ldm.data.toy_world import CLASS_WORD, HELD_OUT_POOL_SIZE  # noqa: E402
-from ldm.toy_benchmark import (  # noqa: E402
+from ldm.cli import run_script
+from ldm.data.toy import write_photo_folder
+from ldm.data.toy_world import CLASS_WORD, HELD_OUT_POOL_SIZE
+from ldm.toy_benchmark import (
     METHOD_NAMES, METHODS, TOY_ACCURACY, TOY_JUDGE, evaluate, load_toy_model, method, prompt_following,
     prompt_suite, require_toy_models, train,
 )
-from ldm.toy_judge import load_judge  # noqa: E402
-from ldm.util import atomic_write  # noqa: E402
+from ldm.toy_judge import load_judge
+from ldm.util import atomic_write
 
+ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("toy_benchmark")
 
 QUICK_METHODS = ("ti", "momentum_0.1")

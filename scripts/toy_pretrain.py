@@ -25,14 +25,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from ldm.cli import run_script
+from ldm.toy_benchmark import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as `python scripts/toy_pretrain.py` from anywhere
-
-import torch  # noqa: E402
-
-from ldm.cli import run_script  # noqa: E402
-from ldm.toy_benchmark import run_main  # noqa: E402
-
 logger = logging.getLogger("toy_pretrain")
 
 STAGES = ("autoencoder", "diffusion", "judge")

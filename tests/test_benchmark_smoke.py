@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -23,9 +24,15 @@ VALIDATION_ROW = "validation_save"
 
 
 def _load_benchmark():
+    """scripts/benchmark.py as `python scripts/benchmark.py` loads it: with scripts/ (its `bench` package) on the path."""
+    scripts = str(ROOT / "scripts")
     spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, scripts)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(scripts)
     return module
 
 

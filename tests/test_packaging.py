@@ -103,10 +103,10 @@ def _make(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def make_sandbox(tmp_path: Path) -> Path:
-    """A copy of the Makefile and requirements files in an empty directory (no venv, no stamp)."""
+    """A copy of the Makefile, requirements files and pyproject.toml in an empty directory (no venv, no stamp)."""
     if shutil.which("make") is None:
         pytest.skip("GNU make is not installed")
-    for name in ("Makefile", "requirements.txt", "requirements-test.txt"):
+    for name in ("Makefile", "requirements.txt", "requirements-test.txt", "pyproject.toml"):
         shutil.copy2(ROOT / name, tmp_path / name)
     return tmp_path
 
@@ -224,6 +224,9 @@ def test_make_test_creates_venv_then_runs_pytest(make_sandbox: Path) -> None:
     plan = result.stdout
     assert "-m venv" in plan, f"a fresh checkout must create the venv first:\n{plan}"
     assert re.search(r"-m pip install .*-r requirements-test\.txt", plan), f"must install requirements-test.txt:\n{plan}"
+    assert re.search(r"-m pip install .*--no-deps --no-build-isolation -e \.$", plan, re.MULTILINE), (
+        f"must install the project editable, offline, over the pins:\n{plan}")
+    assert plan.index("-r requirements-test.txt") < plan.index("-e .") < plan.index("touch"), plan
     assert re.search(r"\.venv/bin/python -m pytest .*-k sentinel_arg", plan), f"must run pytest with PYTEST_ARGS:\n{plan}"
     assert re.search(r"touch \.venv/\.installed", plan), f"must stamp the venv after installing:\n{plan}"
     assert plan.index("pip install") < plan.index("touch") < plan.index("-m pytest"), plan
@@ -237,7 +240,7 @@ def test_make_test_skips_install_when_stamp_is_fresh(make_sandbox: Path) -> None
     stamp = make_sandbox / ".venv" / ".installed"
     stamp.write_text("")
     past = time.time() - 100
-    for name in ("requirements.txt", "requirements-test.txt", ".venv/bin/python"):
+    for name in ("requirements.txt", "requirements-test.txt", "pyproject.toml", ".venv/bin/python"):
         os.utime(make_sandbox / name, (past, past))
 
     assert _make(make_sandbox, "-q", ".venv/.installed").returncode == 0, "a fresh stamp must be up to date"
@@ -245,13 +248,45 @@ def test_make_test_skips_install_when_stamp_is_fresh(make_sandbox: Path) -> None
     assert "pip install" not in plan and "-m venv" not in plan, f"second `make test` must not reinstall:\n{plan}"
     assert "-m pytest" in plan, plan
 
-    for name in ("requirements.txt", "requirements-test.txt"):
+    for name in ("requirements.txt", "requirements-test.txt", "pyproject.toml"):
         os.utime(stamp, (past + 10, past + 10))
         os.utime(make_sandbox / name, None)
         plan = _make(make_sandbox, "-n", "test").stdout
         assert "pip install" in plan, f"editing {name} must trigger a reinstall:\n{plan}"
         assert "-m venv" not in plan, f"editing {name} must not recreate the venv:\n{plan}"
         os.utime(make_sandbox / name, (past, past))
+
+
+def test_pyproject_installs_ldm_and_main_with_the_pinned_dependencies() -> None:
+    import tomllib
+
+    from setuptools import find_packages
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, setuptools_config = config["project"], config["tool"]["setuptools"]
+    assert project["requires-python"] == "==3.11.*"
+    assert "main" in setuptools_config["py-modules"], "pyproject.toml must install main.py (py-modules)"
+    packages = set(find_packages(where=str(ROOT), **setuptools_config["packages"]["find"]))
+    ldm_packages = {".".join(init.parent.relative_to(ROOT).parts) for init in ROOT.glob("ldm/**/__init__.py")}
+    assert "ldm" in ldm_packages and ldm_packages <= packages, f"not installed: {sorted(ldm_packages - packages)}"
+    assert all(name.split(".")[0] == "ldm" for name in packages), f"only ldm is a package of ours: {sorted(packages)}"
+    # requirements.txt stays the one place of the pins: pyproject reads it instead of repeating it
+    assert "dependencies" not in project and "dependencies" in project["dynamic"]
+    assert setuptools_config["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
+
+
+def test_conda_and_docker_install_the_project() -> None:
+    env = yaml.safe_load((ROOT / "environment.yaml").read_text())
+    pip_lines = next(dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict) and "pip" in dep)
+    assert "-e ." in [str(line).strip() for line in pip_lines], "environment.yaml must install the project (-e .)"
+    instructions = _dockerfile_instructions()
+    assert "pyproject.toml" in _copy_sources(), "Dockerfile must COPY pyproject.toml"
+    install = next((i for i, (keyword, args) in enumerate(instructions)
+                    if keyword == "RUN" and re.search(r"\bpip3? install\b.*-e \.(\s|$)", args)), None)
+    assert install is not None, "Dockerfile must `pip install -e .` the project"
+    copied = [i for i, (keyword, args) in enumerate(instructions) if keyword == "COPY"
+              and {"pyproject.toml", "main.py", "ldm"} & set(args.split()[:-1])]
+    assert copied and max(copied) < install, "Dockerfile must COPY pyproject.toml, main.py and ldm before installing"
 
 
 def test_make_rebuilds_venv_whose_interpreter_is_gone(make_sandbox: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from ldm.data.datamodule import HOST_BATCH_KEYS, keep_on_host
 from ldm.nonfinite import supports_fused_optimizer
-from scripts.bench.measure import tensor_bytes
+from .measure import tensor_bytes
 
 
 def optimizer_and_cache_bytes(optimizer: torch.optim.Optimizer, cache, latent_numel: int) -> int:

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from scripts.bench import reference
-from scripts.bench.measure import measure_pair, synchronize, tensor_bytes, with_state
-from scripts.bench.table import Row
+from . import reference
+from .measure import measure_pair, synchronize, tensor_bytes, with_state
+from .table import Row
 
 if TYPE_CHECKING:
     from scripts.benchmark import Bench

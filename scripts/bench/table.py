@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scripts.bench.measure import Measurement
+from .measure import Measurement
 
 MIB = 2 ** 20
 

@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 from ldm.data.images import load_rgb
 from ldm.validation.callback import ValidationSampler, starting_noise
 from ldm.validation.settings import ValidationSettings, default_prompts
-from scripts.bench.measure import Measurement, measure, measure_pair, precision_context
-from scripts.bench.table import Row
+from .measure import Measurement, measure, measure_pair, precision_context
+from .table import Row
 
 IDENTITY_SIDE = 512  # the samples of an SD v1 run
 STEPS_PER_TIMING = 10  # TI steps per timed call (scaled to the save interval)
