@@ -6,6 +6,7 @@ import logging
 import math
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -14,6 +15,7 @@ import torchvision
 from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.compat import drop_ignored_keys
 from ldm.png_metadata import SampleSettings, model_fields, png_text
 from ldm.sampling_io import save_png
 
@@ -105,16 +107,16 @@ def to_grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
 class ImageLogger(pl.Callback):
     """Every ``batch_frequency`` steps, writes grids from ``pl_module.log_images`` to ``images/train``.
 
-    Each PNG carries the AUTOMATIC1111 ``parameters`` chunk (the grid's first caption, the sampler
-    settings, the model hash of ``checkpoint_path``; :mod:`ldm.png_metadata`) and the run's details.
+    ``save_dir`` defaults to ``<log dir>/images``. Each PNG carries the AUTOMATIC1111 ``parameters``
+    chunk (the grid's first caption, the sampler settings, the model hash of ``checkpoint_path``,
+    by default the weights the model loaded; :mod:`ldm.png_metadata`) and the run's details.
     Failures here (a missing font, odd sizes) are logged and never stop training.
     """
 
-    def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True,
-                 increase_log_steps: bool = True, rescale: bool = True, disabled: bool = False,
-                 log_on_batch_idx: bool = False, log_first_step: bool = False,
+    def __init__(self, batch_frequency: int, max_images: int, disabled: bool = False, log_first_step: bool = False,
                  log_images_kwargs: dict | None = None, save_dir: str | Path | None = None,
-                 checkpoint_path: str | Path | None = None):
+                 checkpoint_path: str | Path | None = None, **ignored: Any):
+        drop_ignored_keys("ImageLogger", ignored)
         self.batch_frequency = max(1, int(batch_frequency))
         self.max_images = max_images
         self.disabled = disabled
@@ -131,7 +133,7 @@ class ImageLogger(pl.Callback):
         step = pl_module.global_step
         if self.disabled or self.max_images <= 0 or not self._due(step) or not hasattr(pl_module, "log_images"):
             return
-        root = (self.save_dir or Path(trainer.log_dir or ".") / "images") / "train"
+        root = (self.save_dir or Path(trainer.default_root_dir) / "images") / "train"
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -152,14 +154,15 @@ class ImageLogger(pl.Callback):
         sampling = {**keyword_defaults(pl_module.log_images), **self.log_images_kwargs}
         captions = [str(c) for c in batch[pl_module.cond_stage_key][: self.max_images]]
         manager = getattr(pl_module, "embedding_manager", None)
+        checkpoint = self.checkpoint_path or getattr(pl_module, "init_checkpoint", None)
         height, width = next(iter(images.values())).shape[-2:]
         viewer = SampleSettings(
             prompt=captions[0] if captions else "", negative_prompt="", steps=int(sampling["ddim_steps"]),
             sampler="DDIM", cfg_scale=float(sampling["unconditional_guidance_scale"]),
             seed=getattr(pl_module, "training_seed", None), width=int(width), height=int(height),
-            **model_fields(self.checkpoint_path), embedding=" ".join(manager.placeholders) if manager else None,
+            **model_fields(checkpoint), embedding=" ".join(manager.placeholders) if manager else None,
             gamma=manager.gamma if manager else None)
-        return png_text(viewer, {"captions": captions, **details, "checkpoint": self.checkpoint_path})
+        return png_text(viewer, {"captions": captions, **details, "checkpoint": checkpoint})
 
 
 def keyword_defaults(function) -> dict[str, object]:

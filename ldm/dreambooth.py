@@ -11,11 +11,11 @@ identifier, prior preservation, which parts train and the pruned export written 
     export_half: false         # --export_half
     export_ema: false          # keep model_ema.* in the export (needs use_ema)
 
-Bad input raises ``ValueError`` with a one-line message; ``ldm.training`` reports it and exits 2.
+The flags reach the section through :mod:`ldm.flags`. Bad input raises ``ValueError`` with a one-line
+message; ``ldm.training`` reports it and exits 2.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -28,30 +28,15 @@ from ldm.modules.embedding_manager import single_token_id
 logger = logging.getLogger(__name__)
 
 SECTION = "dreambooth"
-SECTION_FLAGS = ("identifier", "prior_loss_weight", "train_text_encoder", "export_format", "export_half")
-DATA_FLAGS = ("reg_data_root",)
 PRIOR_LOSS_TARGET = "ldm.modules.prior_loss.PriorPreservationLoss"
-UNFROZEN_CONFIG = "configs/stable-diffusion/v1-finetune_unfrozen.yaml"
+DEFAULT_PRIOR_LOSS_WEIGHT = 1.0
 
 
-def _given(opt: argparse.Namespace, name: str) -> bool:
-    value = getattr(opt, name, None)
-    return value is not None and value is not False  # identity: a weight of 0.0 counts as given
-
-
-def apply_dreambooth(config: DictConfig, opt: argparse.Namespace) -> None:
-    """Write the DreamBooth flags into the config: its section, the datasets and the model."""
+def derive_dreambooth(config: DictConfig) -> None:
+    """What the ``dreambooth`` section implies for the datasets and the model (flags are already in it)."""
     section = config.get(SECTION)
     if section is None:
-        given = [name for name in SECTION_FLAGS + DATA_FLAGS if _given(opt, name)]
-        if given:
-            raise ValueError(f"--{given[0]} is a DreamBooth option: train with --base {UNFROZEN_CONFIG}")
         return
-    if _given(opt, "placeholder_string"):
-        raise ValueError("DreamBooth names the subject with --identifier (default sks), not --placeholder_string")
-    for name in SECTION_FLAGS:
-        if _given(opt, name):
-            section[name] = getattr(opt, name)
     identifier = str(section.get("identifier", "sks"))
     if not identifier.strip() or len(identifier.split()) != 1:
         raise ValueError(f"--identifier must be one rare word such as 'sks', got '{identifier}'")
@@ -59,18 +44,15 @@ def apply_dreambooth(config: DictConfig, opt: argparse.Namespace) -> None:
         raise ValueError(f"dreambooth.export_format must be one of {EXPORT_FORMATS}, got '{section.export_format}'")
     data = config.data.params
     for split in ("train", "validation"):
-        part = data.get(split)
-        if part is None:
-            continue
-        OmegaConf.update(part, "params.placeholder_token", identifier)
-        if _given(opt, "reg_data_root"):
-            OmegaConf.update(part, "params.reg_data_root", str(opt.reg_data_root))
+        if data.get(split) is not None:
+            OmegaConf.update(data[split], "params.placeholder_token", identifier)
     model = config.model.params
+    weight = float(section.get("prior_loss_weight", DEFAULT_PRIOR_LOSS_WEIGHT))
     if data.train.params.get("reg_data_root"):
-        model.prior_loss_config = {"target": PRIOR_LOSS_TARGET,
-                                   "params": {"weight": float(section.get("prior_loss_weight", 1.0))}}
-    elif _given(opt, "prior_loss_weight"):
-        logger.warning("--prior_loss_weight has no effect without --reg_data_root (prior preservation is off)")
+        model.prior_loss_config = {"target": PRIOR_LOSS_TARGET, "params": {"weight": weight}}
+    elif weight != DEFAULT_PRIOR_LOSS_WEIGHT:
+        logger.warning("dreambooth.prior_loss_weight=%g has no effect without --reg_data_root (prior preservation "
+                       "is off)", weight)
     if section.get("train_text_encoder", False):
         model.cond_stage_trainable = True
         OmegaConf.update(model, "cond_stage_config.params.freeze", False)

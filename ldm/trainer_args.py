@@ -4,7 +4,7 @@ Every ``lightning.trainer.*`` key (in a config or a ``lightning.trainer.key=valu
 takes effect or is a one-line error naming the flag to use:
 
 - ``precision``, ``accumulate_grad_batches``, ``num_nodes``, ``max_steps``, ``max_epochs``: the config
-  value, unless the flag of the same name is given (the flag wins);
+  value, which the flag of the same name overwrites (:mod:`ldm.flags`), so one value reaches the Trainer;
 - ``accelerator``, ``devices``, ``strategy``, ``gpus``: set by ``--gpus`` / ``--accelerator`` / ``--devices``;
 - ``callbacks``, ``logger``, ``default_root_dir``: set by main.py (``lightning.callbacks``, ``--logdir``);
 - any other argument of Lightning's Trainer passes through; a key the Trainer does not have is an error.
@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32-true": "32"}  # Lightning's older spellings
-FLAG_KEYS = ("precision", "accumulate_grad_batches", "num_nodes", "max_steps", "max_epochs")
 DEFAULTS = {"precision": "32", "accumulate_grad_batches": 1, "num_nodes": 1}
 MINIMUM = {"accumulate_grad_batches": 1, "num_nodes": 1, "max_steps": -1, "max_epochs": -1}  # -1: no limit
 DEVICE_FLAGS = "--gpus (e.g. --gpus 0,), --accelerator or --devices"
@@ -50,8 +49,8 @@ def trainer_parameters() -> frozenset[str]:
     return frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
 
 
-def trainer_kwargs(trainer_config: Mapping[str, Any], opt: argparse.Namespace) -> dict[str, Any]:
-    """Trainer arguments (without devices, callbacks and loggers) from ``lightning.trainer`` and the flags."""
+def trainer_kwargs(trainer_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Trainer arguments (without devices, callbacks and loggers) from the merged ``lightning.trainer``."""
     kwargs = dict(trainer_config)
     for key in kwargs:
         if key in OWNED_KEYS:
@@ -59,35 +58,26 @@ def trainer_kwargs(trainer_config: Mapping[str, Any], opt: argparse.Namespace) -
         if key not in trainer_parameters():
             raise TrainerArgumentError(f"lightning.trainer.{key} is not an argument of Lightning's Trainer; "
                                        "remove it or fix its spelling")
-    sources = {}
-    for key in FLAG_KEYS:
-        flag_value = getattr(opt, key, None)
-        if flag_value is not None:
-            if key in kwargs and str(kwargs[key]) != str(flag_value):
-                logger.info("--%s %s overrides lightning.trainer.%s=%s", key, flag_value, key, kwargs[key])
-            kwargs[key], sources[key] = flag_value, f"--{key}"
-        elif key in kwargs:
-            sources[key] = f"lightning.trainer.{key}"
-        elif key in DEFAULTS:
-            kwargs[key], sources[key] = DEFAULTS[key], f"--{key}"
-    kwargs["precision"] = _precision(kwargs["precision"], sources["precision"])
+    kwargs = {**DEFAULTS, **kwargs}
+    kwargs["precision"] = _precision(kwargs["precision"])
     for key, minimum in MINIMUM.items():
         if kwargs.get(key) is not None:
-            kwargs[key] = _whole_number(kwargs[key], minimum, sources[key], f"--{key}")
+            kwargs[key] = _whole_number(key, kwargs[key], minimum)
     return kwargs
 
 
-def _precision(value: Any, source: str) -> str:
+def _precision(value: Any) -> str:
     text = PRECISION_ALIASES.get(str(value), str(value))
     if text not in PRECISIONS:
-        raise TrainerArgumentError(f"{source}={value!r} is not a training precision; use --precision with one of "
-                                   f"{', '.join(PRECISIONS)}")
+        raise TrainerArgumentError(f"lightning.trainer.precision={value!r} is not a training precision; use "
+                                   f"--precision with one of {', '.join(PRECISIONS)}")
     return text
 
 
-def _whole_number(value: Any, minimum: int, source: str, flag: str) -> int:
+def _whole_number(key: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TrainerArgumentError(f"{source}={value!r} must be a whole number >= {minimum}; pass {flag} N")
+        raise TrainerArgumentError(f"lightning.trainer.{key}={value!r} must be a whole number >= {minimum}; "
+                                   f"pass --{key} N")
     return value
 
 

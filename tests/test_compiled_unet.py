@@ -18,7 +18,7 @@ import torch
 import main
 from ldm.models.diffusion import compiled_unet
 from ldm.models.diffusion.compiled_unet import CompiledUNet, compile_mode
-from ldm.training import apply_flags
+from ldm.flags import apply_flags
 
 
 class FakeCompile:
@@ -61,7 +61,7 @@ def test_flag_writes_the_config_key() -> None:
 
     opt = main.build_parser().parse_args(["--compile_unet"])
     config = OmegaConf.create({"model": {"params": {}}})
-    apply_flags(config, opt, paths=None)
+    apply_flags(config, opt)
     assert config.model.params.compile_unet == "auto"
     assert main.build_parser().parse_args([]).compile_unet is None, "off unless asked for"
 

@@ -7,15 +7,14 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import write_photos
+from helpers import base_argv, only_run, write_photos
 from PIL import Image
-from test_training_cli import base_argv, only_run
 
 import main
 from ldm.data.images import DataRootError
 from ldm.data.personalized import PersonalizedBase
 from ldm.run_log import format_duration
-from ldm.training import RunPaths, apply_flags, load_config
+from ldm.training import configure, load_config
 
 TINY = "configs/tiny/v1-finetune.yaml"
 
@@ -60,18 +59,18 @@ def test_flags_map_to_the_config(tmp_path) -> None:
         "--base", TINY, "--num_vectors_per_token", "3", "--progressive_words", "--validation_prompts", str(prompts),
         "--validation_ddim_steps", "7", "--validation_identity", "--no_validation", "--num_nodes", "2"])
     config = load_config([TINY], [])
-    apply_flags(config, opt, RunPaths(tmp_path, tmp_path / "checkpoints", tmp_path / "configs", None))
+    configure(config, opt)
     embedding = config.model.params.personalization_config.params
     assert embedding.num_vectors_per_token == 3 and embedding.progressive_words is True
     assert dict(config.lightning.validation) == {"enabled": False, "prompts_file": str(prompts), "ddim_steps": 7,
                                                  "identity": True}
-    assert opt.num_nodes == 2
+    assert config.lightning.trainer.num_nodes == 2
 
 
 def test_facial_loss_turns_the_identity_score_on(tmp_path) -> None:
     opt, _ = main.build_parser().parse_known_args(["--base", TINY, "--use_facial_loss"])
     config = load_config([TINY], [])
-    apply_flags(config, opt, RunPaths(tmp_path, tmp_path / "checkpoints", tmp_path / "configs", None))
+    configure(config, opt)
     assert config.lightning.validation.identity is True and "enabled" not in config.lightning.validation
 
 

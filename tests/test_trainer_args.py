@@ -6,10 +6,12 @@ import logging
 
 import pytest
 import torch
-from test_training_cli import base_argv, error_lines
+from omegaconf import OmegaConf
+from helpers import base_argv, error_lines
 
 import main
 from ldm import training
+from ldm.flags import FlagError, apply_flags
 from ldm.trainer_args import TrainerArgumentError, device_kwargs, trainer_kwargs
 
 
@@ -24,34 +26,44 @@ def flags(**given) -> argparse.Namespace:
 
 
 def test_config_keys_take_effect_and_defaults_fill_the_rest() -> None:
-    kwargs = trainer_kwargs({"accumulate_grad_batches": 2, "precision": 16, "max_epochs": 3, "benchmark": True},
-                            flags())
+    kwargs = trainer_kwargs({"accumulate_grad_batches": 2, "precision": 16, "max_epochs": 3, "benchmark": True})
     assert kwargs == {"accumulate_grad_batches": 2, "precision": "16-mixed", "max_epochs": 3, "benchmark": True,
                       "num_nodes": 1}
 
 
+def parsed(*argv: str) -> argparse.Namespace:
+    return main.build_parser().parse_args(list(argv))
+
+
 def test_flags_win_over_the_config(caplog) -> None:
+    config = OmegaConf.create({"lightning": {"trainer": {"max_steps": 6100, "precision": "32"}}})
     with caplog.at_level(logging.INFO):
-        kwargs = trainer_kwargs({"max_steps": 6100, "precision": "32"}, flags(max_steps=5, precision="bf16-mixed"))
+        apply_flags(config, parsed("--max_steps", "5", "--precision", "bf16-mixed"))
+        kwargs = trainer_kwargs(config.lightning.trainer)
     assert kwargs["max_steps"] == 5 and kwargs["precision"] == "bf16-mixed"
     assert "--max_steps 5 overrides lightning.trainer.max_steps=6100" in caplog.text
 
 
-@pytest.mark.parametrize("config,opt,expected", [
-    ({"gpus": "0,"}, {}, "lightning.trainer.gpus is set by main.py: use --gpus"),
-    ({"devices": 2}, {}, "lightning.trainer.devices is set by main.py: use --gpus"),
-    ({"callbacks": []}, {}, "use lightning.callbacks.<name> entries"),
-    ({"accumulate_grad_batchs": 2}, {}, "accumulate_grad_batchs is not an argument of Lightning's Trainer"),
-    ({"precision": "fp8"}, {}, "lightning.trainer.precision='fp8' is not a training precision; use --precision"),
-    ({"accumulate_grad_batches": 0}, {}, "lightning.trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
-    ({"num_nodes": "two"}, {}, "lightning.trainer.num_nodes='two' must be a whole number >= 1; pass --num_nodes N"),
-    ({"max_steps": 1.5}, {}, "lightning.trainer.max_steps=1.5 must be a whole number >= -1"),
-    ({}, {"accumulate_grad_batches": 0}, "--accumulate_grad_batches=0 must be a whole number >= 1"),
+@pytest.mark.parametrize("config,expected", [
+    ({"gpus": "0,"}, "lightning.trainer.gpus is set by main.py: use --gpus"),
+    ({"devices": 2}, "lightning.trainer.devices is set by main.py: use --gpus"),
+    ({"callbacks": []}, "use lightning.callbacks.<name> entries"),
+    ({"accumulate_grad_batchs": 2}, "accumulate_grad_batchs is not an argument of Lightning's Trainer"),
+    ({"precision": "fp8"}, "lightning.trainer.precision='fp8' is not a training precision; use --precision"),
+    ({"accumulate_grad_batches": 0}, "lightning.trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
+    ({"num_nodes": "two"}, "lightning.trainer.num_nodes='two' must be a whole number >= 1; pass --num_nodes N"),
+    ({"max_steps": 1.5}, "lightning.trainer.max_steps=1.5 must be a whole number >= -1"),
 ])
-def test_bad_trainer_keys_are_one_line_errors(config, opt, expected) -> None:
+def test_bad_trainer_keys_are_one_line_errors(config, expected) -> None:
     with pytest.raises(TrainerArgumentError) as err:
-        trainer_kwargs(config, flags(**opt))
+        trainer_kwargs(config)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_trainer_flags_are_one_line_errors() -> None:
+    with pytest.raises(FlagError) as err:
+        apply_flags(OmegaConf.create({}), parsed("--accumulate_grad_batches", "0"))
+    assert str(err.value) == "--accumulate_grad_batches must be at least 1, got 0"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")

@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.compat import drop_ignored_keys
 from ldm.data.resumable import ResumableDataLoader, ResumableSampler
 from ldm.util import instantiate_from_config
 
@@ -32,10 +33,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def __init__(self, batch_size: int, train: Mapping[str, Any] | None = None,
                  validation: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
-                 predict: Mapping[str, Any] | None = None, wrap: bool = False, num_workers: int | None = None,
-                 shuffle_test_loader: bool = False, use_worker_init_fn: bool = False,
-                 shuffle_val_dataloader: bool = False):
+                 predict: Mapping[str, Any] | None = None, num_workers: int | None = None,
+                 shuffle_test_loader: bool = False, shuffle_val_dataloader: bool = False, **ignored: Any):
         super().__init__()
+        drop_ignored_keys("DataModuleFromConfig", ignored)
         self.batch_size = batch_size
         self.num_workers = num_workers if num_workers is not None else batch_size * 2
         self.dataset_configs = {name: cfg for name, cfg in

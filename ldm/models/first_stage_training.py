@@ -22,15 +22,16 @@ class FirstStageTraining(pl.LightningModule):
 
     def __init__(self, autoencoder_config: Mapping[str, Any], kl_weight: float = 1e-6, l2_weight: float = 1.0,
                  image_key: str = "image", monitor: str | None = None,
-                 scheduler_config: Mapping[str, Any] | None = None) -> None:
+                 scheduler_config: Mapping[str, Any] | None = None, learning_rate: float = 1e-4,
+                 training_seed: int | None = None) -> None:
         super().__init__()
         self.first_stage_model = instantiate_from_config(autoencoder_config)
         self.kl_weight = kl_weight
         self.l2_weight = l2_weight
         self.image_key = image_key
         self.scheduler_config = scheduler_config
-        self.learning_rate = 1e-4  # set by the entrypoint from base_learning_rate
-        self.training_seed: int | None = None
+        self.learning_rate = learning_rate  # main.py sets it from base_learning_rate (ldm.training)
+        self.training_seed = training_seed
 
     def losses(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its terms for images [B, 3, H, W] in [-1, 1] (KL summed per sample, as LDM)."""

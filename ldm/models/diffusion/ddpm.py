@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm import precision
+from ldm.compat import drop_ignored_keys
 from ldm.models.diffusion.auxiliary import batched_losses
 from ldm.models.diffusion.compiled_unet import CompiledUNet, compile_mode
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
@@ -80,8 +81,6 @@ class DDPM(pl.LightningModule):
         first_stage_key: str = "image",
         image_size: int = 256,
         channels: int = 3,
-        log_every_t: int = 100,
-        clip_denoised: bool = True,
         linear_start: float = 1e-4,
         linear_end: float = 2e-2,
         cosine_s: float = 8e-3,
@@ -92,23 +91,24 @@ class DDPM(pl.LightningModule):
         conditioning_key: str | None = None,
         parameterization: str = "eps",
         scheduler_config: Mapping[str, Any] | None = None,
-        use_positional_encodings: bool = False,
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
         noise_offset: float = 0.0,
         compile_unet: bool | str = False,
+        learning_rate: float | None = None,
+        training_seed: int | None = None,
+        trust_pickle: bool = False,
+        **ignored: Any,
     ):
         super().__init__()
+        drop_ignored_keys("DDPM", ignored)
         if parameterization not in ("eps", "x0"):
             raise ValueError(f"parameterization '{parameterization}' is not supported: use eps or x0")
         self.parameterization = parameterization
         self.cond_stage_model = None
-        self.clip_denoised = clip_denoised
-        self.log_every_t = log_every_t
         self.first_stage_key = first_stage_key
         self.image_size = image_size
         self.channels = channels
-        self.use_positional_encodings = use_positional_encodings
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.model.compile_unet(compile_mode(compile_unet))
         self.half_weight_dtype: torch.dtype | None = None  # set by hold_frozen_weights_in_half
@@ -125,7 +125,9 @@ class DDPM(pl.LightningModule):
             self.monitor = monitor
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         self.learn_logvar = learn_logvar
-        self.training_seed: int | None = None  # set by the entrypoint (--seed): see step_rng
+        self.learning_rate = learning_rate  # main.py sets it from base_learning_rate (ldm.training)
+        self.training_seed = training_seed  # main.py's --seed: see step_rng
+        self.init_checkpoint: str | None = None  # the weights file loaded last (its hash goes in PNGs)
         self.stopped_on_nonfinite_loss = False
         self.nonfinite = NonFiniteLossTracker()
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
@@ -134,7 +136,8 @@ class DDPM(pl.LightningModule):
         else:  # non-persistent: released checkpoints have no logvar key unless it was learned
             self.register_buffer("logvar", logvar, persistent=False)
         if ckpt_path:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet,
+                                trust_pickle=trust_pickle)
 
     def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
                           linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3) -> None:
@@ -162,6 +165,7 @@ class DDPM(pl.LightningModule):
             load_weights(self.model, state)
         else:
             load_weights(self, state, use_ema=use_ema, allow_missing_prefixes=self.weights_not_in_checkpoints())
+        self.init_checkpoint = str(path)
         self.on_weights_loaded()
         logger.info("Restored weights from %s", path)
 
@@ -381,6 +385,7 @@ class LatentDiffusion(DDPM):
         model_lr: float = 0.0,
         facial_loss_config: Mapping[str, Any] | None = None,
         prior_loss_config: Mapping[str, Any] | None = None,
+        embedding_manager_ckpt: str | None = None,
         *args,
         **kwargs,
     ):
@@ -394,12 +399,11 @@ class LatentDiffusion(DDPM):
             conditioning_key = None
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", ())
+        trust_pickle = kwargs.pop("trust_pickle", False)
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
-        self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_key = cond_stage_key
         self.cond_stage_forward = cond_stage_forward
-        self.clip_denoised = False
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
@@ -419,8 +423,12 @@ class LatentDiffusion(DDPM):
         self.prior_loss = instantiate_from_config(prior_loss_config) if prior_loss_config is not None else None
         self.restarted_from_ckpt = False
         if ckpt_path:
-            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.init_from_ckpt(ckpt_path, ignore_keys, trust_pickle=trust_pickle)
             self.restarted_from_ckpt = True
+        if embedding_manager_ckpt:
+            if self.embedding_manager is None:
+                raise ValueError("embedding_manager_ckpt needs a config with personalization_config")
+            self.embedding_manager.load(embedding_manager_ckpt)
 
     @staticmethod
     def _frozen(module: nn.Module) -> nn.Module:
