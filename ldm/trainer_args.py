@@ -82,7 +82,7 @@ def _whole_number(key: str, value: Any, minimum: int) -> int:
 
 
 def device_kwargs(opt: argparse.Namespace) -> dict[str, Any]:
-    """accelerator/devices/strategy from the seed's ``--gpus`` or the explicit ``--accelerator``/``--devices``."""
+    """accelerator/devices/strategy from the original code's ``--gpus`` or the explicit ``--accelerator``/``--devices``."""
     gpus = parse_gpu_ids(opt.gpus)
     if opt.accelerator in (None, "gpu", "cuda", "auto") and (gpus or opt.accelerator in ("gpu", "cuda")):
         if not torch.cuda.is_available():
