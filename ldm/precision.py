@@ -69,3 +69,26 @@ def weights_autocast(device: torch.device, dtype: torch.dtype | None) -> context
     if dtype is None or (torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# A script's --precision -> the dtype autocast computes in (None: float32, no autocast). "autocast"
+# (stable_txt2img.py, make_class_images.py) depends on the device: see precision_dtype.
+PRECISION_DTYPES = {"full": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype of a script's ``--precision`` on ``device``, None for float32.
+
+    ``fp16``/``bf16`` compute in that dtype on any device; ``autocast`` is float16 on CUDA and float32
+    elsewhere; ``full``/``fp32`` is float32.
+    """
+    if precision == "autocast":
+        return torch.float16 if device.type == "cuda" else None
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}: expected autocast or one of {sorted(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[precision]
+
+
+def precision_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for a script's ``--precision`` on ``device`` (:func:`precision_dtype`); nothing for float32."""
+    return weights_autocast(device, precision_dtype(device, precision))

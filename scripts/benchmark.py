@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.precision import precision_autocast, precision_dtype
 from ldm.util import instantiate_from_config, randomize_zero_weights
 from bench import reference
 from bench.flops import count_flops, dense_half_peak_tflops
@@ -47,7 +48,6 @@ from bench.measure import (
     measure,
     measure_pair,
     peak_memory,
-    precision_context,
     saved_activation_bytes,
     tensor_bytes,
     timed,
@@ -72,7 +72,6 @@ FACES = ROOT.parent / "shared" / "fixtures" / "faces"
 TI_BATCHES = {"cpu": (1, 2), "cuda": (1, 2, 8)}
 DDIM_STEPS = 20
 SAMPLE_STEPS = 50
-HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GUIDANCE = 7.5
 PROMPT = "a photo of a *"
 FACIAL_LOSS = {"target": "ldm.modules.face_loss.FacialLoss", "params": {"weight": 1.0}}
@@ -129,7 +128,7 @@ class Bench:
         self.original_config = OmegaConf.to_container(config, resolve=True)
         logger.info("building our LatentDiffusion from %s", CONFIGS[args.config])
         self.ours = instantiate_from_config(config.model).to(self.device).eval()
-        self.weight_dtype = HALF_DTYPES.get(args.precision)  # None: float32
+        self.weight_dtype = precision_dtype(self.device, args.precision)  # None: float32
         self.checkpoint  # the float32 weights the diffusers models are made from, read before ours are cast
         if self.weight_dtype is not None:
             self.ours.hold_frozen_weights_in_half(self.weight_dtype)
@@ -172,7 +171,7 @@ class Bench:
     def under_precision(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """``fn`` run under the chosen precision (autocast for bf16/fp16)."""
         def run():
-            with precision_context(self.device, self.args.precision):
+            with precision_autocast(self.device, self.args.precision):
                 return fn()
         return run
 

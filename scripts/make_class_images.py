@@ -10,7 +10,6 @@ Each batch is seeded with ``seed + index of its first image``, so the images do 
 often the script was restarted. Then train with ``main.py ... --reg_data_root OUTDIR``.
 """
 import argparse
-import contextlib
 import logging
 import sys
 from dataclasses import replace
@@ -23,6 +22,7 @@ from ldm.cli import run_script
 from ldm.data.prompts import DEFAULT_TEMPLATE
 from ldm.inference import load_model, resolve_device
 from ldm.png_metadata import SampleSettings, model_fields, png_text
+from ldm.precision import precision_autocast
 from ldm.sampling_io import SAMPLE_PATTERN, next_free_index, save_png, to_pil_images
 
 logger = logging.getLogger("make_class_images")
@@ -63,8 +63,6 @@ def generate(args: argparse.Namespace, model: torch.nn.Module, prompt: str, coun
     """Sample ``count`` images of ``prompt`` into ``args.outdir``."""
     outdir = Path(args.outdir)
     device = model.device
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if args.precision == "autocast" and device.type == "cuda"
-                else contextlib.nullcontext())
     viewer = SampleSettings(prompt=prompt, negative_prompt="", steps=args.ddim_steps, sampler="DDIM",
                             cfg_scale=args.scale, seed=args.seed, width=0, height=0, **model_fields(args.ckpt))
     details = {"prompt": prompt, "steps": args.ddim_steps, "scale": args.scale, "sampler": "DDIM",
@@ -74,7 +72,7 @@ def generate(args: argparse.Namespace, model: torch.nn.Module, prompt: str, coun
         index = next_free_index(outdir)
         batch = min(args.batch_size, count - done)
         generator = torch.Generator(device=device).manual_seed(args.seed + index)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), precision_autocast(device, args.precision):
             images = model.sample_images([prompt] * batch, ddim_steps=args.ddim_steps, scale=args.scale,
                                          generator=generator)
         for offset, image in enumerate(to_pil_images(images)):

@@ -10,7 +10,6 @@ OUTDIR/grid-NNNN.png per run. The negative prompt is the unconditional side of
 classifier-free guidance. Same seed and device give identical images.
 """
 import argparse
-import contextlib
 import logging
 import math
 import sys
@@ -36,6 +35,7 @@ from ldm.models.diffusion.ddim import DDIMSampler, SamplerBase
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.embedding_manager import EmbeddingManager, check_gamma
 from ldm.png_metadata import SampleSettings, model_fields, png_text
+from ldm.precision import precision_autocast, precision_dtype
 from ldm.sampling_io import (
     DEFAULT_NEGATIVE_PROMPT,
     GRID_PATTERN,
@@ -156,12 +156,6 @@ def warn_missing_placeholders(model: torch.nn.Module, manager: EmbeddingManager,
                        "(e.g. %r)", len(missing), len(prompts), manager.placeholders, source, missing[0])
 
 
-def precision_scope(precision: str, device: torch.device):
-    if precision == "autocast" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 def make_sampler(model: torch.nn.Module, args: argparse.Namespace) -> SamplerBase:
     """DDIM or PLMS, with its step schedule built once here so bad step counts fail before any output."""
     sampler = PLMSSampler(model) if args.plms else DDIMSampler(model)
@@ -211,7 +205,7 @@ def generate(args: argparse.Namespace, model: torch.nn.Module, sampler: SamplerB
     for iteration, batch in tqdm(jobs, desc="Sampling", unit="batch"):
         x_T = (fixed_code[:len(batch)] if fixed_code is not None
                else torch.randn((len(batch), *shape), generator=generator, device=device))
-        with precision_scope(args.precision, device):
+        with precision_autocast(device, args.precision):
             cond = model.get_learned_conditioning(batch)
             uncond = model.fixed_conditioning(args.negative_prompt, len(batch)) if args.scale != 1.0 else None
             latents, _ = sampler.sample(S=args.ddim_steps, conditioning=cond, batch_size=len(batch), shape=shape,
@@ -274,8 +268,9 @@ def prepare(args: argparse.Namespace) -> Callable[[], None]:
 def use_fast_path(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> None:
     """float16 weights under --precision autocast on CUDA (autocast would round them the same way on
     every call) and the compiled UNet with --compile_unet."""
-    if args.precision == "autocast" and device.type == "cuda":
-        model.hold_frozen_weights_in_half(torch.float16)
+    dtype = precision_dtype(device, args.precision)
+    if dtype is not None:
+        model.hold_frozen_weights_in_half(dtype)
     if args.compile_unet:
         model.model.compile_unet(args.compile_unet)
 

@@ -36,14 +36,6 @@ class Measurement:
     peak_bytes: int | None
 
 
-def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``bf16``/``fp16``; nothing for ``fp32``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def with_state(m: Measurement, state_bytes: int) -> Measurement:
     """Add the memory a recipe keeps between steps (optimizer state, caches) to a step's peak."""
     peak = None if m.peak_bytes is None else m.peak_bytes + state_bytes

@@ -20,9 +20,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.data.images import load_rgb
+from ldm.precision import precision_autocast
 from ldm.validation.callback import ValidationSampler, starting_noise
 from ldm.validation.settings import ValidationSettings, default_prompts
-from .measure import Measurement, measure, measure_pair, precision_context
+from .measure import Measurement, measure, measure_pair
 from .table import Row
 
 IDENTITY_SIDE = 512  # the samples of an SD v1 run
@@ -61,7 +62,7 @@ def validation_rows(b: Bench, config_path: Path, train_step) -> list[Row]:
             train_step()
 
     def validate():
-        return sampler.sample(model, precision_context(b.device, b.args.precision))
+        return sampler.sample(model, precision_autocast(b.device, b.args.precision))
 
     # alternating, so that the machine's load hits both alike
     validation, timed_steps = measure_pair(with_cpu_time(validate, cpu_seconds["validation"]),
