@@ -94,7 +94,61 @@ def pipeline(unet_model: UNet2DConditionModel, vae_model: AutoencoderKL, text_mo
     return pipe
 
 
-class TextualInversionStep:
+class RecipeStep:
+    """One training step of a diffusers example recipe on a fixed batch.
+
+    The VAE encodes the images every step, noise is added at random timesteps of SD's schedule, the
+    UNet predicts it from the text encoder's states, and AdamW (``self.optimizer``, set by the
+    subclass) updates what the recipe trains. Subclasses say what trains, how the prompts are
+    encoded, the loss and any work after the optimizer step.
+    """
+
+    def __init__(self, unet_model: UNet2DConditionModel, vae_model: AutoencoderKL, text_model: CLIPTextModel,
+                 input_ids: torch.Tensor, pixels: torch.Tensor, scaling_factor: float, weight_dtype: torch.dtype):
+        self.unet, self.vae, self.text_model = unet_model, vae_model, text_model
+        self.weight_dtype = weight_dtype  # of the frozen models (--mixed_precision); what trains stays float32
+        self.input_ids = input_ids.to(text_model.device)  # [B, 77], tokenized by the data loader in diffusers' recipes
+        self.pixels = pixels  # [B, 3, H, W] in [-1, 1]
+        self.scaling_factor = scaling_factor
+        self.noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
+        self.optimizer: torch.optim.Optimizer
+
+    def persistent_state(self) -> list[Any]:
+        """Tensors the recipe keeps between steps besides the model weights."""
+        return [self.optimizer.state_dict()["state"]]
+
+    def encode_prompts(self) -> torch.Tensor:
+        """The text encoder's hidden states the UNet attends to."""
+        raise NotImplementedError
+
+    def loss(self, prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(prediction.float(), noise.float())
+
+    def after_step(self) -> None:
+        """Work after the optimizer step (none by default)."""
+
+    def __call__(self) -> float:
+        # detach() as in the TI recipe; a no-op for the frozen VAE
+        latents = self.vae.encode(self.pixels.to(self.weight_dtype)).latent_dist.sample().detach() * self.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                          device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        hidden = self.encode_prompts()
+        prediction = self.unet(noisy, t, hidden).sample
+        loss = self.loss(prediction, noise)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.after_step()
+        return loss.item()
+
+    def release(self) -> None:
+        """Drop the optimizer state."""
+        self.optimizer.state.clear()
+
+
+class TextualInversionStep(RecipeStep):
     """One training step of diffusers' ``examples/textual_inversion`` recipe.
 
     Under mixed precision the recipe holds the UNet and VAE in ``weight_dtype`` and the text encoder in
@@ -106,12 +160,7 @@ class TextualInversionStep:
     def __init__(self, unet_model: UNet2DConditionModel, vae_model: AutoencoderKL, text_model: CLIPTextModel,
                  input_ids: torch.Tensor, placeholder_id: int, pixels: torch.Tensor, scaling_factor: float,
                  lr: float = 5e-4, weight_dtype: torch.dtype = torch.float32):
-        self.unet, self.vae, self.text_model = unet_model, vae_model, text_model
-        self.weight_dtype = weight_dtype  # of the UNet and VAE (the recipe's --mixed_precision); the text encoder trains
-        self.input_ids = input_ids.to(text_model.device)  # [B, 77], tokenized by the data loader in diffusers' recipe
-        self.pixels = pixels  # [B, 3, H, W] in [-1, 1]
-        self.scaling_factor = scaling_factor
-        self.noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
+        super().__init__(unet_model, vae_model, text_model, input_ids, pixels, scaling_factor, weight_dtype)
         for module in (unet_model, vae_model, text_model):
             module.requires_grad_(False)
         self.table = text_model.get_input_embeddings().weight
@@ -123,53 +172,38 @@ class TextualInversionStep:
         self.optimizer = torch.optim.AdamW([self.table], lr=lr)
 
     def persistent_state(self) -> list[Any]:
-        """Tensors the recipe keeps between steps besides the model weights."""
-        return [self.optimizer.state_dict()["state"], self.original_table]
+        return [*super().persistent_state(), self.original_table]
 
-    def __call__(self) -> float:
-        pixels = self.pixels.to(self.weight_dtype)
-        latents = self.vae.encode(pixels).latent_dist.sample().detach() * self.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          device=latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        hidden = self.text_model(self.input_ids)[0].to(self.weight_dtype)
-        prediction = self.unet(noisy, t, hidden).sample
-        loss = F.mse_loss(prediction.float(), noise.float())
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+    def encode_prompts(self) -> torch.Tensor:
+        return self.text_model(self.input_ids)[0].to(self.weight_dtype)
+
+    def after_step(self) -> None:
         with torch.no_grad():
             self.table[self.keep_rows] = self.original_table[self.keep_rows]
-        return loss.item()
 
     def release(self) -> None:
         """Freeze the table again and drop the optimizer state."""
         self.table.requires_grad_(False)
         self.table.grad = None
         self.text_model.eval()
-        self.optimizer.state.clear()
+        super().release()
 
 
-class DreamBoothStep:
+class DreamBoothStep(RecipeStep):
     """One training step of diffusers' ``examples/dreambooth/train_dreambooth.py`` with prior preservation.
 
     The text encoder is frozen (its embeddings computed under ``no_grad``); the VAE encodes the subject
     and the class image every step; the UNet denoises both in one call and the loss is the instance MSE
-    plus ``prior_loss_weight`` times the class MSE, under AdamW over the UNet's parameters.
+    plus ``prior_loss_weight`` times the class MSE, under AdamW over the UNet's parameters. The batch
+    holds the subject prompts and images first, then the class ones ([2B, ...]).
     """
 
     def __init__(self, unet_model: UNet2DConditionModel, vae_model: AutoencoderKL, text_model: CLIPTextModel,
                  input_ids: torch.Tensor, pixels: torch.Tensor, scaling_factor: float, *,
                  gradient_checkpointing: bool, prior_loss_weight: float = 1.0, lr: float = 1e-6,
                  weight_decay: float = 1e-2, weight_dtype: torch.dtype = torch.float32):
-        self.unet, self.vae, self.text_model = unet_model, vae_model, text_model
-        self.weight_dtype = weight_dtype  # of the frozen VAE and text encoder; the UNet trains in float32
-        self.input_ids = input_ids.to(text_model.device)  # [2B, 77]: subject prompts, then class prompts
-        self.pixels = pixels  # [2B, 3, H, W] in [-1, 1]: subject images, then class images
-        self.scaling_factor = scaling_factor
+        super().__init__(unet_model, vae_model, text_model, input_ids, pixels, scaling_factor, weight_dtype)
         self.prior_loss_weight = prior_loss_weight
-        self.noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
         vae_model.requires_grad_(False)
         text_model.requires_grad_(False)
         unet_model.requires_grad_(True)
@@ -178,29 +212,17 @@ class DreamBoothStep:
         unet_model.train()
         self.optimizer = torch.optim.AdamW(unet_model.parameters(), lr=lr, weight_decay=weight_decay)
 
-    def persistent_state(self) -> list[Any]:
-        """Tensors the recipe keeps between steps besides the model weights."""
-        return [self.optimizer.state_dict()["state"]]
-
-    def __call__(self) -> float:
-        latents = self.vae.encode(self.pixels.to(self.weight_dtype)).latent_dist.sample() * self.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          device=latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+    def encode_prompts(self) -> torch.Tensor:
         with torch.no_grad():
-            hidden = self.text_model(self.input_ids)[0]
-        prediction = self.unet(noisy, t, hidden).sample
+            return self.text_model(self.input_ids)[0]
+
+    def loss(self, prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         pred, pred_prior = prediction.chunk(2)
         target, target_prior = noise.chunk(2)
-        loss = F.mse_loss(pred.float(), target.float())
-        loss = loss + self.prior_loss_weight * F.mse_loss(pred_prior.float(), target_prior.float())
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        return loss.item()
+        loss = super().loss(pred, target)
+        return loss + self.prior_loss_weight * super().loss(pred_prior, target_prior)
 
     def release(self) -> None:
         """Drop the optimizer state and put the UNet back in eval mode."""
-        self.optimizer.state.clear()
+        super().release()
         self.unet.eval()
