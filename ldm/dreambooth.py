@@ -23,12 +23,12 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.export import EXPORT_FORMATS, PrunedExport, export_path
-from ldm.modules.embedding_manager import single_token_id
+from ldm.momentum import single_token_id
 
 logger = logging.getLogger(__name__)
 
 SECTION = "dreambooth"
-PRIOR_LOSS_TARGET = "ldm.modules.prior_loss.PriorPreservationLoss"
+PRIOR_LOSS_TARGET = "ldm.models.diffusion.prior_loss.PriorPreservationLoss"
 DEFAULT_PRIOR_LOSS_WEIGHT = 1.0
 
 

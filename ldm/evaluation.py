@@ -1,7 +1,7 @@
 """Identity and prompt-fidelity metrics for generated images (used by scripts/evaluate_identity.py).
 
 Identity: dlib's face-recognition ResNet gives a 128-d descriptor per face
-(:class:`ldm.modules.face.FaceEncoder`); a generated face's distance to the reference set is its mean
+(:class:`ldm.data.face.FaceEncoder`); a generated face's distance to the reference set is its mean
 Euclidean distance to the reference descriptors, and distances under 0.6 count as the same person
 (dlib's threshold). CLIP: the textual-inversion paper's evaluation (Gal et al. 2022, sec. 4):
 image-image similarity is the mean cosine between CLIP image embeddings of generated and reference
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ldm.data.face import FaceEncoder
 from ldm.data.images import load_rgb, scan_image_folder
-from ldm.modules.face import FaceEncoder
 
 logger = logging.getLogger(__name__)
 

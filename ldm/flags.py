@@ -26,14 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.export import EXPORT_FORMATS
 from ldm.models.diffusion.compiled_unet import COMPILE_MODES
-from ldm.modules.embedding_manager import check_gamma
+from ldm.momentum import check_gamma
 from ldm.trainer_args import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
 PERSONALIZATION = "model.params.personalization_config"
 FACIAL_LOSS = "model.params.facial_loss_config"
-FACIAL_LOSS_TARGET = "ldm.modules.face_loss.FacialLoss"
+FACIAL_LOSS_TARGET = "ldm.models.diffusion.face_loss.FacialLoss"
 DATASET = "{dataset}.params"
 DATASET_SPLITS = ("train", "validation")
 UNFROZEN_CONFIG = "configs/stable-diffusion/v1-finetune_unfrozen.yaml"

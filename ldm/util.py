@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping
 TARGET_ALIASES = {
     "main.ImageLogger": "ldm.callbacks.ImageLogger",
     "main.DataModuleFromConfig": "ldm.data.datamodule.DataModuleFromConfig",
+    "ldm.modules.face_loss.FacialLoss": "ldm.models.diffusion.face_loss.FacialLoss",
+    "ldm.modules.prior_loss.PriorPreservationLoss": "ldm.models.diffusion.prior_loss.PriorPreservationLoss",
 }
 
 

@@ -74,7 +74,7 @@ DDIM_STEPS = 20
 SAMPLE_STEPS = 50
 GUIDANCE = 7.5
 PROMPT = "a photo of a *"
-FACIAL_LOSS = {"target": "ldm.modules.face_loss.FacialLoss", "params": {"weight": 1.0}}
+FACIAL_LOSS = {"target": "ldm.models.diffusion.face_loss.FacialLoss", "params": {"weight": 1.0}}
 DREAMBOOTH_PROMPT, CLASS_PROMPT = "a photo of a sks woman", "a photo of a woman"
 PRIOR_LOSS_WEIGHT = 1.0
 DREAMBOOTH_WEIGHT_DECAY = 1e-2
@@ -354,7 +354,7 @@ def face_rows(b: Bench) -> list[Row]:
 def dreambooth_rows(b: Bench) -> list[Row]:
     """Our DreamBooth model (its own unfrozen config) against diffusers' recipe on the same weights."""
     config = OmegaConf.load(DREAMBOOTH_CONFIGS[b.args.config])
-    config.model.params.prior_loss_config = {"target": "ldm.modules.prior_loss.PriorPreservationLoss",
+    config.model.params.prior_loss_config = {"target": "ldm.models.diffusion.prior_loss.PriorPreservationLoss",
                                              "params": {"weight": PRIOR_LOSS_WEIGHT}}
     logger.info("building our DreamBooth LatentDiffusion from %s", DREAMBOOTH_CONFIGS[b.args.config])
     model = instantiate_from_config(config.model).to(b.device)
@@ -392,7 +392,7 @@ def dreambooth_rows(b: Bench) -> list[Row]:
 
 # --- face preparation ------------------------------------------------------------------------------
 def face_prep_rows(b: Bench) -> list[Row]:
-    from ldm.modules.face import FaceCropper
+    from ldm.data.face import FaceCropper
 
     folder = b.args.faces
     paths = sorted(p for p in folder.glob("*") if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []

@@ -19,11 +19,12 @@ from pathlib import Path
 from ldm.checkpoint import (
     EmbeddingFile,
     interop,
-    load_embeddings,
 )
-from ldm.checkpoint.embeddings import no_gamma_error
+from ldm.checkpoint.embeddings import check_dim, no_gamma_error
 from ldm.cli import run_script
-from ldm.modules.embedding_manager import check_gamma
+from ldm.modules.embedding_manager import load_embeddings
+from ldm.modules.encoders.tokenizer import default_tokenizer, tokenizer_from_config
+from ldm.momentum import check_gamma
 
 logger = logging.getLogger("convert_embedding")
 
@@ -56,7 +57,7 @@ def prepare(args: argparse.Namespace) -> EmbeddingFile:
         emb = interop.select_placeholder(emb, args.placeholder, source)
     if args.ckpt is not None:
         table = interop.token_table(args.ckpt, trust_pickle=args.trust_pickle)
-        interop.check_dim(emb, table.shape[1], source, f"the text encoder of {args.ckpt}")
+        check_dim(emb, table.shape[1], source, f"the text encoder of {args.ckpt}")
         if emb.base is None:
             emb = interop.with_base_from_table(emb, table, source)
     if emb.gamma != 1.0 and emb.base is None:
@@ -65,7 +66,7 @@ def prepare(args: argparse.Namespace) -> EmbeddingFile:
         if len(emb.params) != 1:
             raise ValueError(f"--token renames one placeholder but {source} has {sorted(emb.params)}; "
                              "add --placeholder")
-        tokenizer = interop.tokenizer_from_config(args.config)
+        tokenizer = tokenizer_from_config(args.config)
         emb = interop.rename_placeholder(emb, next(iter(emb.params)), args.token, tokenizer, source)
     return emb
 
@@ -74,7 +75,8 @@ def convert(args: argparse.Namespace) -> None:
     interop.check_export_suffix(args.output, args.to)
     emb = prepare(args)
     checkpoint_name = Path(args.ckpt).name if args.ckpt else None
-    interop.export_embedding(args.output, emb, args.to, token=args.token, checkpoint_name=checkpoint_name)
+    interop.export_embedding(args.output, emb, args.to, tokenizer=default_tokenizer(), token=args.token,
+                             checkpoint_name=checkpoint_name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

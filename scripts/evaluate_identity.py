@@ -24,7 +24,7 @@ import torch
 from ldm import evaluation
 from ldm.cli import run_script
 from ldm.inference import resolve_device
-from ldm.modules.face import FaceEncoder
+from ldm.data.face import FaceEncoder
 from ldm.util import atomic_write
 
 logger = logging.getLogger("evaluate_identity")

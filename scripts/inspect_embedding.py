@@ -25,10 +25,12 @@ import torch.nn.functional as F
 from ldm.checkpoint import (
     EmbeddingFile,
     interop,
-    load_embeddings,
 )
+from ldm.checkpoint.embeddings import check_dim
 from ldm.cli import run_script, setup_logging
-from ldm.modules.embedding_manager import single_token_id
+from ldm.modules.embedding_manager import load_embeddings
+from ldm.modules.encoders.tokenizer import tokenizer_from_config
+from ldm.momentum import mix_vectors, single_token_id
 from ldm.util import atomic_write
 
 logger = logging.getLogger("inspect_embedding")
@@ -62,7 +64,7 @@ def describe_placeholder(emb: EmbeddingFile, placeholder: str, table: torch.Tens
         e_p = table[token_id].expand_as(v)
     effective = v if emb.gamma == 1.0 else None
     if emb.gamma is not None and e_p is not None:
-        effective = e_p + emb.gamma * (v - e_p)
+        effective = mix_vectors(e_p, v, emb.gamma)
     info: dict[str, Any] = {"token_id": token_id, "vectors": v.shape[0], "dim": v.shape[1], "norm_v": _norms(v),
                             "norm_effective": None, "cos_v_e_p": None, "cos_effective_e_p": None,
                             "cos_v_init": None, "cos_effective_init": None, "nearest": None, "unavailable": []}
@@ -151,14 +153,14 @@ def log_report(report: dict[str, Any]) -> None:
 
 def inspect(args: argparse.Namespace) -> dict[str, Any]:
     """The report: one entry per file and, with several files, the drift per placeholder."""
-    tokenizer = interop.tokenizer_from_config(args.config)
+    tokenizer = tokenizer_from_config(args.config)
     table = interop.token_table(args.ckpt, trust_pickle=args.trust_pickle) if args.ckpt else None
     init_id = single_token_id(tokenizer, args.init_word, "init word") if args.init_word else None
     files = []
     for path in args.embeddings:
         emb = load_embeddings(path, default_gamma=args.gamma)
         if table is not None:
-            interop.check_dim(emb, table.shape[1], path, f"the text encoder of {args.ckpt}")
+            check_dim(emb, table.shape[1], path, f"the text encoder of {args.ckpt}")
         files.append((path, emb))
     entries = [{"file": path, "format": emb.source_format, "name": emb.name, "gamma": emb.gamma,
                 "step": step_of(path, emb),

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from ldm.checkpoint import (
     EmbeddingFile,
     interop,
-    load_embeddings,
     save_embeddings,
 )
-from ldm.checkpoint.embeddings import no_gamma_error
+from ldm.checkpoint.embeddings import check_dim, no_gamma_error
 from ldm.cli import run_script
+from ldm.modules.embedding_manager import load_embeddings
+from ldm.modules.encoders.tokenizer import tokenizer_from_config
 
 logger = logging.getLogger("merge_embeddings")
 
@@ -75,7 +76,7 @@ def check_compatible(files: list[tuple[str, EmbeddingFile]]) -> None:
     first_path, first = files[0]
     dim = next(iter(first.params.values())).shape[1]
     for path, emb in files[1:]:
-        interop.check_dim(emb, dim, path, f"{first_path} (the first input)")
+        check_dim(emb, dim, path, f"{first_path} (the first input)")
     owner: dict[str, int] = {}
     for i, (path, emb) in enumerate(files):
         for placeholder in emb.params:
@@ -123,7 +124,7 @@ def load_inputs(args: argparse.Namespace) -> list[tuple[str, EmbeddingFile]]:
         if emb.gamma is None:
             raise no_gamma_error(path)
         if table is not None:
-            interop.check_dim(emb, table.shape[1], path, f"the text encoder of {args.ckpt}")
+            check_dim(emb, table.shape[1], path, f"the text encoder of {args.ckpt}")
             if emb.base is None:
                 emb = interop.with_base_from_table(emb, table, path)
         files.append((path, emb))
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
     renames = [parse_rename(text, len(args.inputs)) for text in args.rename]
     files = load_inputs(args)
     if renames:
-        files = apply_renames(files, renames, interop.tokenizer_from_config(args.config))
+        files = apply_renames(files, renames, tokenizer_from_config(args.config))
     check_compatible(files)
     save_embeddings(args.output, merge(files))
 

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ldm.callbacks import to_grid_image
-from ldm.checkpoint import load_embeddings, probe_weights_file
+from ldm.checkpoint import probe_weights_file
 from ldm.cli import run_script
 from ldm.inference import (
     attach_embedding,
@@ -33,7 +33,8 @@ from ldm.inference import (
 from ldm.models.diffusion.compiled_unet import COMPILE_MODES
 from ldm.models.diffusion.ddim import DDIMSampler, SamplerBase
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.modules.embedding_manager import EmbeddingManager, check_gamma
+from ldm.modules.embedding_manager import EmbeddingManager, load_embeddings
+from ldm.momentum import check_gamma
 from ldm.png_metadata import SampleSettings, model_fields, png_text
 from ldm.precision import precision_autocast, precision_dtype
 from ldm.sampling_io import (

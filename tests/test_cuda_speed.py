@@ -17,7 +17,7 @@ from test_training_cli import base_argv
 import main
 from ldm.data.datamodule import HOST_BATCH_KEYS, keep_on_host
 from ldm.models.diffusion.compiled_unet import CompiledUNet
-from ldm.modules.face_loss import FacialLoss
+from ldm.models.diffusion.face_loss import FacialLoss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

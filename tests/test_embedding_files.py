@@ -16,11 +16,11 @@ from ldm.checkpoint import (
     CheckpointError,
     EmbeddingFile,
     UntrustedPickleError,
-    load_embeddings,
     save_checkpoint,
     save_embeddings,
     tensor_fingerprint,
 )
+from ldm.modules.embedding_manager import load_embeddings
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "embeddings"
 SEED_FILES = [  # (file, norm of the stored vector), order of the fixtures README

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("dlib", reason="dlib is not installed: pip install dlib-bin")
-from ldm.modules import face  # noqa: E402
+from ldm.data import face  # noqa: E402
 from ldm.data.images import load_rgb  # noqa: E402
 
 FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "faces"
@@ -116,7 +116,7 @@ def test_rgba_png_matches_jpeg(hog_crops):
 
 @needs_faces
 def test_partial_face_gives_crop_or_reason(hog, caplog):
-    with caplog.at_level(logging.WARNING, logger="ldm.modules.face"):
+    with caplog.at_level(logging.WARNING, logger="ldm.data.face"):
         crop = hog.crop_file(photo("obama_partial_face"))
     if crop is None:
         assert "obama_partial_face.jpg" in caplog.text
@@ -126,7 +126,7 @@ def test_partial_face_gives_crop_or_reason(hog, caplog):
 
 @pytest.mark.parametrize("kind", ["flat", "gradient_noise"])
 def test_no_face_returns_none_with_reason(hog, kind, caplog):
-    with caplog.at_level(logging.WARNING, logger="ldm.modules.face"):
+    with caplog.at_level(logging.WARNING, logger="ldm.data.face"):
         assert hog.crop(no_face_images()[kind]) is None
     assert "no face found" in caplog.text
 
@@ -158,7 +158,7 @@ def test_cnn_downscales_big_photo():
 
 def test_min_face_size_skips_small_faces(caplog):
     cropper = face.FaceCropper(64, detector="hog", min_face_size=120)  # the astronaut's face is ~90 px
-    with caplog.at_level(logging.WARNING, logger="ldm.modules.face"):
+    with caplog.at_level(logging.WARNING, logger="ldm.data.face"):
         assert cropper.crop(astronaut()) is None
     assert "below min_face_size=120" in caplog.text
 
@@ -238,7 +238,7 @@ def test_unreadable_image_is_skipped_with_its_name(tmp_path, caplog):
     garbage.write_bytes(b"this is not a jpeg")
     missing = tmp_path / "missing.jpg"
     cropper = face.FaceCropper(64, detector="hog", cache_dir=tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="ldm.modules.face"):
+    with caplog.at_level(logging.WARNING, logger="ldm.data.face"):
         assert cropper.crop_file(garbage) is None
         assert cropper.crop_file(missing) is None
     assert "not_a_photo.jpg" in caplog.text and "missing.jpg" in caplog.text
@@ -248,7 +248,7 @@ def test_unreadable_image_is_skipped_with_its_name(tmp_path, caplog):
 def test_truncated_jpeg_is_skipped(tmp_path, caplog):
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(photo("obama_1").read_bytes()[:20000])
-    with caplog.at_level(logging.WARNING, logger="ldm.modules.face"):
+    with caplog.at_level(logging.WARNING, logger="ldm.data.face"):
         assert face.FaceCropper(64, detector="hog").crop_file(truncated) is None
     assert "cut.jpg" in caplog.text
 

@@ -16,10 +16,10 @@ from torch.utils.data import default_collate
 
 pytest.importorskip("dlib", reason="dlib is not installed: pip install dlib-bin")
 import main
+from ldm.data import face
 from ldm.data.personalized import PersonalizedBase
-from ldm.modules import face
 from ldm.models.diffusion.auxiliary import batched_losses
-from ldm.modules.face_loss import FacialLoss
+from ldm.models.diffusion.face_loss import FacialLoss
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 from ldm.checkpoint import (
     CheckpointError,
     EmbeddingFile,
-    load_embeddings,
     save_checkpoint,
     save_embeddings,
 )
 from ldm.checkpoint.interop import token_table
 from ldm.inference import attach_embedding, load_model
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.embedding_manager import load_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny" / "v1-inference.yaml"

@@ -128,7 +128,7 @@ def steady_state_step(model, optimizer, batch) -> torch.Tensor:
 @no_trainer_log_warning
 @pytest.mark.parametrize("face", [False, True], ids=["ti", "ti+face"])
 def test_a_training_step_reads_nothing_on_the_host(trained_copy, face: bool) -> None:
-    from ldm.modules.face_loss import FacialLoss
+    from ldm.models.diffusion.face_loss import FacialLoss
 
     model, optimizer = trained_copy
     model.facial_loss = FacialLoss(weight=1.0) if face else None

@@ -2,10 +2,10 @@
 from ldm.checkpoint._io import CheckpointError, UntrustedPickleError, probe_weights_file
 from ldm.checkpoint.embeddings import (
     EmbeddingFile,
-    load_embeddings,
     save_embeddings,
     tensor_fingerprint,
 )
+from ldm.checkpoint.reader import load_embeddings
 from ldm.checkpoint.weights import (
     Checkpoint,
     LoadReport,

@@ -27,7 +27,8 @@ Older files still load: ``momentum-ti/1`` (``string_to_param`` holds v, plus ``b
 (``{"string_to_token", "string_to_param": nn.ParameterDict}``), which carry neither gamma nor e_p;
 gamma then comes from ``default_gamma`` (flag/config). diffusers and AUTOMATIC1111 files
 (``ldm.checkpoint.interop``) hold effective vectors: they load with gamma 1 and no e_p.
-:func:`load_embeddings` detects every format from the file's content.
+:func:`ldm.checkpoint.reader.load_embeddings` detects every format from the file's content; this
+module reads ours and the original TI's, and checks that vectors fit a text encoder.
 """
 from __future__ import annotations
 
@@ -43,19 +44,15 @@ from typing import Any
 import torch
 
 from ldm.checkpoint._io import (
-    PARAMETER_DICT_GLOBAL,
     SAFETENSORS_SUFFIX,
     CheckpointError,
     ParameterDictStub,
-    check_readable,
     decode_metadata,
     detach_for_safetensors,
-    read_safetensors,
-    safe_torch_load,
-    sniff_format,
     tensor_from_text,
     tensor_to_text,
 )
+from ldm.momentum import mix_vectors
 from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -104,7 +101,7 @@ class EmbeddingFile:
                 f"gamma={self.gamma} needs the base vectors e_p, which this file lacks; "
                 "rebuild them from the text encoder (EmbeddingManager) instead"
             )
-        return {p: self.base[p] + self.gamma * (v - self.base[p]) for p, v in self.params.items()}
+        return {p: mix_vectors(self.base[p], v, self.gamma) for p, v in self.params.items()}
 
     def as_plain_ti(self) -> EmbeddingFile:
         """The effective vectors as a plain TI embedding (gamma 1, no e_p), e.g. for other tools."""
@@ -123,6 +120,37 @@ def tensor_fingerprint(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(str(tuple(data.shape)).encode())
     digest.update(data.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def check_dim(emb: EmbeddingFile, dim: int, source: str, target: str) -> None:
+    """Error naming ``source`` and both dimensions when the vectors do not fit ``target``."""
+    for placeholder, vectors in emb.params.items():
+        if vectors.shape[1] != dim:
+            raise CheckpointError(
+                f"{source}: vectors of '{placeholder}' have dimension {vectors.shape[1]} but {target} uses {dim} "
+                "(an SD2 embedding for SD1, or the reverse?); use the checkpoint the embedding was trained for"
+            )
+
+
+def check_encoder_fit(emb: EmbeddingFile, dim: int, fingerprint: str | None, source: str, target: str) -> None:
+    """Before taking e_p from ``target`` (a text encoder of width ``dim``): the vectors must fit it, and a file
+    trained on another encoder (another ``fingerprint``) is worth a warning."""
+    check_dim(emb, dim, source, target)
+    if emb.fingerprint and fingerprint and emb.fingerprint != fingerprint:
+        logger.warning("%s was trained on another text encoder (fingerprint %s, %s %s); e_p is taken from %s",
+                       source, emb.fingerprint, target, fingerprint, target)
+
+
+def not_an_embedding(path: Path, found: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: not an embedding file ({found}); expected this project's format, an original TI/seed .pt, "
+        "a diffusers learned_embeds file or an AUTOMATIC1111 embedding"
+    )
+
+
+def no_gamma_error(source: str | os.PathLike[str]) -> ValueError:
+    """The error of a script given a file that stores no gamma (seed/original TI files) and no --gamma."""
+    return ValueError(f"{source} stores no gamma: pass --gamma (0.1 for the seed's momentum runs, 1 for plain TI)")
 
 
 # --------------------------------------------------------------------------------- writing
@@ -195,42 +223,7 @@ def _plain(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------- reading
 
 
-def load_embeddings(
-    path: str | os.PathLike[str], *, default_gamma: float | None = None, expected_dim: int | None = None
-) -> EmbeddingFile:
-    """Read any supported embedding file (ours, original TI/seed, diffusers, A1111), detected by content.
-
-    gamma falls back to ``default_gamma`` when the file stores none; ``expected_dim`` (the text
-    encoder's width) turns a dimension mismatch into an error naming the file and both sizes.
-    """
-    from ldm.checkpoint import interop
-
-    path = Path(path)
-    check_readable(path)
-    if sniff_format(path) == "safetensors":
-        emb = _from_safetensors(path)
-    else:
-        obj = safe_torch_load(path, extra_safe={PARAMETER_DICT_GLOBAL: ParameterDictStub})
-        if isinstance(obj, Mapping) and isinstance(obj.get(MOMENTUM_KEY), Mapping):
-            emb = _from_momentum_block(path, obj[MOMENTUM_KEY], step=obj.get("step"))
-        elif interop.looks_like_vector_dict(obj) and "string_to_param" not in obj:
-            emb = interop.from_foreign_tensors(path, obj, {})
-        else:
-            emb = _from_pickle(path, obj)
-    if emb.gamma is None and default_gamma is not None:
-        logger.info("%s stores no gamma; using gamma=%s from the flag/config", path, default_gamma)
-        emb = replace(emb, gamma=float(default_gamma))
-    if expected_dim is not None:
-        interop.check_dim(emb, expected_dim, str(path), "the text encoder")
-    return emb
-
-
-def no_gamma_error(source: str | os.PathLike[str]) -> ValueError:
-    """The error of a script given a file that stores no gamma (seed/original TI files) and no --gamma."""
-    return ValueError(f"{source} stores no gamma: pass --gamma (0.1 for the seed's momentum runs, 1 for plain TI)")
-
-
-def _from_momentum_block(path: Path, block: Mapping[str, Any], *, step: Any) -> EmbeddingFile:
+def from_momentum_block(path: Path, block: Mapping[str, Any], *, step: Any) -> EmbeddingFile:
     """A momentum-ti/2 file: v, e_p and gamma exactly as saved (the foreign keys are derived from them)."""
     params, base = block.get("trainable_vectors"), block.get("base_vectors")
     if not isinstance(params, Mapping) or not isinstance(block.get("string_to_token"), Mapping):
@@ -243,10 +236,9 @@ def _from_momentum_block(path: Path, block: Mapping[str, Any], *, step: Any) -> 
     return _build(path, meta, _vectors(path, params), _vectors(path, base) if base else None)
 
 
-def _from_safetensors(path: Path) -> EmbeddingFile:
-    from ldm.checkpoint import interop
-
-    tensors, metadata = read_safetensors(path)
+def from_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+                     ) -> EmbeddingFile | None:
+    """A safetensors file of ours (momentum-ti/2 or /1), or None for another layout (diffusers, A1111)."""
     if MOMENTUM_KEY in metadata:
         try:
             block = json.loads(metadata[MOMENTUM_KEY])
@@ -254,10 +246,10 @@ def _from_safetensors(path: Path) -> EmbeddingFile:
             raise CheckpointError(f"{path}: unreadable '{MOMENTUM_KEY}' metadata ({err.msg}); re-save the file") from None
         if not isinstance(block, Mapping):
             raise CheckpointError(f"{path}: '{MOMENTUM_KEY}' metadata is not a JSON object; re-save the file")
-        return _from_momentum_block(path, block, step=block.get("step"))
+        return from_momentum_block(path, block, step=block.get("step"))
     meta = decode_metadata(metadata)
     if not isinstance(meta.get("string_to_token"), dict):
-        return interop.from_foreign_tensors(path, tensors, meta)
+        return None
     groups: dict[str, dict[str, torch.Tensor]] = {group: {} for group in TENSOR_GROUPS_V1}
     for key, tensor in tensors.items():
         group, _, placeholder = key.partition(".")
@@ -266,13 +258,12 @@ def _from_safetensors(path: Path) -> EmbeddingFile:
     return _build(path, meta, groups["string_to_param"], groups["base_vectors"] or None)
 
 
-def _from_pickle(path: Path, obj: Any) -> EmbeddingFile:
-    from ldm.checkpoint import interop
-
+def from_pickle(path: Path, obj: Any) -> EmbeddingFile:
+    """An original TI/seed or momentum-ti/1 pickle (``string_to_token`` and ``string_to_param``)."""
     if not isinstance(obj, Mapping) or "string_to_param" not in obj or "string_to_token" not in obj:
         keys = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise interop.not_an_embedding(path, f"expected 'string_to_token' and 'string_to_param', got {keys}; "
-                                             "model checkpoints go to --ckpt/--actual_resume")
+        raise not_an_embedding(path, f"expected 'string_to_token' and 'string_to_param', got {keys}; "
+                                     "model checkpoints go to --ckpt/--actual_resume")
     params = obj["string_to_param"]
     if isinstance(params, ParameterDictStub):
         params = params.params
@@ -280,8 +271,6 @@ def _from_pickle(path: Path, obj: Any) -> EmbeddingFile:
         raise CheckpointError(f"{path}: 'string_to_param' is a {type(params).__name__}, expected a dict of tensors")
     meta = dict(obj)
     meta["string_to_token"] = {p: _token_id(path, p, t) for p, t in obj["string_to_token"].items()}
-    if "format" not in meta and interop.is_a1111_pickle(meta):
-        meta.update(format=interop.A1111_FORMAT, gamma=1.0)  # A1111 stores the vectors the model sees
     base = obj.get("base_vectors")
     return _build(path, meta, _vectors(path, params), _vectors(path, base) if base else None)
 

@@ -14,10 +14,11 @@ with another gamma, pick one placeholder of several, or rename the token.
 
 Our placeholders must be single CLIP tokens; a diffusers token such as ``<cat-toy>`` is not, so a
 one-token diffusers file becomes placeholder ``*`` and keeps its token as ``EmbeddingFile.name``.
+Token ids come from the ``tokenizer`` the caller passes (``ldm.modules.encoders.tokenizer``:
+``default_tokenizer()`` for SD v1, ``tokenizer_from_config()`` for a config's text encoder).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -32,12 +33,20 @@ from ldm.checkpoint._io import (
     CheckpointError,
     detach_for_safetensors,
 )
-from ldm.checkpoint.embeddings import FOREIGN_PLACEHOLDER, EmbeddingFile, save_embeddings, tensor_fingerprint
+from ldm.checkpoint.embeddings import (
+    FOREIGN_PLACEHOLDER,
+    EmbeddingFile,
+    check_encoder_fit,
+    not_an_embedding,
+    save_embeddings,
+    tensor_fingerprint,
+)
 from ldm.checkpoint.weights import (
     TEXT_ENCODER_PREFIX,
     TEXT_MODEL_PREFIX,
     read_state_dict,
 )
+from ldm.momentum import single_token, single_token_id
 from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -57,45 +66,32 @@ EXPORT_SUFFIXES = {
 }
 
 
-@functools.lru_cache(maxsize=1)
-def default_tokenizer():
-    """The offline CLIP BPE tokenizer of SD v1 (ids of ``openai/clip-vit-large-patch14``)."""
-    from ldm.modules.encoders.tokenizer import CLIPBPETokenizer
-
-    return CLIPBPETokenizer()
-
-
-def single_token(text: str, tokenizer=None) -> int | None:
-    """The CLIP id of ``text`` when it is exactly one token, else None."""
-    ids = (tokenizer or default_tokenizer()).encode(text)
-    return ids[0] if len(ids) == 1 else None
-
-
-def not_an_embedding(path: Path, found: str) -> CheckpointError:
-    return CheckpointError(
-        f"{path}: not an embedding file ({found}); expected this project's format, an original TI/seed .pt, "
-        "a diffusers learned_embeds file or an AUTOMATIC1111 embedding"
-    )
-
-
 # --------------------------------------------------------------------------------- reading
 
 
-def from_foreign_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, Any]) -> EmbeddingFile:
-    """A diffusers ``{token: e}`` or A1111 ``{"emb_params": e}`` file (safetensors or pickle)."""
+def from_foreign_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, Any], tokenizer
+                         ) -> EmbeddingFile:
+    """A diffusers ``{token: e}`` or A1111 ``{"emb_params": e}`` file (safetensors or pickle).
+
+    ``tokenizer`` (the text encoder's) gives the token ids.
+    """
     if {"clip_l", "clip_g"} <= set(tensors):
         raise CheckpointError(
             f"{path}: an SDXL embedding (clip_l/clip_g vectors); this project runs SD v1 (768-d CLIP ViT-L/14)"
         )
     _check_vector_dict(path, tensors)
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: a diffusers/AUTOMATIC1111 embedding names its token by text; reading it "
+                              "needs the text encoder's tokenizer (tokenizer=)")
     vectors = {str(k): t.detach().float().reshape(-1, t.shape[-1]) for k, t in tensors.items()}  # [D] -> [1, D]
     step = metadata.get("step")
     common = {"base": None, "gamma": 1.0, "step": None if step is None else int(step)}
     if set(vectors) == {A1111_SAFETENSORS_KEY}:
         name = str(metadata.get("name") or path.stem)
-        return EmbeddingFile({FOREIGN_PLACEHOLDER: _star_id()}, {FOREIGN_PLACEHOLDER: vectors[A1111_SAFETENSORS_KEY]},
+        return EmbeddingFile({FOREIGN_PLACEHOLDER: _star_id(tokenizer)},
+                             {FOREIGN_PLACEHOLDER: vectors[A1111_SAFETENSORS_KEY]},
                              source_format=A1111_FORMAT, name=name, **common)
-    ids = {token: single_token(token) for token in vectors}
+    ids = {token: single_token(tokenizer, token) for token in vectors}
     if all(i is not None for i in ids.values()):
         name = next(iter(vectors)) if len(vectors) == 1 else None
         return EmbeddingFile(ids, vectors, source_format=DIFFUSERS_FORMAT, name=name, **common)
@@ -103,7 +99,7 @@ def from_foreign_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mappi
         token = next(iter(vectors))
         logger.warning("%s: diffusers token '%s' is not one CLIP token; it is placeholder '%s' here (write '%s' "
                        "in prompts)", path, token, FOREIGN_PLACEHOLDER, FOREIGN_PLACEHOLDER)
-        return EmbeddingFile({FOREIGN_PLACEHOLDER: _star_id()}, {FOREIGN_PLACEHOLDER: vectors[token]},
+        return EmbeddingFile({FOREIGN_PLACEHOLDER: _star_id(tokenizer)}, {FOREIGN_PLACEHOLDER: vectors[token]},
                              source_format=DIFFUSERS_FORMAT, name=token, **common)
     bad = sorted(t for t, i in ids.items() if i is None)
     raise CheckpointError(f"{path}: diffusers tokens {bad} are not single CLIP tokens; save each token in its own "
@@ -127,8 +123,8 @@ def _check_vector_dict(path: Path, tensors: Mapping[str, Any]) -> None:
                                          f"not [n, D] vectors")
 
 
-def _star_id() -> int:
-    token_id = single_token(FOREIGN_PLACEHOLDER)
+def _star_id(tokenizer) -> int:
+    token_id = single_token(tokenizer, FOREIGN_PLACEHOLDER)
     assert token_id is not None, "'*' is one token in CLIP's vocabulary"
     return token_id
 
@@ -152,23 +148,10 @@ def token_table(ckpt: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
                           "pass the full SD v1 checkpoint (not a UNet-only or LoRA file)")
 
 
-def check_dim(emb: EmbeddingFile, dim: int, source: str, target: str) -> None:
-    """Error naming ``source`` and both dimensions when the vectors do not fit ``target``."""
-    for placeholder, vectors in emb.params.items():
-        if vectors.shape[1] != dim:
-            raise CheckpointError(
-                f"{source}: vectors of '{placeholder}' have dimension {vectors.shape[1]} but {target} uses {dim} "
-                "(an SD2 embedding for SD1, or the reverse?); use the checkpoint the embedding was trained for"
-            )
-
-
 def with_base_from_table(emb: EmbeddingFile, table: torch.Tensor, source: str) -> EmbeddingFile:
     """``emb`` with e_p read from ``table`` (rows of its placeholders' token ids)."""
-    check_dim(emb, table.shape[1], source, "the checkpoint's text encoder")
     fingerprint = tensor_fingerprint(table)
-    if emb.fingerprint and emb.fingerprint != fingerprint:
-        logger.warning("%s was trained on another text encoder (fingerprint %s, checkpoint %s); e_p comes from the "
-                       "checkpoint", source, emb.fingerprint, fingerprint)
+    check_encoder_fit(emb, table.shape[1], fingerprint, source, "the checkpoint's text encoder")
     base = {}
     for placeholder, token_id in emb.string_to_token.items():
         if not 0 <= token_id < table.shape[0]:
@@ -187,9 +170,13 @@ def check_export_suffix(path: str | os.PathLike[str], target: str) -> None:
         raise CheckpointError(f"{path}: a {target} embedding file must end in {' or '.join(suffixes)}")
 
 
-def export_embedding(path: str | os.PathLike[str], emb: EmbeddingFile, target: str, *,
+def export_embedding(path: str | os.PathLike[str], emb: EmbeddingFile, target: str, *, tokenizer,
                      token: str | None = None, checkpoint_name: str | None = None) -> Path:
-    """Write ``emb`` for ``target`` ('ours', 'ti', 'diffusers', 'a1111'); foreign files get effective vectors."""
+    """Write ``emb`` for ``target`` ('ours', 'ti', 'diffusers', 'a1111'); foreign files get effective vectors.
+
+    ``tokenizer`` (SD v1's CLIP tokenizer for the tools that read these files) gives the A1111 ``*`` id and
+    tells whether a diffusers token is already in the vocabulary.
+    """
     check_export_suffix(path, target)
     effective = {p: e.detach().float().cpu().contiguous() for p, e in emb.effective().items()}
     if target == "ours":
@@ -204,20 +191,20 @@ def export_embedding(path: str | os.PathLike[str], emb: EmbeddingFile, target: s
     placeholder, vectors = next(iter(effective.items()))
     name = token or emb.name or placeholder
     if target == "diffusers":
-        _warn_if_in_vocab(name)
+        _warn_if_in_vocab(name, tokenizer)
         if Path(path).suffix == SAFETENSORS_SUFFIX:
             return _save_safetensors(path, {name: vectors}, {"format": "pt"}, emb, target)
         return _save_pickle(path, {name: vectors}, emb, target)
     if Path(path).suffix == SAFETENSORS_SUFFIX:
         metadata = {"format": "pt", "name": name, **({"step": str(emb.step)} if emb.step is not None else {})}
         return _save_safetensors(path, {A1111_SAFETENSORS_KEY: vectors}, metadata, emb, target)
-    payload = {"string_to_token": {FOREIGN_PLACEHOLDER: _star_id()}, "string_to_param": {FOREIGN_PLACEHOLDER: vectors},
+    payload = {"string_to_token": {FOREIGN_PLACEHOLDER: _star_id(tokenizer)}, "string_to_param": {FOREIGN_PLACEHOLDER: vectors},
                "name": name, "step": emb.step, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint_name}
     return _save_pickle(path, payload, emb, target)
 
 
-def _warn_if_in_vocab(token: str) -> None:
-    if token in default_tokenizer().vocab:  # the check diffusers' loader makes
+def _warn_if_in_vocab(token: str, tokenizer) -> None:
+    if token in tokenizer.vocab:  # the check diffusers' loader makes
         logger.warning("token '%s' is already in CLIP's vocabulary: diffusers' load_textual_inversion refuses it; "
                        "load it with token='<your-token>' or export with --token '<your-token>'", token)
 
@@ -244,28 +231,6 @@ def _log_export(path: Path, emb: EmbeddingFile, target: str) -> None:
 # --------------------------------------------------------------------------------- editing
 
 
-def tokenizer_from_config(config_path: str | os.PathLike[str] | None):
-    """The tokenizer of a config's text encoder: a local CLIPTokenizer directory, else SD v1's CLIP BPE."""
-    if config_path is None:
-        return default_tokenizer()
-    from omegaconf import OmegaConf
-
-    from ldm.modules.encoders.modules import DEFAULT_CLIP_VERSION
-
-    config = OmegaConf.load(config_path)
-    version = OmegaConf.select(config, "model.params.cond_stage_config.params.version", default=DEFAULT_CLIP_VERSION)
-    if version == DEFAULT_CLIP_VERSION:
-        return default_tokenizer()
-    if not os.path.isdir(version):
-        raise CheckpointError(f"{config_path}: cond_stage_config version {version!r} is neither "
-                              f"{DEFAULT_CLIP_VERSION!r} nor a local tokenizer directory")
-    from transformers import CLIPTokenizer
-
-    from ldm.modules.encoders.tokenizer import PretrainedTokenizerAdapter
-
-    return PretrainedTokenizerAdapter(CLIPTokenizer.from_pretrained(version, local_files_only=True))
-
-
 def select_placeholder(emb: EmbeddingFile, placeholder: str, source: str) -> EmbeddingFile:
     """``emb`` reduced to one placeholder."""
     if placeholder not in emb.params:
@@ -277,9 +242,7 @@ def select_placeholder(emb: EmbeddingFile, placeholder: str, source: str) -> Emb
 
 
 def rename_placeholder(emb: EmbeddingFile, old: str, new: str, tokenizer, source: str) -> EmbeddingFile:
-    """``emb`` with placeholder ``old`` called ``new`` (which must be a single CLIP token)."""
-    from ldm.modules.embedding_manager import single_token_id
-
+    """``emb`` with placeholder ``old`` called ``new`` (which must be a single token of ``tokenizer``)."""
     if old not in emb.params:
         raise CheckpointError(f"{source} has no placeholder '{old}' to rename; it has {sorted(emb.params)}")
     token_id = single_token_id(tokenizer, new, "new placeholder")

@@ -15,9 +15,10 @@ from typing import Any
 from ldm.data.images import DataRootError
 from ldm.data.personalized import PersonalizedBase
 from ldm.data.resumable import with_same_draw
-from ldm.modules.prior_loss import CLASS_PREFIX
 
 logger = logging.getLogger(__name__)
+
+CLASS_PREFIX = "class_"  # batch keys of the class images (ldm.models.diffusion.prior_loss reads them)
 
 # PersonalizedBase options that class images share with the subject photos (not the prompt options:
 # class prompts are always 'a photo of a <class_word>', the prompt the class images were made with).

@@ -160,7 +160,7 @@ class PersonalizedBase(Dataset):
 
     def _prepare_faces(self, options: Mapping[str, Any]) -> list[tuple[Image.Image, Image.Image] | None]:
         """Aligned face crops (and their mirror images) per photo, via the cached dlib pipeline."""
-        from ldm.modules.face import FaceCropper, default_cache_dir, write_crops
+        from ldm.data.face import FaceCropper, default_cache_dir, write_crops
 
         if self.size is None:
             raise ValueError("face crops need a training size: set size (e.g. 512)")

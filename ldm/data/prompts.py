@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ldm.modules.embedding_manager import PER_IMAGE_TOKENS
+
 DEFAULT_TEMPLATE = "a photo of a {}"
 
 # The object templates of the textual-inversion paper ("imagenet_templates_small").
@@ -45,13 +47,6 @@ IMAGENET_TEMPLATES_SMALL: tuple[str, ...] = (
 # Textual inversion's "dual" templates: the subject, then a per-image token.
 IMAGENET_DUAL_TEMPLATES_SMALL: tuple[str, ...] = tuple(t + " with {}" for t in IMAGENET_TEMPLATES_SMALL)
 DEFAULT_DUAL_TEMPLATE = DEFAULT_TEMPLATE + " with {}"
-
-# Rare single-character tokens that tell images apart with per_image_tokens (the Hebrew letters,
-# as in textual inversion).
-PER_IMAGE_TOKENS: tuple[str, ...] = (
-    "א", "ב", "ג", "ד", "ה", "ו", "ז", "ח", "ט", "י", "כ",
-    "ל", "מ", "נ", "ס", "ע", "פ", "צ", "ק", "ר", "ש", "ת",
-)
 
 # Descriptive words for human photos. The seed extracted its list by hand from PromptHero and did
 # not publish it; this list is a reconstruction of the same kind (quality, lighting and camera

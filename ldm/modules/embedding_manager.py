@@ -18,30 +18,29 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ldm.checkpoint import EmbeddingFile, load_embeddings, save_embeddings, tensor_fingerprint
+from ldm import checkpoint
+from ldm.checkpoint import EmbeddingFile, save_embeddings, tensor_fingerprint
+from ldm.checkpoint.embeddings import check_encoder_fit
+from ldm.modules.encoders.tokenizer import default_tokenizer
+from ldm.momentum import check_gamma, mix_vectors, single_token_id
 
 logger = logging.getLogger(__name__)
 
 PROGRESSIVE_SCALE = 2000  # steps per extra vector with progressive_words, as in textual inversion
+# Rare single-character tokens that tell images apart with per_image_tokens (the Hebrew letters,
+# as in textual inversion): extra placeholders, and the per-image words of ldm.data.prompts.
+PER_IMAGE_TOKENS: tuple[str, ...] = (
+    "א", "ב", "ג", "ד", "ה", "ו", "ז", "ח", "ט", "י", "כ",
+    "ל", "מ", "נ", "ס", "ע", "פ", "צ", "ק", "ר", "ש", "ת",
+)
 
 
-def single_token_id(tokenizer, text: str, role: str) -> int:
-    """The id of ``text`` if it is exactly one CLIP token, else a clear error showing its tokens."""
-    ids = tokenizer.encode(text)
-    if len(ids) != 1:
-        pieces = [tokenizer.decode([i]) for i in ids]
-        raise ValueError(
-            f"{role} '{text}' must be a single CLIP token but tokenizes to {len(ids)}: {pieces} (ids {ids}); "
-            f"choose a one-token string (e.g. '*' or 'sks' for a placeholder, 'woman' for an init word)"
-        )
-    return ids[0]
-
-
-def check_gamma(gamma: float) -> float:
-    """Validate the momentum ratio."""
-    if not 0.0 <= float(gamma) <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1] (1 = plain textual inversion, 0 = frozen model), got {gamma}")
-    return float(gamma)
+def load_embeddings(path: str | os.PathLike[str], *, default_gamma: float | None = None,
+                    expected_dim: int | None = None, tokenizer=None) -> EmbeddingFile:
+    """:func:`ldm.checkpoint.load_embeddings` with SD v1's CLIP tokenizer for diffusers/A1111 files'
+    tokens unless another ``tokenizer`` is given."""
+    return checkpoint.load_embeddings(path, default_gamma=default_gamma, expected_dim=expected_dim,
+                                      tokenizer=tokenizer if tokenizer is not None else default_tokenizer())
 
 
 class EmbeddingManager(nn.Module):
@@ -63,8 +62,6 @@ class EmbeddingManager(nn.Module):
             raise ValueError(f"num_vectors_per_token must be at least 1, got {num_vectors_per_token}")
         placeholders = list(placeholder_strings)
         if per_image_tokens:
-            from ldm.data.prompts import PER_IMAGE_TOKENS
-
             placeholders += [t for t in PER_IMAGE_TOKENS if t not in placeholders]
         if len(set(placeholders)) != len(placeholders):
             raise ValueError(f"placeholder strings must be distinct, got {placeholders}")
@@ -114,11 +111,8 @@ class EmbeddingManager(nn.Module):
         return self.vectors.parameters()
 
     def effective_vectors(self, index: int) -> torch.Tensor:
-        """e = e_p + gamma * (v - e_p) for placeholder ``index``: [n, D].
-
-        ``torch.lerp`` is exact at the ends: gamma = 1 gives v (plain TI) and gamma = 0 gives e_p.
-        """
-        return torch.lerp(self.base_vectors[index], self.vectors[index], self.gamma)
+        """e = e_p + gamma * (v - e_p) for placeholder ``index``: [n, D] (exact v at gamma 1, e_p at 0)."""
+        return mix_vectors(self.base_vectors[index], self.vectors[index], self.gamma)
 
     def _vectors_in_use(self) -> int:
         if not self.progressive_words:
@@ -182,19 +176,13 @@ class EmbeddingManager(nn.Module):
         if unknown:
             raise ValueError(f"{source} has placeholders {unknown} but this model expects {self.placeholders}; "
                              "pass --placeholder_string to match the file")
-        dim = self.vectors[0].shape[1]
+        check_encoder_fit(emb, self.vectors[0].shape[1], self.fingerprint, source, "the text encoder")
         for placeholder, v in emb.params.items():
             i = self.placeholders.index(placeholder)
-            if v.shape[1] != dim:
-                raise ValueError(f"{source}: vectors of '{placeholder}' have dimension {v.shape[1]} but the text "
-                                 f"encoder uses {dim} (an SD2 embedding for SD1, or the reverse?)")
             if v.shape[0] != self.vectors[i].shape[0]:
                 raise ValueError(f"{source}: '{placeholder}' has {v.shape[0]} vectors but num_vectors_per_token "
                                  f"is {self.vectors[i].shape[0]}; set num_vectors_per_token to match")
             self.vectors[i].data.copy_(v)
-        if emb.fingerprint and self.fingerprint and emb.fingerprint != self.fingerprint:
-            logger.warning("%s was trained on another text encoder (fingerprint %s, this one %s); e_p is taken "
-                           "from the loaded model", source, emb.fingerprint, self.fingerprint)
         if emb.gamma is not None:
             self.set_gamma(emb.gamma)
         logger.info("Loaded embedding %s for %s (gamma %.3g, step %s)", source, sorted(emb.params),

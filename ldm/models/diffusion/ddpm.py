@@ -1,7 +1,7 @@
 """Lightning glue for DDPM and Latent Diffusion (Rombach et al. 2022).
 
 The maths lives elsewhere: the noise schedule in :mod:`schedule`, the losses in :mod:`losses`, the
-latent cache in :mod:`latent_cache`, the facial term in :mod:`ldm.modules.face_loss`, the samplers
+latent cache in :mod:`latent_cache`, the facial term in :mod:`face_loss`, the samplers
 in :mod:`ddim`/:mod:`plms`. These classes assemble the parts from a config and run the steps.
 """
 from __future__ import annotations

@@ -14,12 +14,10 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.modules.encoders.tokenizer import CLIPBPETokenizer, PretrainedTokenizerAdapter
+from ldm.modules.encoders.tokenizer import DEFAULT_CLIP_VERSION, CLIPBPETokenizer, PretrainedTokenizerAdapter
 from ldm.util import to_device_nonblocking
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CLIP_VERSION = "openai/clip-vit-large-patch14"
 
 # Text tower of openai/clip-vit-large-patch14 as in its published config.json. The bos/eos/pad ids
 # there are the historical 0/2/1 (transformers keys its legacy EOS pooling on eos == 2); the real

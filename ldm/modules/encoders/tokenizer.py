@@ -7,6 +7,7 @@ CLIP's regex, byte-encoded and merged by rank.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import logging
@@ -17,8 +18,11 @@ from typing import Sequence
 import regex
 import torch
 
+from ldm.checkpoint import CheckpointError
+
 logger = logging.getLogger(__name__)
 
+DEFAULT_CLIP_VERSION = "openai/clip-vit-large-patch14"  # SD v1's text encoder, built offline
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 49408
@@ -192,3 +196,27 @@ class PretrainedTokenizerAdapter:
             list(texts), truncation=True, max_length=self.max_length, padding="max_length", return_tensors="pt"
         )
         return batch["input_ids"]
+
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer() -> CLIPBPETokenizer:
+    """The offline CLIP BPE tokenizer of SD v1 (ids of ``openai/clip-vit-large-patch14``)."""
+    return CLIPBPETokenizer()
+
+
+def tokenizer_from_config(config_path: str | os.PathLike[str] | None):
+    """The tokenizer of a config's text encoder: a local CLIPTokenizer directory, else SD v1's CLIP BPE."""
+    if config_path is None:
+        return default_tokenizer()
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(config_path)
+    version = OmegaConf.select(config, "model.params.cond_stage_config.params.version", default=DEFAULT_CLIP_VERSION)
+    if version == DEFAULT_CLIP_VERSION:
+        return default_tokenizer()
+    if not os.path.isdir(version):
+        raise CheckpointError(f"{config_path}: cond_stage_config version {version!r} is neither "
+                              f"{DEFAULT_CLIP_VERSION!r} nor a local tokenizer directory")
+    from transformers import CLIPTokenizer
+
+    return PretrainedTokenizerAdapter(CLIPTokenizer.from_pretrained(version, local_files_only=True))

@@ -14,10 +14,9 @@ from typing import Any, Mapping
 
 import torch
 
+from ldm.data.dreambooth import CLASS_PREFIX
 from ldm.models.diffusion.auxiliary import AuxiliaryRows
 from ldm.models.diffusion.latent_cache import batch_cache_keys
-
-CLASS_PREFIX = "class_"
 
 
 @dataclass

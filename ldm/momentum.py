@@ -1,0 +1,47 @@
+"""The rules of momentum textual inversion as pure functions (DESIGN.md, "The method").
+
+For a placeholder token p with frozen row e_p of the text encoder's token table and trainable vectors
+v, the vector placed at p is ``e = e_p + gamma * (v - e_p)`` with gamma in [0, 1]: gamma = 1 is plain
+textual inversion, gamma = 0 the frozen model. Placeholders and init words are single CLIP tokens.
+The tokenizer is any object with ``encode(text) -> ids`` and ``decode(ids) -> text``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def check_gamma(gamma: float) -> float:
+    """The momentum ratio as a float; ValueError outside [0, 1]."""
+    if not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1] (1 = plain textual inversion, 0 = frozen model), got {gamma}")
+    return float(gamma)
+
+
+def mix_vectors(e_p: torch.Tensor, v: torch.Tensor, gamma: float) -> torch.Tensor:
+    """e = e_p + gamma * (v - e_p), elementwise (same shapes, e.g. [n, D]).
+
+    ``torch.lerp`` is exact at the ends: gamma = 1 gives v (plain TI) and gamma = 0 gives e_p.
+    e_p and v of different dtypes are first brought to their common one.
+    """
+    dtype = torch.promote_types(e_p.dtype, v.dtype)
+    return torch.lerp(e_p.to(dtype), v.to(dtype), gamma)
+
+
+def single_token_id(tokenizer, text: str, role: str) -> int:
+    """The id of ``text`` if it is exactly one token, else a ValueError naming ``role`` and showing its tokens."""
+    ids = tokenizer.encode(text)
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise ValueError(
+            f"{role} '{text}' must be a single CLIP token but tokenizes to {len(ids)}: {pieces} (ids {ids}); "
+            f"choose a one-token string (e.g. '*' or 'sks' for a placeholder, 'woman' for an init word)"
+        )
+    return ids[0]
+
+
+def single_token(tokenizer, text: str) -> int | None:
+    """The id of ``text`` if it is exactly one token, else None (:func:`single_token_id` without the error)."""
+    try:
+        return single_token_id(tokenizer, text, "text")
+    except ValueError:
+        return None
