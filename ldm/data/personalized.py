@@ -1,6 +1,6 @@
 """The personalization dataset: a few photos of one subject, captioned with the placeholder token.
 
-Constructor keys follow textual inversion's ``PersonalizedBase`` plus the seed's prompt-engineering
+Constructor keys follow textual inversion's ``PersonalizedBase`` plus the original code's prompt-engineering
 keys (``class_word``, ``descriptive_p``, ``use_random_prompt``) and a ``seed``. All photos are
 decoded once, cropped/resized and kept in memory, so ``__getitem__`` does no disk IO.
 

@@ -1,4 +1,4 @@
-"""Training-prompt construction for personalization (the seed's "prompt engineering").
+"""Training-prompt construction for personalization (the original code's "prompt engineering").
 
 A prompt is a template with ``{}`` replaced by the subject: the placeholder token (``*``), or
 ``* woman`` when a class word is given, optionally preceded by a coarse class text as in textual
@@ -48,10 +48,10 @@ IMAGENET_TEMPLATES_SMALL: tuple[str, ...] = (
 IMAGENET_DUAL_TEMPLATES_SMALL: tuple[str, ...] = tuple(t + " with {}" for t in IMAGENET_TEMPLATES_SMALL)
 DEFAULT_DUAL_TEMPLATE = DEFAULT_TEMPLATE + " with {}"
 
-# Descriptive words for human photos. The seed extracted its list by hand from PromptHero and did
+# Descriptive words for human photos. The original code extracted its list by hand from PromptHero and did
 # not publish it; this list is a reconstruction of the same kind (quality, lighting and camera
 # words common in human-photo prompts), deliberately free of words that describe the person's looks
-# (eye colour, ethnicity), which the seed found to bias the results.
+# (eye colour, ethnicity), which the original code found to bias the results.
 DESCRIPTIVE_WORDS: tuple[str, ...] = (
     "highly detailed",
     "sharp focus",
