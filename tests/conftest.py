@@ -1,31 +1,17 @@
-"""Shared fixtures: the tiny momentum-TI model, a trainable tiny checkpoint and a folder of photos."""
+"""Shared fixtures and hooks: the tiny momentum-TI model, a trainable tiny checkpoint, a folder of photos, the
+shared fixtures folder (../shared/fixtures) and the end-of-run line about the tests it skipped.
+
+Plain helpers (paths, builders, CLI arguments, training hooks) are in helpers.py.
+"""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-
-from ldm.util import randomize_zero_weights  # noqa: F401  (tests import it from here)
+from helpers import (SHARED_FIXTURES_ABSENT, SHARED_FIXTURES_ENV, TINY_FINETUNE, build_tiny_model, shared_fixture,
+                     write_photos)
 from omegaconf import OmegaConf
-from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_FINETUNE = ROOT / "configs" / "tiny" / "v1-finetune.yaml"
-
-
-def build_tiny_model(seed: int = 0):
-    """A LatentDiffusion with an EmbeddingManager (gamma 0.1) from the tiny finetune config."""
-    from ldm.util import instantiate_from_config
-
-    config = OmegaConf.load(TINY_FINETUNE)
-    torch.manual_seed(seed)
-    model = instantiate_from_config(config.model)
-    randomize_zero_weights(model.model, seed)
-    model.learning_rate = float(config.model.base_learning_rate)
-    return model
 
 
 @pytest.fixture(scope="session")
@@ -48,43 +34,9 @@ def tiny_ckpt(tmp_path_factory, tiny_model) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-sd.ckpt", state)
 
 
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` as module ``name`` (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_photos(folder: Path, count: int = 3, size: int = 80) -> Path:
-    """``count`` small RGB variations of scikit-image's astronaut photo."""
-    from skimage import data
-
-    folder.mkdir(parents=True, exist_ok=True)
-    base = Image.fromarray(data.astronaut())
-    for i in range(count):
-        img = base.rotate(8 * i).resize((size + 4 * i, size), Image.Resampling.BICUBIC)
-        img.save(folder / f"photo_{i}.{'png' if i % 2 else 'jpg'}")
-    return folder
-
-
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     return write_photos(tmp_path_factory.mktemp("photos") / "astronaut")
-
-
-def make_batch(image_index=(0, 1), flipped=(False, True), size: int = 64, seed: int = 0,
-               captions=None) -> dict:
-    """A personalization batch as the DataLoader yields it (channels-last images in [-1, 1])."""
-    gen = np.random.default_rng(seed)
-    n = len(image_index)
-    images = gen.uniform(-1, 1, size=(n, size, size, 3)).astype(np.float32)
-    return {
-        "image": torch.from_numpy(images),
-        "caption": list(captions or ["a photo of a *"] * n),
-        "image_index": torch.tensor(image_index),
-        "flipped": torch.tensor(flipped),
-    }
 
 
 @pytest.fixture
@@ -94,3 +46,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> Path:
+    """The shared fixtures folder (see ``helpers.shared_fixture``: a skip when absent, a failure under CI)."""
+    return shared_fixture()
+
+
+def _skip_reason(report) -> str:
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line for all the tests skipped because the shared fixtures are absent (a user's clone)."""
+    absent = [r for r in terminalreporter.stats.get("skipped", []) if SHARED_FIXTURES_ABSENT in _skip_reason(r)]
+    if absent:
+        terminalreporter.write_line(
+            f"{len(absent)} tests skipped: the shared fixtures (../shared/fixtures) are absent; "
+            f"set {SHARED_FIXTURES_ENV}=DIR to run them")

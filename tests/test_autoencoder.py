@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import sd_v1_shapes
 from helpers_diffusers import diffusers_vae
 from ldm.models.autoencoder import AutoencoderKL, VQModelInterface
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -15,7 +16,6 @@ from ldm.util import instantiate_from_config
 ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 TINY_CONFIG = ROOT / "configs" / "tiny" / "v1-inference.yaml"
-KEYS_TSV = ROOT.parent / "shared" / "fixtures" / "sd-v1-checkpoint-keys.tsv"
 PREFIX = "first_stage_model."
 ATOL = 1e-4  # fp32 parity tolerance: max abs diff
 
@@ -45,16 +45,8 @@ def _diffusers_vae(config_path: Path, state: dict[str, torch.Tensor]):
 
 
 def test_full_config_reproduces_sd_v1_first_stage_keys() -> None:
-    if not KEYS_TSV.exists():
-        pytest.skip(f"fixture {KEYS_TSV} is absent (it ships only with the project's shared fixtures)")
-    expected = {}
-    for line in KEYS_TSV.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, group = line.split("\t")
-        if group == "first_stage":
-            expected[key] = shape
-    ours = {PREFIX + k: "x".join(map(str, v.shape)) or "scalar" for k, v in _build(FULL_CONFIG).state_dict().items()}
+    expected = sd_v1_shapes("first_stage")
+    ours = {PREFIX + k: tuple(v.shape) for k, v in _build(FULL_CONFIG).state_dict().items()}
     assert set(ours) == set(expected), (
         f"missing {sorted(set(expected) - set(ours))[:5]}, extra {sorted(set(ours) - set(expected))[:5]}"
     )
@@ -157,9 +149,6 @@ def test_vq_interface_round_trip_quantizes_to_codebook() -> None:
 
 
 def test_loads_first_stage_from_full_checkpoint(tmp_path: Path) -> None:
-    checkpoint_module = pytest.importorskip("ldm.checkpoint", reason="ldm.checkpoint is not available yet")
-    if not hasattr(checkpoint_module, "read_state_dict"):
-        pytest.skip("ldm.checkpoint.read_state_dict is not available yet")
     from safetensors.torch import save_file
 
     torch.manual_seed(0)

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import shared_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-FACES = ROOT.parent / "shared" / "fixtures" / "faces"
 INFERENCE_ROWS = ["unet_forward", "vae_decode", "ddim2_cfg", "sample_ddim2_b1"]
 TI_ROWS = ["ti_step_b1", "ti_step_b2"]
 TI_PART_ROWS = ["ti_part_table_adamw"] + [f"ti_{part}_b{n}" for n in (1, 2)
@@ -38,16 +38,16 @@ def _load_benchmark():
 
 def test_tiny_benchmark_reports_every_row_with_finite_ratios(tmp_path: Path) -> None:
     bench = _load_benchmark()
-    photo = FACES / "obama_1.jpg"
+    photo = shared_fixture("faces/obama_1.jpg", required=False)  # None without the fixtures (not under CI)
     faces = tmp_path / "faces"
     faces.mkdir()
-    if photo.is_file():  # one photo keeps the dlib part short; without fixtures the row reports a skip
+    if photo is not None:  # one photo keeps the dlib part short; without fixtures the row reports a skip
         shutil.copy(photo, faces)
     args = bench.parse_args(["--config", "tiny", "--repeats", "1", "--threads", "1", "--ddim-steps", "2",
                              "--sample-steps", "2", "--face-detector", "hog", "--faces", str(faces)])
     rows = bench.run(args)
 
-    prep_rows = ["face_prep_cold", "face_prep_warm"] if photo.is_file() else ["face_prep"]
+    prep_rows = ["face_prep_cold", "face_prep_warm"] if photo is not None else ["face_prep"]
     identity_rows = ["identity_score"]  # skipped: scoring needs reference and sample photos, one is given
     assert [r.name for r in rows] == (INFERENCE_ROWS + TI_ROWS + TI_PART_ROWS + TRAINING_ROWS + prep_rows
                                       + [VALIDATION_ROW] + identity_rows)
@@ -68,10 +68,22 @@ def test_tiny_benchmark_reports_every_row_with_finite_ratios(tmp_path: Path) -> 
             assert math.isfinite(row.memory_ratio) and row.memory_ratio > 0, f"{row.name}: {row.memory_ratio}"
         if row.name.startswith(FLOP_ROWS):
             assert row.ours_flops > 0 and row.reference_flops > 0, f"{row.name}: FLOPs not counted"
-    if photo.is_file():
+    if photo is not None:
         assert "1 faces" in rows[-1].note, f"the fixture photo should give one face crop: {rows[-1].note}"
     table = bench.markdown_table(rows)
     assert all(f"| {r.name} |" in table for r in rows)
+    # the table's figures are the measurements: each timed run positive, the median among them, the
+    # milliseconds and the time ratio (ours / baseline) as the table prints them
+    printed = {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:6]]
+                                             for line in table.splitlines()[2:])}
+    for row in rows:
+        for m in (row.ours, row.reference):
+            if m is not None:
+                assert m.times_s and all(math.isfinite(t) and t > 0 for t in m.times_s), f"{row.name}: {m.times_s}"
+                assert min(m.times_s) <= m.median_s <= max(m.times_s), f"{row.name}: median outside the runs"
+        ms = ["-" if m is None else f"{1000 * m.median_s:.1f}" for m in (row.ours, row.reference)]
+        ratio = "-" if None in (row.ours, row.reference) else f"{row.ours.median_s / row.reference.median_s:.2f}"
+        assert printed[row.name] == [row.name, row.baseline, *ms, ratio], printed[row.name]
 
 
 def test_half_precision_runs_each_side_with_its_users_weights() -> None:

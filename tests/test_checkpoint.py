@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import datetime
-import os
 import pickle
-import shlex
 import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import Evil, sd_v1_key_table
 from torch import nn
 
 from ldm.checkpoint import (
@@ -24,10 +23,6 @@ from ldm.checkpoint import (
     read_state_dict,
     save_checkpoint,
 )
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-KEYS_TSV = FIXTURES / "sd-v1-checkpoint-keys.tsv"
-
 
 class TextModel(nn.Module):
     def __init__(self) -> None:
@@ -134,16 +129,6 @@ def test_failed_write_leaves_no_file_and_keeps_old_one(tmp_path: Path, suffix: s
 
 
 # ---------------------------------------------------------------- safety
-
-
-class Evil:
-    """Pickles to os.system('touch marker')."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, ("touch " + shlex.quote(str(self.marker)),))
 
 
 def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path: Path) -> None:
@@ -304,18 +289,6 @@ def test_text_encoder_keys_without_text_model_level_are_renamed() -> None:
 # ---------------------------------------------------------------- released SD v1 layout
 
 
-def read_key_table() -> list[tuple[str, tuple[int, ...], str]]:
-    if not KEYS_TSV.exists():
-        pytest.skip(f"fixture {KEYS_TSV} absent (only in the project's shared fixtures, not in a fresh clone)")
-    rows = []
-    for line in KEYS_TSV.read_text().splitlines():
-        if line.startswith("#") or line.startswith("key\t"):
-            continue
-        key, shape, group = line.split("\t")
-        rows.append((key, () if shape == "scalar" else tuple(int(s) for s in shape.split("x")), group))
-    return rows
-
-
 class MetaModel(nn.Module):
     """Module tree with the given parameter names and shapes on the meta device (no memory)."""
 
@@ -332,10 +305,10 @@ class MetaModel(nn.Module):
 
 
 def test_released_sd_v1_layout_loads_with_and_without_ema() -> None:
-    rows = read_key_table()
-    model_keys = {k: s for k, s, g in rows if g != "ema" and not k.endswith("position_ids")}
-    checkpoint = {k: torch.empty(s, device="meta") for k, s, _ in rows}
-    ema_rows = {k for k, _, g in rows if g == "ema"}
+    table = sd_v1_key_table()
+    model_keys = {k: s for k, (s, g) in table.items() if g != "ema" and not k.endswith("position_ids")}
+    checkpoint = {k: torch.empty(s, device="meta") for k, (s, _) in table.items()}
+    ema_rows = {k for k, (_, g) in table.items() if g == "ema"}
     assert len(model_keys) == 686 + 248 + 196 + 12
     assert ema_rows == {ema_key(k) for k in model_keys if k.startswith("model.")} | {
         "model_ema.decay",

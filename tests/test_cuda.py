@@ -8,9 +8,8 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_FINETUNE
+from helpers import TINY_FINETUNE, TOKEN_TABLE, WOMAN, base_argv, only_run
 from helpers_diffusers import diffusers_unet, diffusers_vae
-from test_training_cli import TOKEN_TABLE, WOMAN, base_argv, only_run
 
 import main
 from ldm.models.diffusion.auxiliary import AuxiliaryRows, batched_losses

@@ -10,9 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_batch
-from test_nonfinite import no_trainer_log_warning
-from test_training_cli import base_argv
+from helpers import base_argv, make_batch, no_trainer_log_warning
 
 import main
 from ldm.data.datamodule import HOST_BATCH_KEYS, keep_on_host

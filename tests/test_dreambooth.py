@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script, write_photos
+from helpers import load_script, sd_v1_shapes, write_photos
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_UNFROZEN = ROOT / "configs" / "tiny" / "v1-finetune_unfrozen.yaml"
 TINY_FINETUNE = ROOT / "configs" / "tiny" / "v1-finetune.yaml"
 TINY_INFERENCE = ROOT / "configs" / "tiny" / "v1-inference.yaml"
-KEYS_TSV = ROOT.parent / "shared" / "fixtures" / "sd-v1-checkpoint-keys.tsv"
 PRUNED_GROUPS = ("model", "first_stage", "cond_stage", "schedule")
 # Fast, quiet CPU runs of main.py: no workers, no sample grids, no validation.
 QUIET = ["--accelerator", "cpu", "data.params.num_workers=0", "lightning.callbacks.image_logger.params.disabled=true",
@@ -65,14 +64,6 @@ def prior_model(base_args):
     """A DreamBooth model with prior weight 0.5 and a batch of 2 subject photos with 2 class images."""
     model, data = dreambooth_model([*base_args, "--prior_loss_weight", "0.5"])
     return model, default_collate([data[0], data[1]])
-
-
-def sd_v1_layout() -> dict[str, str]:
-    """``key -> shape`` of a released SD v1 checkpoint without the EMA copy (the pruned layout)."""
-    if not KEYS_TSV.is_file():
-        pytest.skip(f"fixture {KEYS_TSV} is absent")
-    rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines() if not line.startswith(("#", "key\t"))]
-    return {key: shape for key, shape, group in rows if group in PRUNED_GROUPS}
 
 
 def tiny_layout() -> set[str]:
@@ -162,7 +153,7 @@ def test_export_of_full_sd_v1_has_the_released_layout():
     with torch.device("meta"):  # keys and shapes only: no memory, no time
         model = instantiate_from_config(OmegaConf.load(ROOT / "configs/stable-diffusion/v1-inference.yaml").model)
     exported = pruned_state_dict(model.state_dict())
-    assert {key: "x".join(map(str, value.shape)) for key, value in exported.items()} == sd_v1_layout()
+    assert {key: tuple(value.shape) for key, value in exported.items()} == sd_v1_shapes(*PRUNED_GROUPS)
 
 
 def test_export_of_the_tiny_model_round_trips(tmp_path, tiny_model):

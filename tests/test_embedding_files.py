@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shlex
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import Evil, shared_fixture
 from torch import nn
 
 from ldm.checkpoint import (
@@ -22,7 +21,6 @@ from ldm.checkpoint import (
 )
 from ldm.modules.embedding_manager import load_embeddings
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "embeddings"
 SEED_FILES = [  # (file, norm of the stored vector), order of the fixtures README
     ("seed_gamma0.1_random_desc_face_gs-1649.pt", 3.963),
     ("seed_gamma1_textual_inversion_gs-1649.pt", 1.876),
@@ -54,9 +52,7 @@ def assert_same_embedding(actual: EmbeddingFile, expected: EmbeddingFile) -> Non
 
 @pytest.mark.parametrize("name,norm", SEED_FILES)
 def test_seed_files_load(name: str, norm: float, caplog) -> None:
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"fixture {path} absent (only in the project's shared fixtures, not in a fresh clone)")
+    path = shared_fixture(f"embeddings/{name}")
     with caplog.at_level(logging.INFO, logger="ldm.checkpoint"):
         emb = load_embeddings(path, default_gamma=0.1)
     assert emb.string_to_token == {"*": 265}
@@ -70,9 +66,7 @@ def test_seed_files_load(name: str, norm: float, caplog) -> None:
 
 
 def test_seed_file_without_default_gamma_has_no_gamma() -> None:
-    path = FIXTURES / SEED_FILES[1][0]
-    if not path.exists():
-        pytest.skip(f"fixture {path} absent (only in the project's shared fixtures, not in a fresh clone)")
+    path = shared_fixture(f"embeddings/{SEED_FILES[1][0]}")
     emb = load_embeddings(path)
     assert emb.gamma is None
     with pytest.raises(CheckpointError, match="default_gamma"):
@@ -242,14 +236,6 @@ def test_fingerprint_tracks_content() -> None:
 
 
 # ---------------------------------------------------------------- safety and wrong files
-
-
-class Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, ("touch " + shlex.quote(str(self.marker)),))
 
 
 def test_malicious_embedding_is_refused_and_nothing_runs(tmp_path: Path) -> None:

@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_batch
+from helpers import SEED_EMBEDDING, STAR, make_batch, shared_fixture
 from safetensors.torch import load_file
 
 from ldm.modules.embedding_manager import EmbeddingManager
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "embeddings"
-SEED_FILE = FIXTURES / "seed_gamma0.1_random_desc_face_gs-1649.pt"
-STAR = 265  # CLIP id of "*"
 
 
 @pytest.fixture
@@ -198,9 +194,7 @@ def test_load_refuses_wrong_vector_count(tiny_model, fresh_manager, tmp_path) ->
 
 
 def seed_file() -> Path:
-    if not SEED_FILE.exists():
-        pytest.skip(f"fixture {SEED_FILE} absent (only in the project's shared fixtures, not in a fresh clone)")
-    return SEED_FILE
+    return shared_fixture(SEED_EMBEDDING)
 
 
 def test_seed_file_into_tiny_encoder_gives_dimension_error(tiny_model) -> None:

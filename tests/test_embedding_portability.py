@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers_diffusers import sd_pipeline
 from safetensors.torch import load_file
-from test_training_cli import base_argv, only_run
+from helpers import base_argv, only_run
 
 import main
 from ldm.checkpoint import load_embeddings

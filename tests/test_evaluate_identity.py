@@ -9,19 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from helpers import load_script, shared_fixture
 from PIL import Image
 
 from ldm import evaluation
 
-ROOT = Path(__file__).resolve().parents[1]
-FACES = ROOT.parent / "shared" / "fixtures" / "faces"
-
-pytestmark = pytest.mark.skipif(
-    not FACES.is_dir() or importlib.util.find_spec("dlib") is None
-    or importlib.util.find_spec("face_recognition_models") is None,
-    reason=f"needs the face fixtures ({FACES}, only in the project's shared fixtures) and dlib",
-)
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("dlib") is None
+                       or importlib.util.find_spec("face_recognition_models") is None,
+                       reason="needs dlib and face_recognition_models"),
+    pytest.mark.usefixtures("shared_fixtures"),  # the face photos
+]
 
 
 evaluate_identity = load_script("evaluate_identity")
@@ -31,7 +29,7 @@ def folder(root: Path, name: str, *photos: str) -> Path:
     path = root / name
     path.mkdir()
     for photo in photos:
-        shutil.copy(FACES / photo, path / photo)
+        shutil.copy(shared_fixture(f"faces/{photo}"), path / photo)
     return path
 
 
@@ -130,7 +128,7 @@ def test_clip_metrics_with_local_weights(dirs, tiny_clip, tmp_path) -> None:
     assert other["clip_image_image"] < 0.9999
     assert all(-1.0 <= row["clip_text_image"] <= 1.0 for row in results["folders"])
     scorer = evaluation.ClipScorer.load(str(tiny_clip), torch.device("cpu"))
-    with Image.open(FACES / "obama_1.jpg") as image:
+    with Image.open(shared_fixture("faces/obama_1.jpg")) as image:
         assert identical["clip_text_image"] == pytest.approx(
             float(scorer.image_embedding(image.convert("RGB")) @ scorer.text_embedding("a photo of man")), abs=1e-5)
 

@@ -6,19 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import shared_fixture
 from PIL import Image
 
 pytest.importorskip("dlib", reason="dlib is not installed: pip install dlib-bin")
 from ldm.data import face  # noqa: E402
 from ldm.data.images import load_rgb  # noqa: E402
 
-FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "faces"
 SINGLE = ["obama_1", "obama_2", "obama_3", "biden_1", "biden_2", "harington_1", "harington_2", "leslie_1", "leslie_2"]
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"face fixtures not found at {FACES}")
+needs_faces = pytest.mark.usefixtures("shared_fixtures")
 
 
 def photo(name: str) -> Path:
-    return FACES / (name if "." in name else f"{name}.jpg")
+    return shared_fixture("faces/" + (name if "." in name else f"{name}.jpg"))
 
 
 def astronaut() -> Image.Image:
@@ -42,8 +42,6 @@ def hog() -> face.FaceCropper:
 
 @pytest.fixture(scope="module")
 def hog_crops(hog) -> dict[str, face.FaceCrop | None]:
-    if not FACES.is_dir():
-        pytest.skip(f"face fixtures not found at {FACES}")
     names = SINGLE + ["two_people_obama_biden", "obama_2_rgba.png"]
     return {name: hog.crop_file(photo(name)) for name in names}
 
@@ -267,8 +265,6 @@ def test_bad_settings_are_rejected():
 
 @pytest.fixture(scope="module")
 def descriptors() -> dict[str, np.ndarray]:
-    if not FACES.is_dir():
-        pytest.skip(f"face fixtures not found at {FACES}")
     encoder = face.FaceEncoder(detector="hog")
     return {name: encoder.descriptor(load_rgb(photo(name))) for name in ["obama_1", "obama_2", "biden_1", "leslie_1"]}
 

@@ -10,6 +10,7 @@ from typing import Self
 import numpy as np
 import pytest
 import torch
+from helpers import shared_fixture
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import default_collate
@@ -24,7 +25,6 @@ from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FINETUNE = ROOT / "configs" / "tiny" / "v1-finetune.yaml"
-FACES = ROOT / ".." / "shared" / "fixtures" / "faces"
 FACE_PHOTOS = ("obama_1.jpg", "biden_1.jpg")
 # Training resolution of these tests: 128 px -> 16 x 16 latents. At the tiny config's 64 px the UNet's
 # 1 x 1 bottleneck GroupNorms over 2 values, which amplifies float32 rounding so much that a batch of
@@ -34,11 +34,10 @@ SIZE = 128
 
 def copy_faces(folder: Path, names=FACE_PHOTOS) -> Path:
     """Copy fixture photos into ``folder`` (skipping the test when the fixtures are absent)."""
-    if not FACES.is_dir():
-        pytest.skip(f"face fixtures not found at {FACES} (the ../shared checkout is absent)")
+    sources = [shared_fixture(f"faces/{name}") for name in names]
     folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copy(FACES / name, folder / name)
+    for source in sources:
+        shutil.copy(source, folder / source.name)
     return folder
 
 
@@ -169,7 +168,7 @@ def test_unreadable_image_is_listed_by_name(tmp_path, caplog):
 
 def test_too_small_face_is_skipped_with_a_reason_and_training_goes_on(model, tmp_path, caplog):
     root = copy_faces(tmp_path / "photos", names=("biden_1.jpg",))
-    with Image.open(FACES / "obama_1.jpg") as big:
+    with Image.open(shared_fixture("faces/obama_1.jpg")) as big:
         big.resize((big.width // 8, big.height // 8)).save(root / "tiny_obama.jpg")  # face ~40 px
     with caplog.at_level(logging.WARNING):
         dataset = make_dataset(root, tmp_path / "cache", tmp_path / "crops")

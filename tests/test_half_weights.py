@@ -13,7 +13,7 @@ import logging
 
 import pytest
 import torch
-from conftest import make_batch
+from helpers import TOKEN_TABLE, WOMAN, base_argv, make_batch, only_run
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -155,7 +155,6 @@ def test_sampling_with_half_weights_needs_no_autocast_of_its_own(tiny_model) -> 
 
 def test_cli_trains_and_samples_with_half_weights_under_bf16_mixed(tmp_path, photo_dir, tiny_ckpt, caplog) -> None:
     import main
-    from test_training_cli import TOKEN_TABLE, WOMAN, base_argv, only_run
 
     argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "-n", "bf16", "--accelerator", "cpu", "--precision",
                      "bf16-mixed", "--max_steps", "2", "--no_validation",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script
+from helpers import load_script
 
 from ldm.checkpoint import EmbeddingFile, save_checkpoint, save_embeddings
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from helpers import SEED_EMBEDDING, load_script, shared_fixture
 from helpers_diffusers import randomize_, sd_pipeline
 from safetensors.torch import save_file
 
@@ -28,7 +28,6 @@ from ldm.modules.embedding_manager import load_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny" / "v1-inference.yaml"
-SEED = ROOT.parent / "shared" / "fixtures" / "embeddings" / "seed_gamma0.1_random_desc_face_gs-1649.pt"
 STAR, SKS = 265, 48136  # CLIP ids of "*" and "sks"
 GAMMA = 0.3
 PROMPT = "a photo of * woman"
@@ -176,20 +175,19 @@ def test_file_without_e_p_gets_it_from_the_checkpoint(tiny, tmp_path) -> None:
 
 
 def test_seed_file_needs_e_p_unless_gamma_is_one(tiny, tmp_path, caplog) -> None:
-    if not SEED.exists():
-        pytest.skip(f"fixture {SEED} absent (only in the project's shared fixtures)")
+    seed_file = shared_fixture(SEED_EMBEDDING)
     out = tmp_path / "learned_embeds.safetensors"
     with caplog.at_level(logging.ERROR):
-        assert run_convert(SEED, out, "diffusers", "--gamma", "0.1") == 2
-    assert "needs e_p" in caplog.text and "pass --ckpt" in caplog.text and str(SEED) in caplog.text
+        assert run_convert(seed_file, out, "diffusers", "--gamma", "0.1") == 2
+    assert "needs e_p" in caplog.text and "pass --ckpt" in caplog.text and str(seed_file) in caplog.text
     assert not out.exists()
     caplog.clear()
     with caplog.at_level(logging.ERROR):
-        assert run_convert(SEED, out, "diffusers", "--gamma", "0.1", "--ckpt", str(tiny["ckpt"])) == 2
-    assert "dimension 768" in caplog.text and "uses 32" in caplog.text and str(SEED) in caplog.text
+        assert run_convert(seed_file, out, "diffusers", "--gamma", "0.1", "--ckpt", str(tiny["ckpt"])) == 2
+    assert "dimension 768" in caplog.text and "uses 32" in caplog.text and str(seed_file) in caplog.text
     assert not out.exists()
-    assert run_convert(SEED, out, "diffusers", "--gamma", "1", "--token", "<seed>") == 0
-    seed = load_embeddings(SEED, default_gamma=1.0)
+    assert run_convert(seed_file, out, "diffusers", "--gamma", "1", "--token", "<seed>") == 0
+    seed = load_embeddings(seed_file, default_gamma=1.0)
     assert torch.equal(load_embeddings(out).params["*"], seed.params["*"])
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
 

@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import ROOT, make_batch
+from helpers import ROOT, base_argv, make_batch, no_trainer_log_warning, subprocess_env
 from host_reads import HostReadRecorder
-from test_training_cli import base_argv
 
 from ldm.data.datamodule import keep_on_host
 from ldm.nonfinite import NonFiniteLossStop, NonFiniteLossTracker
-
-# training_step logs through self.log, which warns and does nothing without a Trainer
-no_trainer_log_warning = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
 
 def fused_adamw(param: torch.nn.Parameter) -> torch.optim.AdamW:
@@ -159,32 +153,18 @@ def test_a_nan_step_in_training_changes_nothing(trained_copy) -> None:
     assert model.nonfinite.first() == (0, pytest.approx(float("nan"), nan_ok=True))
 
 
-class NaNOnRankOne(pl.Callback):
-    """Test hook: from step ``step`` on, rank 1's cached latents are NaN, so only its loss is NaN."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_rank == 1 and trainer.global_step == self.step:
-            for key, mean in pl_module.latent_cache._mean.items():
-                pl_module.latent_cache._mean[key] = torch.full_like(mean, float("nan"))
-
-
 def test_ddp_nan_on_one_rank_stops_both_without_hanging(tmp_path, photo_dir, tiny_ckpt) -> None:
     out = tmp_path / "gathered.json"
     argv = base_argv(tmp_path / "logs", photo_dir, tiny_ckpt, "-n", "ddpnan", "--accelerator", "cpu", "--devices", "2",
                      "--max_steps", "8", "--no_validation", "lightning.callbacks.image_logger.params.disabled=true",
                      "lightning.nonfinite_check_every_n_steps=3",
-                     "lightning.callbacks.nan.target=test_nonfinite.NaNOnRankOne",
+                     "lightning.callbacks.nan.target=helpers.NaNOnRankOne",
                      "lightning.callbacks.nan.params.step=1",
-                     "lightning.callbacks.gather.target=test_training_cli.GatherEmbeddings",
+                     "lightning.callbacks.gather.target=helpers.GatherEmbeddings",
                      f"lightning.callbacks.gather.params.out={out}")
-    paths = [str(ROOT / "tests"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     # a hang would hit the timeout; starting two ranks takes minutes on a loaded 2-core machine
     proc = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env=env)
+                          timeout=900, env=subprocess_env())
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output[-3000:]
     assert "Loss is nan at step 1 on this rank" in output and "A loss was NaN/Inf on another rank" in output

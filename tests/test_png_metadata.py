@@ -5,6 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from helpers import base_argv, only_run
 from helpers_a1111 import parse_parameters
 from PIL import Image
 
@@ -58,7 +59,6 @@ def test_model_hash_is_the_sha256_prefix_of_the_file(tmp_path: Path) -> None:
 
 def test_training_image_logger_writes_the_chunks(tmp_path: Path, photo_dir, tiny_ckpt) -> None:
     import main
-    from test_training_cli import base_argv, only_run
 
     argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "--accelerator", "cpu", "--max_steps", "2", "--gamma", "0.1",
                      "lightning.callbacks.image_logger.params.batch_frequency=2",

@@ -6,17 +6,14 @@ subprocesses; the uninterrupted and the resumed runs are in-process, on one CPU 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-from conftest import ROOT
-from test_training_cli import base_argv, only_run
+from helpers import ROOT, base_argv, only_run, subprocess_env
 
 import main
 from ldm.data.resumable import DrawKey, ResumableDataLoader, ResumableSampler
@@ -25,22 +22,6 @@ from ldm.data.resumable import DrawKey, ResumableDataLoader, ResumableSampler
 DATA_FLAGS = ("--use_random_prompt", "--descriptive_p", "0.5", "--no_validation",
               "lightning.callbacks.image_logger.params.disabled=true",
               "lightning.modelcheckpoint.params.every_n_train_steps=3")
-
-
-class KillAtStep(pl.Callback):
-    """Test hook: SIGKILLs its own process (no handler runs, nothing is saved) at the end of ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    paths = [str(ROOT / "tests"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1", **extra}
 
 
 def params(path: Path) -> torch.Tensor:
@@ -54,9 +35,10 @@ def test_sigkill_after_a_save_then_resume_equals_the_uninterrupted_run(tmp_path,
     assert main.main([*common, "-n", "straight"]) == 0
 
     killed = subprocess.run([sys.executable, "main.py", *common, "-n", "killed",
-                             "lightning.callbacks.kill.target=test_resume_exact.KillAtStep",
+                             "lightning.callbacks.kill.target=helpers.KillAtStep",
                              "lightning.callbacks.kill.params.step=5"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env())
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=subprocess_env(OMP_NUM_THREADS="1"))
     assert killed.returncode == -signal.SIGKILL, (killed.stdout + killed.stderr)[-3000:]
     run = only_run(logs, "killed")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
@@ -118,9 +100,10 @@ def test_two_nodes_one_process_each_over_gloo_end_with_the_same_embedding(tmp_pa
     out = tmp_path / "gathered.json"
     argv = base_argv(tmp_path / "logs", photo_dir, tiny_ckpt, "-n", "nodes", "--accelerator", "cpu", "--devices", "1",
                      "--num_nodes", "2", "--max_steps", "3", *DATA_FLAGS,
-                     "lightning.callbacks.gather.target=test_training_cli.GatherEmbeddings",
+                     "lightning.callbacks.gather.target=helpers.GatherEmbeddings",
                      f"lightning.callbacks.gather.params.out={out}")
-    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LDM_RUN_TIMESTAMP": "nodes-test"}
+    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LDM_RUN_TIMESTAMP": "nodes-test",
+              "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([sys.executable, "main.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=subprocess_env(**shared, NODE_RANK=str(rank)))
              for rank in (0, 1)]

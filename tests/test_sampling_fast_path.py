@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
+from helpers import load_script, txt2img_argv, write_txt2img_files
 from host_reads import HostReadRecorder
-from test_txt2img import files, run  # noqa: F401  (the module's tiny checkpoint and embedding fixture)
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -64,7 +64,9 @@ def test_fixed_conditioning_is_encoded_once_while_it_cannot_change(tiny_model, e
     assert encoded[-1] == [NEGATIVE], "a trainable text encoder is encoded every time"
 
 
-def test_txt2img_encodes_the_negative_prompt_once_per_run(files, tmp_path, encoded) -> None:  # noqa: F811
-    assert run(files, tmp_path / "out", "--negative_prompt", NEGATIVE) == 0  # 2 iterations of a batch of 2
+def test_txt2img_encodes_the_negative_prompt_once_per_run(tmp_path, encoded) -> None:
+    files = write_txt2img_files(tmp_path)  # a tiny checkpoint and embedding, as test_txt2img uses
+    argv = txt2img_argv(files, tmp_path / "out", "--negative_prompt", NEGATIVE)  # 2 iterations of a batch of 2
+    assert load_script("stable_txt2img").main(argv) == 0
     assert sum(NEGATIVE in prompts for prompts in encoded) == 1, encoded
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 4

@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import sd_v1_key_table, sd_v1_shapes
 from helpers_diffusers import (
     SD_DDIM_KWARGS,
     diffusers_guided_sample,
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 TINY_CONFIG = ROOT / "configs" / "tiny" / "v1-inference.yaml"
-KEYS_TSV = ROOT.parent / "shared" / "fixtures" / "sd-v1-checkpoint-keys.tsv"
 MODEL_GROUPS = ("model", "first_stage", "cond_stage", "schedule")
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 PROMPTS = ["a photo of a woman, studio lighting", "portrait of a man wearing glasses"]
@@ -54,19 +54,6 @@ def build_model(config_path: Path, seed: int = 0) -> LatentDiffusion:
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.load(config_path).model)
     return randomize_(model, seed).eval()
-
-
-def key_table() -> dict[str, tuple[tuple[int, ...], str]]:
-    """``key -> (shape, group)`` of a released SD v1 checkpoint (``scalar`` is shape ())."""
-    if not KEYS_TSV.is_file():
-        pytest.skip(f"fixture {KEYS_TSV} is absent (it ships in ../shared/fixtures beside the project)")
-    table = {}
-    for line in KEYS_TSV.read_text().splitlines():
-        if line.startswith("#") or line.startswith("key\t") or not line.strip():
-            continue
-        key, shape, group = line.split("\t")
-        table[key] = (() if shape == "scalar" else tuple(int(s) for s in shape.split("x")), group)
-    return table
 
 
 def max_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -105,8 +92,9 @@ def tiny_file(tiny_model: LatentDiffusion, tmp_path_factory: pytest.TempPathFact
 # ------------------------------------------------------------------ layout and schedule
 
 
+@pytest.mark.usefixtures("shared_fixtures")  # checked before the full model is built
 def test_full_model_has_exactly_the_sd_v1_checkpoint_keys(full_model: LatentDiffusion) -> None:
-    expected = {k: shape for k, (shape, group) in key_table().items() if group in MODEL_GROUPS}
+    expected = sd_v1_shapes(*MODEL_GROUPS)
     ours = {k: tuple(v.shape) for k, v in full_model.state_dict().items()}
     if POSITION_IDS not in ours:  # a deterministic buffer; checkpoints may carry it, models need not
         expected.pop(POSITION_IDS)
@@ -179,10 +167,11 @@ def test_save_read_load_round_trip_is_exact(tiny_model: LatentDiffusion, tmp_pat
                            tiny_model.apply_model(x, torch.tensor([500]), context))
 
 
+@pytest.mark.usefixtures("shared_fixtures")  # checked before the full model is built
 def test_released_full_layout_with_ema_loads_without_ema(full_model: LatentDiffusion) -> None:
     """Every key of a released SD v1 file: no missing key; EMA shadows and position_ids ignored."""
     own = full_model.state_dict()
-    table = key_table()
+    table = sd_v1_key_table()
     # tensors the model lacks are zero-stride stand-ins of the right shape (no 3.4 GB EMA copy)
     state = {k: own[k] if k in own else torch.zeros(()).expand(shape) for k, (shape, _) in table.items()}
     marker = "model.diffusion_model.out.2.bias"

@@ -1,40 +1,23 @@
 """Ctrl-C, SIGUSR1 and SIGTERM during training save the embedding (and a resumable checkpoint)."""
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from helpers import base_argv
 
 import main
 
-TINY = "configs/tiny/v1-finetune.yaml"
-
-
-class RaiseAtStep(pl.Callback):
-    """Test hook: interrupts the run like a user (Ctrl-C) or the OS (a signal) at ``step``."""
-
-    def __init__(self, step: int, action: str):
-        self.step, self.action = step, action
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != self.step:
-            return
-        if self.action == "ctrl-c":
-            raise KeyboardInterrupt
-        os.kill(os.getpid(), getattr(signal, self.action))
-
 
 def run(tmp_path: Path, photo_dir: Path, ckpt: Path, action: str, max_steps: int) -> tuple[int, Path]:
-    argv = ["--base", TINY, "-t", "--data_root", str(photo_dir), "--logdir", str(tmp_path / "logs"),
-            "--actual_resume", str(ckpt), "--max_steps", str(max_steps), "data.params.num_workers=0",
-            "lightning.modelcheckpoint.params.every_n_train_steps=1000",
-            "lightning.callbacks.image_logger.params.disabled=true",
-            "lightning.callbacks.interrupt.target=test_signals.RaiseAtStep",
-            "lightning.callbacks.interrupt.params.step=2", f"lightning.callbacks.interrupt.params.action={action}"]
+    argv = base_argv(tmp_path / "logs", photo_dir, ckpt, "--max_steps", str(max_steps),
+                     "lightning.modelcheckpoint.params.every_n_train_steps=1000",
+                     "lightning.callbacks.image_logger.params.disabled=true",
+                     "lightning.callbacks.interrupt.target=helpers.RaiseAtStep",
+                     "lightning.callbacks.interrupt.params.step=2",
+                     f"lightning.callbacks.interrupt.params.action={action}")
     sigint = signal.getsignal(signal.SIGINT)
     try:
         code = main.main(argv)

@@ -14,13 +14,13 @@ from clip.simple_tokenizer import SimpleTokenizer
 from omegaconf import OmegaConf
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from helpers import sd_v1_shapes
 from helpers_diffusers import transformers_clip
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizer import CLIPBPETokenizer
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "sd-v1-checkpoint-keys.tsv"
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 STAR = 265  # id of "*", the default placeholder
 PROMPTS = [
@@ -130,15 +130,9 @@ def test_tokenizer_decode_roundtrip(tokenizer: CLIPBPETokenizer) -> None:
 # ---------------------------------------------------------------- layout
 
 
-@pytest.mark.skipif(not FIXTURE.is_file(), reason=f"fixture {FIXTURE} is absent (it ships in ../shared/fixtures)")
+@pytest.mark.usefixtures("shared_fixtures")  # checked before the full model is built
 def test_state_dict_matches_sd_checkpoint(full_model: FrozenCLIPEmbedder) -> None:
-    expected = {}
-    for line in FIXTURE.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, group = line.split("\t")
-        if group == "cond_stage":
-            expected[key.removeprefix("cond_stage_model.")] = tuple(int(s) for s in shape.split("x"))
+    expected = {key.removeprefix("cond_stage_model."): shape for key, shape in sd_v1_shapes("cond_stage").items()}
     ours = {k: tuple(v.shape) for k, v in full_model.state_dict().items()}
     expected.pop("transformer.text_model.embeddings.position_ids")
     assert ours == expected

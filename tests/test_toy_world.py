@@ -5,7 +5,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from omegaconf import OmegaConf
 
 from ldm.data.toy import PHOTO_BACKGROUNDS, PHOTO_RESOLUTION, ToyScenes, write_photo_folder

@@ -16,37 +16,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import ROOT, write_photos
+from helpers import (ROOT, STAR, TINY, TOKEN_TABLE, WOMAN, base_argv, error_lines, only_run, subprocess_env,
+                     write_photos)
 
 import main
 from ldm.checkpoint import load_embeddings
 from ldm.models.diffusion.ddpm import LatentDiffusion
 
-TINY = "configs/tiny/v1-finetune.yaml"
-TOKEN_TABLE = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-WOMAN, STAR = 2308, 265  # CLIP ids of the init word and the placeholder
-
-
-def base_argv(logdir: Path, data_root: Path, ckpt: Path, *extra: str) -> list[str]:
-    return ["--base", TINY, "-t", "--data_root", str(data_root), "--logdir", str(logdir),
-            "--actual_resume", str(ckpt), "data.params.num_workers=0", *extra]
-
-
-def only_run(logdir: Path, name: str = "") -> Path:
-    runs = [p for p in logdir.iterdir() if p.is_dir() and name in p.name]
-    assert len(runs) == 1, f"expected one log dir matching '{name}' in {logdir}, got {runs}"
-    return runs[0]
-
 
 def vectors(path: Path) -> torch.Tensor:
     """The trainable v of an embedding file (its string_to_param holds e for other tools)."""
     return load_embeddings(path).params["*"]
-
-
-def error_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "main"]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -132,32 +113,14 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_ckpt, one_thread) ->
 # ---------------------------------------------------------------------------------- DDP
 
 
-class GatherEmbeddings(pl.Callback):
-    """At train end, gathers the embedding of every rank and (rank 0) writes the comparison to ``out``."""
-
-    def __init__(self, out: str):
-        self.out = out
-
-    def on_train_end(self, trainer, pl_module):
-        local = pl_module.embedding_manager.vectors[0].detach()
-        gathered = pl_module.all_gather(local)  # [world, n, D]
-        if trainer.is_global_zero:
-            result = {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
-                      "max_diff": float((gathered - gathered[0]).abs().max()),
-                      "rank0": gathered[0].tolist()}
-            Path(self.out).write_text(json.dumps(result))
-
-
 def test_ddp_two_cpu_processes_end_with_the_same_embedding(tmp_path, photo_dir, tiny_ckpt) -> None:
     out = tmp_path / "gathered.json"
     argv = base_argv(tmp_path / "logs", photo_dir, tiny_ckpt, "-n", "ddp", "--accelerator", "cpu", "--devices", "2",
                      "--max_steps", "4", "lightning.callbacks.image_logger.params.disabled=true",
-                     "lightning.callbacks.gather.target=test_training_cli.GatherEmbeddings",
+                     "lightning.callbacks.gather.target=helpers.GatherEmbeddings",
                      f"lightning.callbacks.gather.params.out={out}")
-    paths = [str(ROOT / "tests"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=subprocess_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["strategy"] == "DDPStrategy"

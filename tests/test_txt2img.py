@@ -12,55 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
+from helpers import PROMPT, ROOT, load_script, txt2img_argv, write_txt2img_files
 from helpers_a1111 import parse_parameters
-from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.checkpoint import EmbeddingFile, ema_key, save_checkpoint, save_embeddings
+from ldm.checkpoint import ema_key, save_checkpoint
 from ldm.inference import attach_embedding, load_model
-from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.sampling_io import next_free_index, read_png_text
-from ldm.util import instantiate_from_config
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = "configs/tiny/v1-inference.yaml"
-PROMPT = "photo of a * woman"
-SMALL = ["--H", "64", "--W", "64", "--ddim_steps", "4", "--n_samples", "2", "--n_iter", "2",
-         "--config", str(ROOT / TINY_CONFIG), "--device", "cpu"]
-
 
 txt2img = load_script("stable_txt2img")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    """A tiny random checkpoint (zero-initialised layers randomised, so outputs depend on the prompt)
-    and embeddings for it: gamma 0.5 with a far-away v, and an SD2-sized (1024-d) one."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(ROOT / TINY_CONFIG).model)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point() and not param.any():
-                param.normal_(0.0, 0.05)
-    ckpt = save_checkpoint(root / "tiny.ckpt", model.state_dict())
-    manager = EmbeddingManager(model.cond_stage_model, placeholder_strings=["*"], initializer_words=["woman"],
-                               gamma=0.5)
-    with torch.no_grad():
-        manager.vectors[0].normal_(0.0, 1.0)
-    embedding = manager.save(root / "emb.pt", step=7)
-    sd2 = save_embeddings(root / "sd2.pt", EmbeddingFile({"*": 265}, {"*": torch.randn(1, 1024)}, gamma=1.0))
-    text = root / "config_as_ckpt.yaml"
-    text.write_text((ROOT / TINY_CONFIG).read_text())
-    return {"ckpt": ckpt, "embedding": embedding, "sd2": sd2, "yaml": text, "root": root}
+    return write_txt2img_files(tmp_path_factory.mktemp("tiny"))
 
 
 def run(files: dict[str, Path], outdir: Path, *extra: str, embedding: bool = True) -> int:
-    argv = [*SMALL, "--ckpt", str(files["ckpt"]), "--outdir", str(outdir), "--prompt", PROMPT]
-    if embedding:
-        argv += ["--embedding_path", str(files["embedding"])]
-    return txt2img.main([*argv, *extra])
+    return txt2img.main(txt2img_argv(files, outdir, *extra, embedding=embedding))
 
 
 def pixels(path: Path) -> np.ndarray:

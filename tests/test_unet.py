@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import sd_v1_shapes
 from helpers_diffusers import diffusers_unet, randomize_
 from ldm.modules.attention import CrossAttention
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -18,8 +19,6 @@ from ldm.util import instantiate_from_config
 ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 TINY_CONFIG = ROOT / "configs" / "tiny" / "v1-inference.yaml"
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-KEYS_TSV = FIXTURES / "sd-v1-checkpoint-keys.tsv"
 PREFIX = "model.diffusion_model."
 
 
@@ -63,17 +62,10 @@ def full_pair():
     gc.collect()
 
 
+@pytest.mark.usefixtures("shared_fixtures")  # checked before the full UNet is built
 def test_state_dict_matches_sd_v1_checkpoint_keys(full_pair):
-    if not KEYS_TSV.is_file():
-        pytest.skip(f"fixture {KEYS_TSV} is absent (expected in ../shared/fixtures beside the project)")
-    expected = {}
-    for line in KEYS_TSV.read_text().splitlines():
-        if line.startswith("#") or line.startswith("key\t"):
-            continue
-        key, shape, group = line.split("\t")
-        if group == "model":
-            expected[key.removeprefix(PREFIX)] = shape
-    ours = {k: "x".join(map(str, v.shape)) for k, v in full_pair[0].state_dict().items()}
+    expected = {key.removeprefix(PREFIX): shape for key, shape in sd_v1_shapes("model").items()}
+    ours = {k: tuple(v.shape) for k, v in full_pair[0].state_dict().items()}
     assert len(expected) == 686
     assert sorted(set(expected) ^ set(ours)) == []
     assert {k: v for k, v in ours.items() if expected[k] != v} == {}

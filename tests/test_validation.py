@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import base_argv, only_run, shared_fixture
 from PIL import Image
-from test_training_cli import base_argv, only_run
 
 import main
 from ldm.sampling_io import read_png_text
@@ -21,7 +20,6 @@ from ldm.validation.best import BestEmbedding, IdentityScore
 from ldm.validation.callback import ValidationSampler
 from ldm.validation.settings import ValidationSettings, default_prompts
 
-FACES = ROOT.parent / "shared" / "fixtures" / "faces"
 QUICK = ("lightning.callbacks.image_logger.params.disabled=true",
          "lightning.modelcheckpoint.params.every_n_train_steps=2", "--validation_ddim_steps", "2")
 
@@ -148,13 +146,12 @@ def test_run_keeps_the_best_scored_save(tmp_path, photo_dir, tiny_ckpt, monkeypa
     assert len(summary) == 1 and "embeddings_best.pt (step 4" in summary[0] and "images/validation" in summary[0]
 
 
-@pytest.mark.skipif(not FACES.is_dir() or importlib.util.find_spec("dlib") is None,
-                    reason=f"needs the face fixtures ({FACES}) and dlib")
+@pytest.mark.skipif(importlib.util.find_spec("dlib") is None, reason="needs dlib")
 def test_no_best_embedding_without_faces_in_the_samples(tmp_path, tiny_ckpt, caplog) -> None:
     photos = tmp_path / "obama"
     photos.mkdir()
     for name in ("obama_1.jpg", "obama_2.jpg"):
-        shutil.copy(FACES / name, photos / name)
+        shutil.copy(shared_fixture(f"faces/{name}"), photos / name)
     argv = base_argv(tmp_path / "logs", photos, tiny_ckpt, "-n", "noface", "--max_steps", "2",
                      "--validation_identity", *QUICK)
     with caplog.at_level(logging.INFO):
