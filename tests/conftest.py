@@ -5,6 +5,7 @@ Plain helpers (paths, builders, CLI arguments, training hooks) are in helpers.py
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -58,10 +59,24 @@ def _skip_reason(report) -> str:
     return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    """One line for all the tests skipped because the shared fixtures are absent (a user's clone)."""
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Skips for absent shared fixtures all report ``shared_fixture``'s place, so ``-ra`` folds them into one line."""
+    report = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and SHARED_FIXTURES_ABSENT in report.longrepr[2]:
+        report.longrepr = (inspect.getsourcefile(shared_fixture), inspect.getsourcelines(shared_fixture)[1],
+                           report.longrepr[2])
+    return report
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter):
+    """One line for all the tests skipped because the shared fixtures are absent (a user's clone), after the
+    short test summary (this wrapper is outside the terminal reporter's)."""
+    result = yield
     absent = [r for r in terminalreporter.stats.get("skipped", []) if SHARED_FIXTURES_ABSENT in _skip_reason(r)]
     if absent:
         terminalreporter.write_line(
-            f"{len(absent)} tests skipped: the shared fixtures (../shared/fixtures) are absent; "
+            f"{len(absent)} test{'s' * (len(absent) != 1)} skipped: the shared fixtures (../shared/fixtures) are absent; "
             f"set {SHARED_FIXTURES_ENV}=DIR to run them")
+    return result

@@ -102,11 +102,11 @@ def run_the_readme_test(ci: str) -> subprocess.CompletedProcess:
 def test_a_run_without_fixtures_ends_with_one_line_and_fails_under_ci() -> None:
     skipped = run_the_readme_test(ci="")
     assert skipped.returncode == 0, skipped.stdout[-3000:]
-    assert ("1 tests skipped: the shared fixtures (../shared/fixtures) are absent; "
+    assert ("1 test skipped: the shared fixtures (../shared/fixtures) are absent; "
             f"set {SHARED_FIXTURES_ENV}=DIR to run them") in skipped.stdout
     assert skipped.stdout.count(SHARED_FIXTURES_ABSENT) == 1, "the skips fold into one -ra line"
 
     failed = run_the_readme_test(ci="true")
     assert failed.returncode == 1, failed.stdout[-3000:]
     assert "/nonexistent/fixtures" in failed.stdout and f"set {SHARED_FIXTURES_ENV}=DIR" in failed.stdout
-    assert "tests skipped" not in failed.stdout
+    assert "skipped: the shared fixtures" not in failed.stdout
