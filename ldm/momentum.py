@@ -1,4 +1,4 @@
-"""The rules of momentum textual inversion as pure functions (DESIGN.md, "The method").
+"""The rules of momentum textual inversion as pure functions (docs/method.md, "Momentum textual inversion").
 
 For a placeholder token p with frozen row e_p of the text encoder's token table and trainable vectors
 v, the vector placed at p is ``e = e_p + gamma * (v - e_p)`` with gamma in [0, 1]: gamma = 1 is plain

@@ -1,6 +1,6 @@
 """Textual-inversion embedding files: our momentum format and the original TI format.
 
-Momentum TI places ``e = e_p + gamma * (v - e_p)`` at the placeholder (DESIGN.md, "The method"),
+Momentum TI places ``e = e_p + gamma * (v - e_p)`` at the placeholder (docs/method.md, "Momentum textual inversion"),
 with v trainable and e_p the placeholder's frozen row of the token-embedding table.
 
 A file of ours works unchanged in other tools: the keys they read hold the effective vectors ``e``,

@@ -3,7 +3,7 @@
 For a placeholder token p with frozen row e_p of the text encoder's token table and trainable
 vectors v (initialised from an init word), the vector placed at p in every prompt is
 
-    e = e_p + gamma * (v - e_p)                       (DESIGN.md, "The method")
+    e = e_p + gamma * (v - e_p)                       (docs/method.md, "Momentum textual inversion")
 
 gamma = 1 is plain textual inversion (Gal et al. 2022); gamma = 0 leaves the conditioning of the
 frozen model untouched. Prompts without a placeholder pass through unchanged.

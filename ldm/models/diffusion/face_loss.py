@@ -1,4 +1,4 @@
-"""The facial loss term of momentum textual inversion (DESIGN.md, "The method").
+"""The facial loss term of momentum textual inversion (docs/method.md, "Facial loss").
 
 Total loss = L_simple(image) + lambda * L_simple(face crop): the aligned face crop of each training
 photo is encoded (cached like the image latents), noised at the same timestep and denoised with the
