@@ -1,7 +1,8 @@
 """Model weights: read SD/Lightning checkpoints safely, load them strictly, save them atomically.
 
 Key layout is the released Stable Diffusion v1 one (the tests compare every key and shape with the
-list of a released checkpoint; README "Tests"). Keys a checkpoint may carry that the model need not have (the allow-list):
+list of a released checkpoint; README "Tests"). Keys a checkpoint may carry that the model need not
+have (the allow-list):
 
 * ``*position_ids``: CLIP's position-id buffer, deterministic and non-persistent in transformers;
 * ``model_ema.*``: LitEma shadows of the UNet (``model_ema.`` + parameter name without dots, plus
