@@ -16,6 +16,8 @@ IGNORED_KEYS: dict[str, dict[str, Any]] = {
     "DDPM": {"log_every_t": 100, "clip_denoised": True, "use_positional_encodings": False},
     # grids are always clamped to [-1, 1] and rescaled to [0, 1]; logging is every batch_frequency global steps
     "ImageLogger": {"clamp": True, "rescale": True, "increase_log_steps": True, "log_on_batch_idx": False},
+    # the original VQModel's own training options; here it is only a frozen first stage
+    "VQModel": {"batch_resize_range": None, "scheduler_config": None, "lr_g_factor": 1.0, "use_ema": False},
     # datasets are map-style and seed their own per-worker randomness
     "DataModuleFromConfig": {"wrap": False, "use_worker_init_fn": False},
 }

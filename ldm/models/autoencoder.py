@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ldm.compat import drop_ignored_keys
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
@@ -86,7 +87,6 @@ class AutoencoderKL(_FirstStageBase):
         image_key: str = "image",
         colorize_nlabels: int | None = None,
         monitor: str | None = None,
-        **ignore: Any,
     ) -> None:
         super().__init__(ddconfig=ddconfig, image_key=image_key, colorize_nlabels=colorize_nlabels, monitor=monitor)
         if not ddconfig.get("double_z", True):
@@ -140,8 +140,9 @@ class VQModel(_FirstStageBase):
         monitor: str | None = None,
         remap: str | None = None,
         sane_index_shape: bool = False,
-        **ignore: Any,
+        **ignored: Any,
     ) -> None:
+        drop_ignored_keys("VQModel", ignored)
         super().__init__(ddconfig=ddconfig, image_key=image_key, colorize_nlabels=colorize_nlabels, monitor=monitor)
         z_channels = ddconfig["z_channels"]
         self.n_embed = n_embed
