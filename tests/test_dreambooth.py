@@ -13,10 +13,10 @@ from torch.utils.data import default_collate
 import main
 from ldm.checkpoint import load_weights, read_state_dict
 from ldm.data.dreambooth import DreamBoothDataset
-from ldm.dreambooth import apply_dreambooth, prepare_dreambooth_model
+from ldm.dreambooth import prepare_dreambooth_model
 from ldm.export import export_pruned, pruned_state_dict
 from ldm.inference import load_model
-from ldm.training import apply_flags
+from ldm.training import configure
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,7 @@ def dreambooth_config(args: list[str]):
     """The tiny unfrozen config with main.py's flags applied, as run_training does."""
     opt, dotlist = main.build_parser().parse_known_args(["--base", str(TINY_UNFROZEN), *args])
     config = OmegaConf.merge(OmegaConf.load(TINY_UNFROZEN), OmegaConf.from_dotlist(dotlist))
-    apply_flags(config, opt, paths=None)
-    apply_dreambooth(config, opt)
+    configure(config, opt)
     return config
 
 
@@ -293,7 +292,7 @@ def test_unfrozen_configs_train_the_unet_with_gradient_checkpointing(kind):
     assert {config.data.params[split].target for split in ("train", "validation")} == \
         {"ldm.data.dreambooth.DreamBoothDataset"}
     opt = main.build_parser().parse_args(["--train_text_encoder", "--reg_data_root", "class", "--identifier", "ohwx"])
-    apply_dreambooth(config, opt)
+    configure(config, opt)
     assert config.model.params.cond_stage_config.params.freeze is False
     assert config.model.params.prior_loss_config.params.weight == 1.0
     assert config.data.params.validation.params.placeholder_token == "ohwx"
