@@ -4,7 +4,7 @@
         --output learned_embeds.safetensors --to diffusers --token "<me>"
 
 The input format is detected from the file. Exports write the effective vectors the model sees,
-e = e_p + gamma * (v - e_p); --gamma re-mixes before exporting. Files that store no e_p (the seed's
+e = e_p + gamma * (v - e_p); --gamma re-mixes before exporting. Files that store no e_p (the original code's
 .pt files) need --ckpt, the checkpoint they were trained on, for any gamma other than 1.
 Targets: ours (.pt/.safetensors, keeps v, e_p and gamma), ti (.pt, original TI layout),
 diffusers (.safetensors/.bin, {token: e}), a1111 (.pt with name/step, or .safetensors {"emb_params": e}).

@@ -27,7 +27,7 @@ from ldm.cli import run_script
 from ldm.data.toy import write_photo_folder
 from ldm.data.toy_world import CLASS_WORD, HELD_OUT_POOL_SIZE
 from ldm.toy_benchmark import (
-    METHOD_NAMES, METHODS, TOY_ACCURACY, TOY_JUDGE, evaluate, load_toy_model, method, prompt_following,
+    METHOD_NAMES, TOY_ACCURACY, TOY_JUDGE, evaluate, load_toy_model, method, prompt_following,
     prompt_suite, require_toy_models, train,
 )
 from ldm.toy_judge import load_judge

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from ldm.data.toy import PHOTO_BACKGROUNDS, PHOTO_RESOLUTION, ToyScenes, write_photo_folder
 from ldm.data.toy_world import (
-    ACCESSORIES, BACKGROUNDS, BODY_COLOURS, CLASS_WORD, HELD_OUT_POOL_SIZE, PATTERNS, POSITIONS, SHAPES, SIZES,
+    BACKGROUNDS, BODY_COLOURS, CLASS_WORD, HELD_OUT_POOL_SIZE, PATTERNS, POSITIONS, SHAPES, SIZES,
     Pose, Scene, Subject, caption, held_out_pool, held_out_subject, pretraining_subjects, random_pose, render,
 )
 from ldm.modules.encoders.tokenizer import CLIPBPETokenizer

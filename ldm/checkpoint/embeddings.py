@@ -149,8 +149,9 @@ def not_an_embedding(path: Path, found: str) -> CheckpointError:
 
 
 def no_gamma_error(source: str | os.PathLike[str]) -> ValueError:
-    """The error of a script given a file that stores no gamma (seed/original TI files) and no --gamma."""
-    return ValueError(f"{source} stores no gamma: pass --gamma (0.1 for the seed's momentum runs, 1 for plain TI)")
+    """The error of a script given a file that stores no gamma (the original code's or TI's) and no --gamma."""
+    return ValueError(f"{source} stores no gamma: pass --gamma (0.1 for the original code's momentum runs, "
+                      "1 for plain TI)")
 
 
 # --------------------------------------------------------------------------------- writing

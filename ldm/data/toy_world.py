@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -224,9 +223,3 @@ def caption(scene: Scene, rng: random.Random, template: str = "a photo of a {}",
 def position_phrase(position: str) -> str:
     return "in the center" if position == "center" else f"on the {position}"
 
-
-def iter_scenes(subjects: list[Subject], seed: int) -> Iterator[Scene]:
-    """An endless stream of random scenes of ``subjects``, reproducible from ``seed``."""
-    rng = random.Random(seed)
-    while True:
-        yield Scene(rng.choice(subjects), random_pose(rng), rng.choice(tuple(BACKGROUNDS)))

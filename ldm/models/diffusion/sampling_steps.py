@@ -45,10 +45,6 @@ class StepSchedule:
             object.__setattr__(self, "timestep_values", tuple(self.timesteps.tolist()))
             object.__setattr__(self, "noisy_steps", tuple((self.sigmas > 0).tolist()))
 
-    @property
-    def sqrt_one_minus_alphas(self) -> Tensor:
-        return (1.0 - self.alphas).sqrt()
-
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 

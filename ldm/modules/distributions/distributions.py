@@ -1,4 +1,4 @@
-"""Diagonal Gaussian posterior of the KL autoencoder, and the Gaussian KL helper used by DDPM."""
+"""Diagonal Gaussian posterior of the KL autoencoder."""
 from __future__ import annotations
 
 import math
@@ -61,13 +61,3 @@ class DiagonalGaussianDistribution:
         log_two_pi = math.log(2.0 * math.pi)
         return 0.5 * torch.sum(log_two_pi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims))
 
-
-def normal_kl(
-    mean1: torch.Tensor | float, logvar1: torch.Tensor | float, mean2: torch.Tensor | float, logvar2: torch.Tensor | float
-) -> torch.Tensor:
-    """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))); scalars broadcast."""
-    ref = next((x for x in (mean1, logvar1, mean2, logvar2) if isinstance(x, torch.Tensor)), None)
-    if ref is None:
-        raise TypeError("normal_kl needs at least one tensor argument")
-    logvar1, logvar2 = (x if isinstance(x, torch.Tensor) else torch.tensor(x).to(ref) for x in (logvar1, logvar2))
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
