@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.export import EXPORT_FORMATS, PrunedExport, export_path
+from ldm.flags import DATASET_SPLITS
 from ldm.momentum import single_token_id
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def derive_dreambooth(config: DictConfig) -> None:
     if section.get("export_format", "ckpt") not in EXPORT_FORMATS:
         raise ValueError(f"dreambooth.export_format must be one of {EXPORT_FORMATS}, got '{section.export_format}'")
     data = config.data.params
-    for split in ("train", "validation"):
+    for split in DATASET_SPLITS:
         if data.get(split) is not None:
             OmegaConf.update(data[split], "params.placeholder_token", identifier)
     model = config.model.params

@@ -88,7 +88,7 @@ class Flag:
         value = getattr(opt, self.name)
         if self.only_with is not None and not getattr(opt, self.only_with):
             return False
-        return value is not None and value is not False  # a weight of 0.0 counts as given
+        return value is not None and value is not False and value != ""  # a weight of 0.0 counts as given
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -172,18 +172,27 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         if not flag.given(opt):
             continue
         value = getattr(opt, flag.name)
-        _check(flag, value, config)
-        for key in flag.keys:
-            key, written = (key, [value] if flag.as_list else value) if isinstance(key, str) else key
-            for path in _expand(config, key):
-                _write(config, path, written, flag.name)
+        _check_sections(flag, config)
+        writes = [(path, written) for key, written in _keys_and_values(flag, value) for path in _expand(config, key)]
+        if writes:  # a flag for parts the config lacks is ignored, its value unchecked (as in the original code)
+            _check_value(flag, value)
+        for path, written in writes:
+            _write(config, path, written, flag.name)
 
 
-def _check(flag: Flag, value: Any, config: DictConfig) -> None:
+def _keys_and_values(flag: Flag, value: Any) -> list[tuple[str, Any]]:
+    """``(key, value written)`` of each of ``flag.keys``."""
+    return [(key, [value] if flag.as_list else value) if isinstance(key, str) else key for key in flag.keys]
+
+
+def _check_sections(flag: Flag, config: DictConfig) -> None:
     if flag.requires is not None and OmegaConf.select(config, flag.requires[0]) is None:
         raise FlagError(f"--{flag.name} {flag.requires[1]}")
     if flag.refuses is not None and OmegaConf.select(config, flag.refuses[0]) is not None:
         raise FlagError(f"--{flag.name} {flag.refuses[1]}")
+
+
+def _check_value(flag: Flag, value: Any) -> None:
     if flag.minimum is not None and value < flag.minimum:
         raise FlagError(f"--{flag.name} must be at least {flag.minimum}, got {value}")
     if flag.check is not None:

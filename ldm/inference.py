@@ -57,8 +57,8 @@ def load_model(config_path: PathLike, ckpt_path: PathLike, *, use_ema: bool = Fa
                device: str | torch.device | None = None) -> torch.nn.Module:
     """A frozen model in eval mode on ``device`` with the weights of ``ckpt_path``.
 
-    ``use_ema`` loads the checkpoint's EMA shadows into the UNet; the config's own ``use_ema`` and
-    ``ckpt_path`` are ignored (weights are loaded here, once).
+    ``use_ema`` loads the checkpoint's EMA shadows into the UNet; the config's own ``use_ema``,
+    ``ckpt_path`` and ``embedding_manager_ckpt`` are ignored (weights are loaded here, once).
     """
     config = load_config(config_path)
     probe_weights_file(ckpt_path)
@@ -67,6 +67,7 @@ def load_model(config_path: PathLike, ckpt_path: PathLike, *, use_ema: bool = Fa
     params = model_config.setdefault("params", {})
     params["use_ema"] = False
     params.pop("ckpt_path", None)
+    params.pop("embedding_manager_ckpt", None)
     model = instantiate_from_config(model_config)
     model.init_from_ckpt(str(ckpt_path), use_ema=use_ema, trust_pickle=trust_pickle)
     model = model.to(target).eval()

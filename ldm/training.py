@@ -79,8 +79,8 @@ def load_config(bases: list[str], dotlist: list[str]) -> DictConfig:
 def configure(config: DictConfig, opt: argparse.Namespace) -> None:
     """The flags into the merged config, then what the config implies for its parts (one-line ValueErrors)."""
     apply_flags(config, opt)
-    derive_dreambooth(config)
     link_placeholder(config)
+    derive_dreambooth(config)  # after: a DreamBooth run captions with its identifier
 
 
 def link_placeholder(config: DictConfig) -> None:
@@ -96,11 +96,15 @@ def add_run_settings(config: DictConfig, opt: argparse.Namespace, paths: RunPath
                      device_args: dict) -> None:
     """What this run gives the model and the data through the config: seeds, learning rate, face-crop folder.
 
+    A resumed run restores its embedding from the checkpoint, so the starting file is not read again.
+
     ``model.params.learning_rate`` = ``model.base_learning_rate`` x batch x devices x accumulation x
     nodes with ``--scale_lr`` (the original rule), else the base rate.
     """
     model = config.model.params
     model.training_seed = opt.seed
+    if paths.resume_ckpt is not None and model.pop("embedding_manager_ckpt", None):
+        logger.info("Resuming: the embedding comes from %s, not from --embedding_manager_ckpt", paths.resume_ckpt)
     for split in DATASET_SPLITS:
         part = OmegaConf.select(config, f"data.params.{split}")
         if part is None:
@@ -202,8 +206,8 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
         prepare_dreambooth_model(model, config)
         validation = build_validation(config, data, model, images_dir=paths.logdir / "images",
                                       ckptdir=paths.ckptdir, every_n_train_steps=save_every_n_steps(config))
-    except (DataRootError, CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
-        raise TrainingError(str(err).splitlines()[0]) from err
+    except (DataRootError, CheckpointError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        raise TrainingError(str(err).splitlines()[0]) from err  # TypeError: a config key its target does not take
     if not any(group["params"] for group in model.trainable_parameters()):
         raise TrainingError(NOTHING_TO_TRAIN)
     trainer = build_trainer(config, paths, {**trainer_args, **device_args}, validation)

@@ -11,6 +11,7 @@ import main
 from ldm import compat
 from ldm.compat import IGNORED_KEYS, drop_ignored_keys
 from ldm.flags import FLAGS, FlagError, apply_flags
+from ldm.training import RunPaths, add_run_settings, configure
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,34 @@ def test_ignored_keys_are_accepted_and_a_changed_one_is_logged_once(caplog, monk
     assert "clamp" in IGNORED_KEYS["ImageLogger"]
     with pytest.raises(TypeError, match="unexpected keyword argument 'clam'"):
         drop_ignored_keys("ImageLogger", {"clam": False})
+
+
+def test_values_of_flags_for_missing_parts_are_not_checked() -> None:
+    config = OmegaConf.load(DREAMBOOTH_CONFIG)
+    apply_flags(config, main.build_parser().parse_args(["--gamma", "3", "--num_vectors_per_token", "0"]))
+    assert OmegaConf.select(config, "model.params.personalization_config") is None
+
+
+def test_an_empty_string_is_not_given() -> None:
+    config = OmegaConf.load(TI_CONFIG)
+    apply_flags(config, main.build_parser().parse_args(["--init_word", "", "--data_root", ""]))
+    assert config == OmegaConf.load(TI_CONFIG)
+
+
+def test_dreambooth_captions_with_its_identifier_even_with_an_embedding(tmp_path) -> None:
+    config = OmegaConf.merge(OmegaConf.load(DREAMBOOTH_CONFIG),
+                             {"model": OmegaConf.load(TI_CONFIG).model})  # both sections
+    configure(config, main.build_parser().parse_args(["--identifier", "ohwx"]))
+    assert config.data.params.train.params.placeholder_token == "ohwx"
+
+
+def test_a_resumed_run_does_not_read_the_starting_embedding_again(tmp_path) -> None:
+    config = OmegaConf.load(TI_CONFIG)
+    opt = main.build_parser().parse_args(["--embedding_manager_ckpt", "start.pt"])
+    configure(config, opt)
+    assert config.model.params.embedding_manager_ckpt == "start.pt"
+    devices, trainer = {"devices": 1}, {"accumulate_grad_batches": 1, "num_nodes": 1}
+    resumed = RunPaths(tmp_path, tmp_path / "checkpoints", tmp_path / "configs", tmp_path / "checkpoints/last.ckpt")
+    add_run_settings(config, opt, resumed, trainer, devices)
+    assert "embedding_manager_ckpt" not in config.model.params
+    assert config.model.params.training_seed == opt.seed
