@@ -1,8 +1,9 @@
 """Lightning glue for DDPM and Latent Diffusion (Rombach et al. 2022).
 
 The maths lives elsewhere: the noise schedule in :mod:`schedule`, the losses in :mod:`losses`, the
-latent cache in :mod:`latent_cache`, the facial term in :mod:`face_loss`, the samplers
-in :mod:`ddim`/:mod:`plms`. These classes assemble the parts from a config and run the steps.
+latent cache in :mod:`latent_cache`, the facial term in :mod:`face_loss`, the samplers in
+:mod:`ddim`/:mod:`plms`, the conditioning routing in :mod:`wrapper`. These classes assemble the parts
+from a config and run the steps.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from torch import nn
 from ldm import precision
 from ldm.compat import drop_ignored_keys
 from ldm.models.diffusion.auxiliary import batched_losses
-from ldm.models.diffusion.compiled_unet import CompiledUNet, compile_mode
+from ldm.models.diffusion.compiled_unet import compile_mode
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
 from ldm.models.diffusion.losses import per_sample_loss
 from ldm.models.diffusion.schedule import diffusion_buffers, extract, make_beta_schedule, vlb_weights
+from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.nonfinite import NonFiniteLossTracker, supports_fused_optimizer
@@ -29,39 +31,8 @@ from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
 NOTHING_TO_TRAIN = ("nothing to train: every parameter is frozen by this config "
                     "(use a personalization_config, unfreeze_model or a trainable UNet)")
-
-
-class DiffusionWrapper(nn.Module):
-    """Holds the denoiser as ``diffusion_model`` and routes conditioning to it by kind."""
-
-    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: str | None):
-        super().__init__()
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ValueError(f"conditioning_key '{conditioning_key}' is not one of {CONDITIONING_KEYS}")
-        self.diffusion_model = instantiate_from_config(diff_model_config)
-        self.conditioning_key = conditioning_key
-        self.compiled_unet: CompiledUNet | None = None  # a plain attribute: state-dict keys stay the same
-
-    def compile_unet(self, mode: str | None) -> None:
-        """Call the denoiser through ``torch.compile`` (``mode`` as :func:`compile_mode` returns; None: eager)."""
-        self.compiled_unet = CompiledUNet(self.diffusion_model, mode) if mode else None
-
-    def forward(self, x, t, c_concat: Sequence[torch.Tensor] | None = None,
-                c_crossattn: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        key = self.conditioning_key
-        unet = self.compiled_unet or self.diffusion_model
-        if key is None:
-            return unet(x, t)
-        if key == "concat":
-            return unet(torch.cat([x, *c_concat], dim=1), t)
-        if key == "crossattn":
-            return unet(x, t, context=torch.cat(list(c_crossattn), dim=1))
-        if key == "hybrid":
-            return unet(torch.cat([x, *c_concat], dim=1), t, context=torch.cat(list(c_crossattn), dim=1))
-        return unet(x, t, y=c_crossattn[0])  # "adm": class-conditional
 
 
 class DDPM(pl.LightningModule):
