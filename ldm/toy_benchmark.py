@@ -202,3 +202,23 @@ def prompt_following(model, judge_model: ToyJudge, samples_per_prompt: int = 8, 
         chunk = verdicts[i * samples_per_prompt:(i + 1) * samples_per_prompt]
         result.setdefault(question, []).extend(v.present and v.answers[question] == answer for v in chunk)
     return {question: float(np.mean(hits)) for question, hits in result.items()}
+
+
+def description_probe(model, judge_model: ToyJudge, subjects: Sequence[Subject], *, samples_per_subject: int = 8,
+                      seed: int = 0, scale: float = SAMPLER["scale"]) -> dict[str, float]:
+    """How well the model draws each subject from its full description (``Subject.describe``).
+
+    Returns ``fidelity`` (all four identity features right) and, per feature, the fraction of samples
+    where the judge reads it right (a sample without a subject counts as wrong).
+    """
+    model.embedding_manager = None
+    prompts = [PLAIN_PROMPT.format(s.describe()) for s in subjects]
+    batch = [p for p in prompts for _ in range(samples_per_subject)]
+    images = model.sample_images(batch, generator=torch.Generator().manual_seed(seed),
+                                 ddim_steps=SAMPLER["ddim_steps"], scale=scale)
+    verdicts = judge(judge_model, images)
+    truth = [s for s in subjects for _ in range(samples_per_subject)]
+    result = {"fidelity": float(np.mean([v.shows(s) for v, s in zip(verdicts, truth)]))}
+    for i, name in enumerate(IDENTITY_FEATURES):
+        result[name] = float(np.mean([v.present and v.answers[name] == s.features()[i] for v, s in zip(verdicts, truth)]))
+    return result

@@ -33,12 +33,14 @@ from ldm.toy_benchmark import run_main
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("toy_pretrain")
 
-STAGES = ("autoencoder", "diffusion", "judge")
+STAGES = ("autoencoder", "diffusion", "judge", "continue")
 TOY_DIR = ROOT / "models" / "toy"
 AUTOENCODER_FILE = "toy-autoencoder.safetensors"
 MODEL_FILE = "toy-v1.safetensors"
 JUDGE_FILE = "toy-judge.safetensors"
 ACCURACY_FILE = "judge_accuracy.json"
+CURVE_FILE = "description_curve.json"
+PROBE_SUBJECTS = 8  # per group (held-out, seen) in the full-description probe
 SEED = 23
 
 
@@ -91,6 +93,50 @@ def train_judge_stage(out: Path) -> Path:
     return path
 
 
+def probe(ckpt: Path, out: Path) -> dict:
+    """Full-description fidelity and per-feature accuracy of ``ckpt`` on held-out and seen subjects."""
+    from ldm.data.toy_world import held_out_pool, pretraining_subjects
+    from ldm.toy_benchmark import description_probe, load_toy_model
+    from ldm.toy_judge import load_judge
+
+    model, judge_model = load_toy_model(ckpt), load_judge(out / JUDGE_FILE)
+    groups = {"held_out": held_out_pool()[:PROBE_SUBJECTS], "seen": pretraining_subjects()[:PROBE_SUBJECTS]}
+    return {name: description_probe(model, judge_model, subjects) for name, subjects in groups.items()}
+
+
+def continue_diffusion(workdir: Path, out: Path, steps: int, chunk: int) -> Path:
+    """More pretraining of ``out/toy-v1.safetensors`` with full captions, in resumable chunks.
+
+    Each chunk starts from the previous chunk's export (EMA weights; a fresh optimizer) and is probed;
+    the curve goes to ``out/description_curve.json``. Finished chunks are reused when run again.
+    """
+    from ldm.export import export_checkpoint
+    from ldm.util import atomic_write
+
+    chunk_dir = workdir / "continue"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    curve_path = out / CURVE_FILE
+    curve = json.loads(curve_path.read_text()) if curve_path.is_file() else {}
+    previous = out / MODEL_FILE
+    for done in range(0, steps + 1, chunk):
+        ckpt = previous if done == 0 else chunk_dir / f"toy-v1-continued-{done}.safetensors"
+        if not ckpt.is_file():
+            configs = [str(ROOT / f"configs/toy/{name}.yaml") for name in ("v1-inference", "pretrain", "pretrain_continue")]
+            logdir = run_main(["--base", *configs, "-t", "-n", f"toy-continue-{done}", "--accelerator", "cpu",
+                               "-l", str(workdir), "-s", str(SEED + done), "--actual_resume", str(previous),
+                               "--max_steps", str(chunk), "lightning.trainer.enable_progress_bar=false"])
+            export_checkpoint(logdir / "checkpoints" / "last.ckpt", ckpt, half=True, ema_weights=True,
+                              trust_pickle=True)
+        if str(done) not in curve:
+            start = time.perf_counter()
+            curve[str(done)] = probe(ckpt, out)
+            logger.info("After %d more steps: %s (probe %.0f s)", done, curve[str(done)], time.perf_counter() - start)
+            text = json.dumps(curve, indent=1) + "\n"
+            atomic_write(curve_path, lambda tmp: tmp.write_text(text))
+        previous = ckpt
+    return previous
+
+
 def write_checksums(out: Path) -> None:
     from ldm.util import atomic_write
 
@@ -101,11 +147,15 @@ def write_checksums(out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="what to build (default: all)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES[:3]),
+                   help="what to build (default: autoencoder diffusion judge; continue is an experiment)")
     p.add_argument("--out", type=Path, default=TOY_DIR, help="where the models go (default models/toy)")
     p.add_argument("--workdir", type=Path, default=ROOT / "logs" / "toy-pretrain",
                    help="log root of the main.py runs")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixes the numerics)")
+    p.add_argument("--continue-steps", type=int, default=3000,
+                   help="stage continue: extra pretraining steps with full captions (default 3000)")
+    p.add_argument("--chunk", type=int, default=500, help="stage continue: steps per resumable chunk (default 500)")
     return p
 
 
@@ -120,8 +170,10 @@ def build(args: argparse.Namespace) -> None:
             if not (args.out / AUTOENCODER_FILE).is_file():
                 raise FileNotFoundError(f"{args.out / AUTOENCODER_FILE} is missing: run --stages autoencoder first")
             train_diffusion(args.workdir, args.out)
-        else:
+        elif stage == "judge":
             train_judge_stage(args.out)
+        else:
+            continue_diffusion(args.workdir, args.out, args.continue_steps, args.chunk)
         logger.info("Stage %s took %.1f min", stage, (time.perf_counter() - start) / 60)
     write_checksums(args.out)
 

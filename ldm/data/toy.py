@@ -43,10 +43,13 @@ class ToyScenes(Dataset):
     """Pretraining images of the toy world: items ``{"image", "caption", "image_index", "flipped"}``."""
 
     def __init__(self, size: int = 64, num_scenes: int = 16384, seed: int = 0, caption_dropout: float = 0.1,
-                 p_word: float = 0.6, random_template_p: float = 0.5, crop: int | None = None) -> None:
+                 p_word: float = 0.6, random_template_p: float = 0.5, crop: int | None = None,
+                 full_caption_p: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        for name, value in (("caption_dropout", caption_dropout), ("full_caption_p", full_caption_p)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        self.full_caption_p = full_caption_p
         self.size = size
         self.seed = seed
         self.caption_dropout = caption_dropout
@@ -73,7 +76,7 @@ class ToyScenes(Dataset):
         if rng.random() < self.caption_dropout:
             return ""
         template = rng.choice(IMAGENET_TEMPLATES_SMALL) if rng.random() < self.random_template_p else "a photo of a {}"
-        return caption(self.scenes[index], rng, template, self.p_word)
+        return caption(self.scenes[index], rng, template, self.p_word, self.full_caption_p)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self._random.for_index(index)

@@ -203,9 +203,22 @@ def render(scene: Scene, resolution: int = 32) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------ captions
-def caption(scene: Scene, rng: random.Random, template: str = "a photo of a {}", p_word: float = 0.6) -> str:
-    """A pretraining caption: the class word with a random subset of the scene's words."""
+def caption(scene: Scene, rng: random.Random, template: str = "a photo of a {}", p_word: float = 0.6,
+            full_p: float = 0.0) -> str:
+    """A pretraining caption: the class word with a random subset of the scene's words.
+
+    With probability ``full_p`` the subject is named in full (``Subject.describe``, as the benchmark's
+    full-description prompt does), so that a caption naming every identity feature means exactly that
+    subject; size and background are still named at random.
+    """
     subject, pose = scene.subject, scene.pose
+    if full_p > 0 and rng.random() < full_p:
+        phrase = subject.describe()
+        if rng.random() < p_word:
+            phrase = f"{pose.size} {phrase}"
+        if rng.random() < p_word:
+            phrase += f" on a {scene.background} background"
+        return template.format(phrase)
     words = []
     for word in (pose.size, subject.colour, subject.pattern, subject.shape):
         if rng.random() < (p_word / 2 if word == "plain" else p_word):

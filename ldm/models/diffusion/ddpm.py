@@ -136,13 +136,16 @@ class DDPM(pl.LightningModule):
             load_weights(self.model, state)
         else:
             load_weights(self, state, use_ema=use_ema, allow_missing_prefixes=self.weights_not_in_checkpoints())
+        if self.use_ema and not any(k.startswith("model_ema.") for k in state):
+            self.model_ema = LitEma(self.model)  # an exported file has no EMA: it starts at the loaded weights
+            logger.info("%s holds no EMA weights: the EMA starts from its model weights", path)
         self.init_checkpoint = str(path)
         self.on_weights_loaded()
         logger.info("Restored weights from %s", path)
 
     def weights_not_in_checkpoints(self) -> tuple[str, ...]:
-        """State-dict prefixes a base checkpoint may lack (e.g. a new embedding)."""
-        return ()
+        """State-dict prefixes a base checkpoint may lack (e.g. a new embedding, or EMA weights)."""
+        return ("model_ema.",) if self.use_ema else ()
 
     def on_weights_loaded(self) -> None:
         """Hook run after base weights are loaded."""
@@ -427,7 +430,8 @@ class LatentDiffusion(DDPM):
             param.requires_grad = True
 
     def weights_not_in_checkpoints(self) -> tuple[str, ...]:
-        return ("embedding_manager.",) if self.embedding_manager is not None else ()
+        own = ("embedding_manager.",) if self.embedding_manager is not None else ()
+        return super().weights_not_in_checkpoints() + own
 
     def frozen_weight_modules(self) -> dict[str, nn.Module | None]:
         return {"UNet": self.model, "VAE": self.first_stage_model, "text encoder": self.cond_stage_model}
