@@ -1,12 +1,26 @@
 """Learning-rate multipliers used by the LDM/SD configs (``scheduler_config`` targets).
 
-Each object is a callable ``step -> factor`` meant for ``torch.optim.lr_scheduler.LambdaLR``.
+Each object is a callable ``step -> factor`` meant for ``torch.optim.lr_scheduler.LambdaLR``;
+:func:`lightning_optimizers` wraps an optimizer with one for Lightning's ``configure_optimizers``.
 """
 from __future__ import annotations
 
 import bisect
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ldm.util import instantiate_from_config
+
+
+def lightning_optimizers(optimizer: torch.optim.Optimizer, scheduler_config: Mapping[str, Any] | None):
+    """``optimizer`` alone, or with the per-step LambdaLR of ``scheduler_config``, as Lightning takes them."""
+    if scheduler_config is None:
+        return optimizer
+    schedule = instantiate_from_config(scheduler_config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
+    return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
 
 
 class LambdaWarmUpCosineScheduler:

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from ldm.lr_scheduler import lightning_optimizers
 from ldm.util import instantiate_from_config
 
 
@@ -55,11 +56,7 @@ class FirstStageTraining(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.trainable_parameters(), lr=self.learning_rate, betas=(0.9, 0.99))
-        if self.scheduler_config is None:
-            return optimizer
-        schedule = instantiate_from_config(self.scheduler_config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
-        return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+        return lightning_optimizers(optimizer, self.scheduler_config)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, **_: Any) -> dict[str, torch.Tensor]:

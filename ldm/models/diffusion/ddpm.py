@@ -27,6 +27,7 @@ from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.nonfinite import NonFiniteLossTracker, supports_fused_optimizer
+from ldm.lr_scheduler import lightning_optimizers
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -327,11 +328,7 @@ class DDPM(pl.LightningModule):
             raise ValueError(NOTHING_TO_TRAIN)
         # fused: one kernel per step, and it can skip a step on the device (see ldm.nonfinite)
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, fused=supports_fused_optimizer(groups))
-        if self.scheduler_config is None:
-            return optimizer
-        schedule = instantiate_from_config(self.scheduler_config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
-        return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+        return lightning_optimizers(optimizer, self.scheduler_config)
 
 
 class LatentDiffusion(DDPM):
