@@ -20,9 +20,9 @@ from ldm.checkpoint import (
     EmbeddingFile,
     interop,
 )
-from ldm.checkpoint.embeddings import check_dim, no_gamma_error
+from ldm.checkpoint.embeddings import no_gamma_error
 from ldm.cli import run_script
-from ldm.modules.embedding_manager import load_embeddings
+from ldm.embedding_sources import add_base_model_flags, base_token_table, load_against_base
 from ldm.modules.encoders.tokenizer import default_tokenizer, tokenizer_from_config
 from ldm.momentum import check_gamma
 
@@ -34,32 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="embedding file in any supported format")
     p.add_argument("--output", required=True, help="file to write (its suffix picks .pt/.bin/.safetensors)")
     p.add_argument("--to", required=True, choices=sorted(interop.EXPORT_SUFFIXES), help="target format")
-    p.add_argument("--ckpt", default=None, help="SD/DreamBooth checkpoint the embedding was trained on (for e_p)")
-    p.add_argument("--config", default=None, help="its LDM config (for a text encoder with its own tokenizer)")
-    p.add_argument("--gamma", type=float, default=None,
-                   help="momentum ratio to mix with (default: the stored one; required for seed files)")
+    add_base_model_flags(p, ckpt_help="SD/DreamBooth checkpoint the embedding was trained on (for e_p)",
+                         gamma_help="momentum ratio to mix with (default: the stored one; required for seed files)")
     p.add_argument("--token", default=None,
                    help="diffusers token / A1111 name to write; for ours/ti the new placeholder (one CLIP token)")
     p.add_argument("--placeholder", default=None, help="export only this placeholder of a multi-placeholder file")
-    p.add_argument("--trust_pickle", action="store_true", help="fully unpickle --ckpt (only for trusted files)")
     return p
 
 
 def prepare(args: argparse.Namespace) -> EmbeddingFile:
     """The embedding to export: loaded, re-mixed, e_p filled from --ckpt, renamed."""
     source = args.input
-    emb = load_embeddings(source, default_gamma=args.gamma)
+    emb = load_against_base(source, args, base_token_table(args), fill_base=True)
     if args.gamma is not None:
         emb = replace(emb, gamma=check_gamma(args.gamma))
     if emb.gamma is None:
         raise no_gamma_error(source)
     if args.placeholder is not None:
         emb = interop.select_placeholder(emb, args.placeholder, source)
-    if args.ckpt is not None:
-        table = interop.token_table(args.ckpt, trust_pickle=args.trust_pickle)
-        check_dim(emb, table.shape[1], source, f"the text encoder of {args.ckpt}")
-        if emb.base is None:
-            emb = interop.with_base_from_table(emb, table, source)
     if emb.gamma != 1.0 and emb.base is None:
         raise interop.needs_base_error(source, emb)
     if args.token is not None and args.to in ("ours", "ti"):

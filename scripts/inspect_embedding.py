@@ -22,13 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ldm.checkpoint import (
-    EmbeddingFile,
-    interop,
-)
-from ldm.checkpoint.embeddings import check_dim
+from ldm.checkpoint import EmbeddingFile
 from ldm.cli import run_script, setup_logging
-from ldm.modules.embedding_manager import load_embeddings
+from ldm.embedding_sources import add_base_model_flags, base_token_table, load_against_base
 from ldm.modules.encoders.tokenizer import tokenizer_from_config
 from ldm.momentum import mix_vectors, single_token_id
 from ldm.util import atomic_write
@@ -154,14 +150,9 @@ def log_report(report: dict[str, Any]) -> None:
 def inspect(args: argparse.Namespace) -> dict[str, Any]:
     """The report: one entry per file and, with several files, the drift per placeholder."""
     tokenizer = tokenizer_from_config(args.config)
-    table = interop.token_table(args.ckpt, trust_pickle=args.trust_pickle) if args.ckpt else None
+    table = base_token_table(args)
     init_id = single_token_id(tokenizer, args.init_word, "init word") if args.init_word else None
-    files = []
-    for path in args.embeddings:
-        emb = load_embeddings(path, default_gamma=args.gamma)
-        if table is not None:
-            check_dim(emb, table.shape[1], path, f"the text encoder of {args.ckpt}")
-        files.append((path, emb))
+    files = [(path, load_against_base(path, args, table, fill_base=False)) for path in args.embeddings]
     entries = [{"file": path, "format": emb.source_format, "name": emb.name, "gamma": emb.gamma,
                 "step": step_of(path, emb),
                 "placeholders": {p: describe_placeholder(emb, p, table, tokenizer, init_id, args.top_k)
@@ -172,13 +163,11 @@ def inspect(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("embeddings", nargs="+", help="embedding files (any supported format)")
-    p.add_argument("--ckpt", default=None, help="checkpoint whose token table gives e_p, the init word, neighbours")
-    p.add_argument("--config", default=None, help="its LDM config (for a text encoder with its own tokenizer)")
+    add_base_model_flags(p, ckpt_help="checkpoint whose token table gives e_p, the init word, neighbours",
+                         gamma_help="gamma of files that store none (seed files)")
     p.add_argument("--init_word", default=None, help="the init word of training (one CLIP token), e.g. woman")
-    p.add_argument("--gamma", type=float, default=None, help="gamma of files that store none (seed files)")
     p.add_argument("--top_k", type=int, default=10, help="how many nearest vocabulary tokens to list")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
-    p.add_argument("--trust_pickle", action="store_true", help="fully unpickle --ckpt (only for trusted files)")
     return p
 
 

@@ -21,7 +21,7 @@ from ldm.checkpoint import (
 )
 from ldm.checkpoint.embeddings import check_dim, no_gamma_error
 from ldm.cli import run_script
-from ldm.modules.embedding_manager import load_embeddings
+from ldm.embedding_sources import add_base_model_flags, base_token_table, load_against_base
 from ldm.modules.encoders.tokenizer import tokenizer_from_config
 
 logger = logging.getLogger("merge_embeddings")
@@ -117,16 +117,12 @@ def merge(files: list[tuple[str, EmbeddingFile]]) -> EmbeddingFile:
 
 def load_inputs(args: argparse.Namespace) -> list[tuple[str, EmbeddingFile]]:
     """Every input loaded, with gamma known and e_p filled from --ckpt where missing."""
-    table = interop.token_table(args.ckpt, trust_pickle=args.trust_pickle) if args.ckpt else None
+    table = base_token_table(args)
     files = []
     for path in args.inputs:
-        emb = load_embeddings(path, default_gamma=args.gamma)
+        emb = load_against_base(path, args, table, fill_base=True)
         if emb.gamma is None:
             raise no_gamma_error(path)
-        if table is not None:
-            check_dim(emb, table.shape[1], path, f"the text encoder of {args.ckpt}")
-            if emb.base is None:
-                emb = interop.with_base_from_table(emb, table, path)
         files.append((path, emb))
     return files
 
@@ -149,10 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="merged file (.pt or .safetensors, this project's format)")
     p.add_argument("--rename", action="append", default=[], metavar="[N:]OLD=NEW",
                    help="rename placeholder OLD (of input N) to NEW, a single CLIP token; repeatable")
-    p.add_argument("--gamma", type=float, default=None, help="gamma of inputs that store none (seed files)")
-    p.add_argument("--ckpt", default=None, help="checkpoint the inputs were trained on (e_p for seed files)")
-    p.add_argument("--config", default=None, help="its LDM config (for a text encoder with its own tokenizer)")
-    p.add_argument("--trust_pickle", action="store_true", help="fully unpickle --ckpt (only for trusted files)")
+    add_base_model_flags(p, ckpt_help="checkpoint the inputs were trained on (e_p for seed files)",
+                         gamma_help="gamma of inputs that store none (seed files)")
     return p
 
 

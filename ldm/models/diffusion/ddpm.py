@@ -18,6 +18,7 @@ from torch import nn
 
 from ldm import precision
 from ldm.compat import drop_ignored_keys
+from ldm.lr_scheduler import lightning_optimizers
 from ldm.models.diffusion.auxiliary import batched_losses
 from ldm.models.diffusion.compiled_unet import compile_mode
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
@@ -27,7 +28,6 @@ from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.nonfinite import NonFiniteLossTracker, supports_fused_optimizer
-from ldm.lr_scheduler import lightning_optimizers
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
