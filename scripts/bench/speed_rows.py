@@ -15,14 +15,13 @@ the eager calls (the same arithmetic).
 from __future__ import annotations
 
 import copy
-import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from . import reference
-from .measure import measure_pair, synchronize, tensor_bytes, with_state
+from .measure import measure_pair, tensor_bytes, timed, with_state
 from .table import Row
 
 if TYPE_CHECKING:
@@ -76,11 +75,7 @@ def sample_rows(b: Bench) -> list[Row]:
 
 def warm_up(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds of the first call (the compilation) after running ``fn`` COMPILE_WARMUP_CALLS times."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - start
+    first = timed(fn, device)
     for _ in range(COMPILE_WARMUP_CALLS - 1):
         fn()
     return first
