@@ -75,3 +75,20 @@ def test_a_data_config_without_validation_gives_no_validation_batches():
                                                      "params": {"size": 32, "num_scenes": 4}}, num_workers=0)
     data.setup("fit")
     assert data.val_dataloader() == []
+
+
+def test_a_file_without_ema_weights_starts_the_ema_at_its_weights(tmp_path):
+    """Continuing pretraining from an exported (EMA-less) file: the EMA starts where the model starts."""
+    config = OmegaConf.load(ROOT / "configs/tiny/v1-inference.yaml").model
+    config.params.use_ema = True
+    model = instantiate_from_config(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model_ema.")}
+    state = {k: v + 1.0 if k.startswith("model.diffusion_model.") and v.is_floating_point() else v
+             for k, v in state.items()}
+    path = save_checkpoint(tmp_path / "exported.safetensors", state)
+    model.init_from_ckpt(str(path))
+    with model.ema_scope():
+        ema = {k: v.clone() for k, v in model.model.state_dict().items()}
+    assert all(torch.equal(ema[k], v) for k, v in model.model.state_dict().items())
+    key = "diffusion_model.out.2.weight"
+    assert torch.equal(ema[key], state["model." + key])

@@ -75,6 +75,17 @@ def test_captions_use_the_vocabulary_and_the_class_word():
         assert set(text.split()) <= words, text
 
 
+def test_full_captions_name_the_whole_subject_and_leave_the_old_captions_alone():
+    scenes = ToyScenes(size=32, num_scenes=30, seed=3).scenes
+    for scene in scenes:  # always full: the subject's description, size and background at random
+        text = caption(scene, random.Random(0), full_p=1.0)
+        assert scene.subject.describe() in text, text
+    old = [caption(scene, random.Random(5)) for scene in scenes]
+    assert [caption(scene, random.Random(5), full_p=0.0) for scene in scenes] == old  # same draws as before
+    with pytest.raises(ValueError, match="full_caption_p"):
+        ToyScenes(size=32, num_scenes=4, full_caption_p=1.5)
+
+
 def test_scene_dataset_items_and_caption_dropout():
     data = ToyScenes(size=32, num_scenes=40, seed=0, caption_dropout=0.5)
     items = [data[i] for i in range(40)]
