@@ -1,6 +1,7 @@
 """Writing sampled images: numbered PNGs with their settings in PNG text chunks, never overwriting."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -65,3 +67,12 @@ def read_png_text(path: str | os.PathLike[str]) -> dict[str, str]:
     with Image.open(path) as image:
         image.load()
         return dict(getattr(image, "text", {}))
+
+
+def to_grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
+    """A grid PIL image of images [N, 3, H, W] in [-1, 1]."""
+    images = images.detach().float().cpu().clamp(-1, 1)
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+    grid = torchvision.utils.make_grid((images + 1) / 2, nrow=nrow)  # [3, H', W'] in [0, 1]
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)

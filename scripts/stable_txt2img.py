@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ldm.callbacks import to_grid_image
+from ldm.sampling_io import to_grid_image
 from ldm.checkpoint import probe_weights_file
 from ldm.cli import run_script
 from ldm.inference import (

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image, ImageDraw
 
-from ldm.callbacks import to_grid_image
+from ldm.sampling_io import to_grid_image
 
 LABEL_WIDTH = 200  # pixels of the prompt column
 LINE_HEIGHT = 12  # pixels per line of PIL's default font
