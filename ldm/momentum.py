@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import torch
 
+# The documented defaults of the method's settings, used wherever a setting is left out (flags have none).
+DEFAULT_GAMMA = 0.1  # the original code's momentum ratio
+DEFAULT_PLACEHOLDER = "*"  # the embedding's placeholder token
+DEFAULT_IDENTIFIER = "sks"  # DreamBooth's rare word for the subject
+
 
 def check_gamma(gamma: float) -> float:
     """The momentum ratio as a float; ValueError outside [0, 1]."""

@@ -180,11 +180,25 @@ def test_save_load_round_trip(tiny_model, fresh_manager, tmp_path, suffix: str) 
     torch.testing.assert_close(effective, manager.effective_vectors(0).detach(), atol=1e-7, rtol=0,
                                msg="stored effective vectors e = e_p + gamma (v - e_p), fp32 1e-7")
 
-    other = EmbeddingManager(tiny_model.cond_stage_model, num_vectors_per_token=2, gamma=1.0)
+    other = EmbeddingManager(tiny_model.cond_stage_model, num_vectors_per_token=2)  # no gamma given: the file's
     emb = other.load(path)
     assert emb.step == 7 and other.gamma == 0.3
     assert torch.equal(other.vectors[0], manager.vectors[0])
     assert torch.equal(other.effective_vectors(0), manager.effective_vectors(0)), "effective vectors rebuilt exactly"
+
+
+def test_a_given_gamma_wins_over_the_files(tiny_model, fresh_manager, tmp_path) -> None:
+    path = fresh_manager(0.3).save(tmp_path / "emb.pt")
+    configured = EmbeddingManager(tiny_model.cond_stage_model, gamma=0.5)
+    configured.load(path)
+    assert configured.gamma == 0.5
+    assert EmbeddingManager.from_file(tiny_model.cond_stage_model, path, gamma=0.7).gamma == 0.7
+    assert EmbeddingManager.from_file(tiny_model.cond_stage_model, path).gamma == 0.3
+
+
+def test_an_unknown_setting_is_refused(tiny_model) -> None:
+    with pytest.raises(TypeError, match="'gama'"):
+        EmbeddingManager(tiny_model.cond_stage_model, gama=0.5)
 
 
 def test_load_refuses_wrong_vector_count(tiny_model, fresh_manager, tmp_path) -> None:

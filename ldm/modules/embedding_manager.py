@@ -22,7 +22,7 @@ from ldm import checkpoint
 from ldm.checkpoint import EmbeddingFile, save_embeddings, tensor_fingerprint
 from ldm.checkpoint.embeddings import check_encoder_fit
 from ldm.modules.encoders.tokenizer import default_tokenizer
-from ldm.momentum import check_gamma, mix_vectors, single_token_id
+from ldm.momentum import DEFAULT_GAMMA, DEFAULT_PLACEHOLDER, check_gamma, mix_vectors, single_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +44,21 @@ def load_embeddings(path: str | os.PathLike[str], *, default_gamma: float | None
 
 
 class EmbeddingManager(nn.Module):
-    """Trainable vectors for placeholder tokens, mixed with the frozen rows by ``gamma``."""
+    """Trainable vectors for placeholder tokens, mixed with the frozen rows by ``gamma``.
+
+    ``gamma`` left out is :data:`~ldm.momentum.DEFAULT_GAMMA`, or the gamma stored in the first file
+    loaded; a given ``gamma`` (the config, ``--gamma``) wins over a file's.
+    """
 
     def __init__(
         self,
         embedder: nn.Module,
-        placeholder_strings: Sequence[str] = ("*",),
+        placeholder_strings: Sequence[str] = (DEFAULT_PLACEHOLDER,),
         initializer_words: Sequence[str] | None = None,
         per_image_tokens: bool = False,
         num_vectors_per_token: int = 1,
         progressive_words: bool = False,
-        gamma: float = 1.0,
-        **unused,
+        gamma: float | None = None,
     ):
         super().__init__()
         if num_vectors_per_token < 1:
@@ -76,7 +79,8 @@ class EmbeddingManager(nn.Module):
         ]
         self.num_vectors_per_token = num_vectors_per_token
         self.progressive_words = progressive_words
-        self.gamma = check_gamma(gamma)
+        self.gamma_is_set = gamma is not None  # a set gamma wins over the one a loaded file stores
+        self.gamma = check_gamma(DEFAULT_GAMMA if gamma is None else gamma)
         dim = embedder.token_embedding.weight.shape[1]
         count = len(placeholders)
         self.vectors = nn.ParameterList(
@@ -165,7 +169,7 @@ class EmbeddingManager(nn.Module):
 
     @torch.no_grad()
     def load(self, path: str | os.PathLike[str], default_gamma: float | None = None) -> EmbeddingFile:
-        """Load v (and gamma when stored) for the placeholders of a file this manager knows."""
+        """Load v for the placeholders of a file this manager knows, and its gamma unless one was given."""
         emb = load_embeddings(path, default_gamma=default_gamma if default_gamma is not None else self.gamma)
         self.apply_file(emb, source=str(path))
         return emb
@@ -183,20 +187,25 @@ class EmbeddingManager(nn.Module):
                 raise ValueError(f"{source}: '{placeholder}' has {v.shape[0]} vectors but num_vectors_per_token "
                                  f"is {self.vectors[i].shape[0]}; set num_vectors_per_token to match")
             self.vectors[i].data.copy_(v)
-        if emb.gamma is not None:
-            self.set_gamma(emb.gamma)
+        self._settle_gamma(emb.gamma, source)
         logger.info("Loaded embedding %s for %s (gamma %.3g, step %s)", source, sorted(emb.params),
                     self.gamma, emb.step)
 
+    def _settle_gamma(self, stored: float | None, source: str) -> None:
+        """The file's gamma unless this manager's was given (the config wins over a loaded file)."""
+        if stored is None or stored == self.gamma:
+            return
+        if self.gamma_is_set:
+            logger.info("%s stores gamma %.3g; using the given gamma %.3g", source, stored, self.gamma)
+            return
+        self.set_gamma(stored)
+
     @classmethod
     def from_file(cls, embedder: nn.Module, path: str | os.PathLike[str], gamma: float | None = None,
-                  default_gamma: float = 0.1) -> "EmbeddingManager":
+                  default_gamma: float = DEFAULT_GAMMA) -> "EmbeddingManager":
         """A manager for the placeholders of a file; ``gamma`` overrides the stored one."""
         emb = load_embeddings(path, default_gamma=default_gamma)
         sizes = {v.shape[0] for v in emb.params.values()}
-        manager = cls(embedder, placeholder_strings=list(emb.params), num_vectors_per_token=max(sizes),
-                      gamma=emb.gamma if emb.gamma is not None else default_gamma)
+        manager = cls(embedder, placeholder_strings=list(emb.params), num_vectors_per_token=max(sizes), gamma=gamma)
         manager.apply_file(emb, source=str(path))
-        if gamma is not None:
-            manager.set_gamma(gamma)
         return manager
