@@ -26,6 +26,8 @@ class EmbeddingCheckpoint(pl.Callback):
     """Writes ``embeddings_gs-N.pt`` every N steps, ``embeddings_ep-N.pt`` each epoch and
     ``embeddings.pt`` at the end, each with a ``.safetensors`` twin of the same content.
 
+    With ``ema_decay`` set, each file has an ``embeddings_ema*`` twin holding the moving average of v.
+
     SIGUSR1 saves ``embeddings.pt`` and ``last.ckpt`` between two steps and training goes on. Ctrl-C,
     SIGTERM (which Lightning turns into an exception) and any other error save them before exit.
     """
@@ -43,9 +45,10 @@ class EmbeddingCheckpoint(pl.Callback):
         if not all(torch.isfinite(p).all() for p in manager.embedding_parameters()):
             logger.error("Embedding holds NaN/Inf: %s not written, the last good file is kept", name)
             return
-        path = self.dirpath / name
-        for target in (path, path.with_suffix(".safetensors")):  # the .safetensors twin for A1111/diffusers users
-            manager.save(target, step=pl_module.global_step)
+        for ema in (False, True) if manager.ema_decay else (False,):
+            path = self.dirpath / (ema_file_name(name) if ema else name)
+            for target in (path, path.with_suffix(".safetensors")):  # the .safetensors twin for A1111/diffusers
+                manager.save(target, step=pl_module.global_step, ema=ema)
 
     def _save_resumable(self, trainer, pl_module) -> None:
         self._save(pl_module, "embeddings.pt")
@@ -93,6 +96,13 @@ class EmbeddingCheckpoint(pl.Callback):
         if self._previous_sigusr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_sigusr1)
             self._previous_sigusr1 = None
+
+
+def ema_file_name(name: str) -> str:
+    """The moving average's file beside ``name``: ``embeddings_gs-5.pt`` -> ``embeddings_ema_gs-5.pt``."""
+    stem, dot, suffix = name.partition(".")
+    stem = "embeddings_ema" + stem[len("embeddings"):] if stem.startswith("embeddings") else stem + "_ema"
+    return stem + dot + suffix
 
 
 def to_grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:

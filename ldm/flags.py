@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.export import EXPORT_FORMATS
 from ldm.models.diffusion.compiled_unet import COMPILE_MODES
-from ldm.momentum import check_gamma
+from ldm.momentum import ANCHORS, check_anchor_weight, check_ema_decay, check_gamma
 from ldm.trainer_args import PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,20 @@ FLAGS: tuple[Flag, ...] = (
          "prompts)", (f"{PERSONALIZATION}.params.num_vectors_per_token",), type=int, minimum=1),
     Flag("progressive_words", "with several vectors per token, train them one at a time (a new one every 2000 "
          "steps)", ((f"{PERSONALIZATION}.params.progressive_words", True),)),
+    # ---- anchoring the embedding (docs/method.md, "Anchoring")
+    Flag("anchor_weight", "add w * ||e - anchor||_2 per vector to the loss (default 0: off; acts on e, unlike "
+         "embedding_reg_weight)", (f"{PERSONALIZATION}.params.anchor_weight",), type=float,
+         check=check_anchor_weight),
+    Flag("anchor", "what --anchor_weight and --norm_bound refer to: init (the start) or e_p (the placeholder's own "
+         "row) (default init)", (f"{PERSONALIZATION}.params.anchor",), type=str, choices=ANCHORS),
+    Flag("norm_bound", "after each step, scale every vector of e back to its anchor's norm",
+         ((f"{PERSONALIZATION}.params.norm_bound", True),)),
+    Flag("init_words", "start v from the mean embedding of these words: a file with one word a line, or a "
+         "comma-separated list (e.g. inputs/init_words/given_names.txt)", (f"{PERSONALIZATION}.params.init_words",),
+         type=str, metavar="FILE_OR_LIST"),
+    Flag("ema_decay", "keep a moving average of e with this decay in [0, 1) (e.g. 0.99), saved as "
+         "embeddings_ema*.pt (default 0: off)", (f"{PERSONALIZATION}.params.ema_decay",), type=float,
+         check=check_ema_decay),
     # ---- the photos and their captions
     Flag("data_root", "folder with the photos of the person", (f"{DATASET}.data_root",), type=str),
     Flag("class_word", "train on '* <class_word>' (e.g. woman)", (f"{DATASET}.class_word",), type=str),

@@ -50,3 +50,52 @@ def single_token(tokenizer, text: str) -> int | None:
         return single_token_id(tokenizer, text, "text")
     except ValueError:
         return None
+
+
+# --- anchoring options (docs/method.md, "Anchoring"): where e may go and where it starts ---------------
+ANCHORS = ("init", "e_p")  # the start e_0 = e_p + gamma (v_0 - e_p), or the placeholder's own row e_p
+
+
+def check_anchor_weight(weight: float) -> float:
+    """The weight of the pull toward the anchor as a float; ValueError (naming the setting) when negative."""
+    if not float(weight) >= 0.0:
+        raise ValueError(f"anchor_weight must be >= 0 (0 = off), got {weight}")
+    return float(weight)
+
+
+def check_ema_decay(decay: float) -> float:
+    """The decay of the embedding's moving average as a float; ValueError (naming the setting) outside [0, 1)."""
+    if not 0.0 <= float(decay) < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) (0 = off, e.g. 0.99), got {decay}")
+    return float(decay)
+
+
+def check_anchor(anchor: str) -> str:
+    """The anchor's name; ValueError (naming the setting) unless one of :data:`ANCHORS`."""
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {anchor!r}")
+    return anchor
+
+
+def vector_norms(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each vector of ``x`` [..., D]: [...], with gradient 0 (not NaN) at a zero vector.
+
+    The square root is taken of the squared norm clamped away from zero, so the loss
+    ``||e - anchor||`` at its minimum (the first step of ``--anchor init``) has a finite gradient.
+    """
+    squared = (x * x).sum(-1)
+    return torch.where(squared > 0, squared.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), torch.zeros_like(squared))
+
+
+def unmix_vectors(e_p: torch.Tensor, e: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The v whose mix is ``e``: v = e_p + (e - e_p) / gamma (the inverse of :func:`mix_vectors`, gamma > 0)."""
+    if gamma <= 0:
+        raise ValueError("at gamma 0 every v gives e = e_p: there is no v to solve for")
+    return e_p + (e - e_p) / gamma
+
+
+def rescale_to_norms(e: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Each vector of ``e`` [..., D] scaled to the norm in ``norms`` [...] (a zero vector stays zero)."""
+    current = vector_norms(e)
+    scale = torch.where(current > 0, norms / current.clamp_min(torch.finfo(e.dtype).tiny), torch.ones_like(current))
+    return e * scale.unsqueeze(-1)

@@ -12,7 +12,8 @@ and the momentum state (v, e_p, gamma) lives under the key ``momentum_ti`` that 
      "name": "<*>", "step": int,                                               # diffusers token, A1111 step
      "momentum_ti": {"format": "momentum-ti/2", "string_to_token": {p: id}, "trainable_vectors": {p: v},
                      "base_vectors": {p: e_p} | None, "gamma": float, "text_encoder_fingerprint": str | None,
-                     "name": str | None}}
+                     "name": str | None, "training": {anchor_weight, anchor, norm_bound, init_words, ema_decay}
+                     | None, "ema": bool}}   # ema: v is the moving average of the training (embeddings_ema*)
 
 With one placeholder p the top-level keys use ``*`` (the key A1111 and diffusers read) and p's
 token id; a file with several placeholders keys them by placeholder (original TI reads it; A1111 and
@@ -76,6 +77,8 @@ class EmbeddingFile:
     fingerprint: str | None = None
     source_format: str = FORMAT
     name: str | None = None  # trigger word in other tools (diffusers token, A1111 name), when known
+    training: dict[str, Any] | None = None  # the run's anchoring options (anchor, norm bound, init_words, EMA)
+    ema: bool = False  # v is the moving average of the training's v (an embeddings_ema* file)
 
     def __post_init__(self) -> None:
         if set(self.params) != set(self.string_to_token):
@@ -178,7 +181,8 @@ def save_embeddings(path: str | os.PathLike[str], emb: EmbeddingFile) -> Path:
 
 
 def _momentum_block(emb: EmbeddingFile) -> dict[str, Any]:
-    return {"format": FORMAT, "gamma": emb.gamma, "text_encoder_fingerprint": emb.fingerprint, "name": emb.name}
+    return {"format": FORMAT, "gamma": emb.gamma, "text_encoder_fingerprint": emb.fingerprint, "name": emb.name,
+            "training": emb.training, "ema": emb.ema}
 
 
 def _pt_payload(emb: EmbeddingFile, effective: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -288,6 +292,8 @@ def _build(path: Path, meta: Mapping[str, Any], params: dict[str, torch.Tensor],
             fingerprint=meta.get("text_encoder_fingerprint"),
             source_format=str(meta.get("format", ORIGINAL_FORMAT)),
             name=meta.get("name") if isinstance(meta.get("name"), str) else None,
+            training=dict(meta["training"]) if isinstance(meta.get("training"), Mapping) else None,
+            ema=meta.get("ema") is True,
         )
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None

@@ -7,11 +7,17 @@ vectors v (initialised from an init word), the vector placed at p in every promp
 
 gamma = 1 is plain textual inversion (Gal et al. 2022); gamma = 0 leaves the conditioning of the
 frozen model untouched. Prompts without a placeholder pass through unchanged.
+
+The anchoring options (docs/method.md, "Anchoring") live here too, since they act on v: the anchor
+(``init``: the start e_0, or ``e_p``) that the pull of :mod:`ldm.models.diffusion.anchor_loss` and the
+norm bound refer to, the class-mean start of ``init_words`` (:mod:`ldm.modules.init_words`) and the
+moving average of v (so of e, which is affine in v), saved as ``embeddings_ema*`` files.
 """
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +28,20 @@ from ldm import checkpoint
 from ldm.checkpoint import EmbeddingFile, save_embeddings, tensor_fingerprint
 from ldm.checkpoint.embeddings import check_encoder_fit
 from ldm.modules.encoders.tokenizer import default_tokenizer
-from ldm.momentum import DEFAULT_GAMMA, DEFAULT_PLACEHOLDER, check_gamma, mix_vectors, single_token_id
+from ldm.modules.init_words import InitWords, resolve_init_words
+from ldm.momentum import (
+    DEFAULT_GAMMA,
+    DEFAULT_PLACEHOLDER,
+    check_anchor,
+    check_anchor_weight,
+    check_ema_decay,
+    check_gamma,
+    mix_vectors,
+    rescale_to_norms,
+    single_token_id,
+    unmix_vectors,
+    vector_norms,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +78,11 @@ class EmbeddingManager(nn.Module):
         num_vectors_per_token: int = 1,
         progressive_words: bool = False,
         gamma: float | None = None,
+        anchor_weight: float = 0.0,
+        anchor: str = "init",
+        norm_bound: bool = False,
+        init_words: str | Sequence[str] | None = None,
+        ema_decay: float = 0.0,
     ):
         super().__init__()
         if num_vectors_per_token < 1:
@@ -81,6 +105,14 @@ class EmbeddingManager(nn.Module):
         self.progressive_words = progressive_words
         self.gamma_is_set = gamma is not None  # a set gamma wins over the one a loaded file stores
         self.gamma = check_gamma(DEFAULT_GAMMA if gamma is None else gamma)
+        self.anchor_weight = check_anchor_weight(anchor_weight)
+        self.anchor = check_anchor(anchor)
+        self.norm_bound = bool(norm_bound)
+        self.ema_decay = check_ema_decay(ema_decay)
+        table_size = embedder.token_embedding.weight.shape[0]
+        self.init_words: InitWords | None = (resolve_init_words(init_words, tokenizer, table_size)
+                                             if init_words else None)
+        self.named_count = len(placeholder_strings)  # the placeholders init_words starts (not per-image ones)
         dim = embedder.token_embedding.weight.shape[1]
         count = len(placeholders)
         self.vectors = nn.ParameterList(
@@ -89,6 +121,8 @@ class EmbeddingManager(nn.Module):
         self.register_buffer("base_vectors", torch.zeros(count, num_vectors_per_token, dim))
         self.register_buffer("initial_vectors", torch.zeros(count, num_vectors_per_token, dim))
         self.register_buffer("progressive_counter", torch.zeros((), dtype=torch.long))
+        if self.ema_decay:  # the moving average of v, in last.ckpt so that a resume continues it exactly
+            self.register_buffer("ema_vectors", torch.zeros(count, num_vectors_per_token, dim))
         self.fingerprint: str | None = None
         self.initialize_from_embedder()
 
@@ -102,10 +136,13 @@ class EmbeddingManager(nn.Module):
         table = self.embedder.token_embedding.weight.detach()
         self.fingerprint = tensor_fingerprint(table)
         n = self.num_vectors_per_token
+        class_mean = self.init_words.mean_row(table) if self.init_words is not None else None  # [D]
         for i, (token_id, init_id) in enumerate(zip(self.token_ids, self.init_token_ids)):
             self.base_vectors[i] = table[token_id].float().expand(n, -1)
-            self.initial_vectors[i] = table[init_id].float().expand(n, -1)
+            start = class_mean if class_mean is not None and i < self.named_count else table[init_id].float()
+            self.initial_vectors[i] = start.expand(n, -1)
             self.vectors[i].data.copy_(self.initial_vectors[i])
+        self.restart_ema()
 
     def set_gamma(self, gamma: float) -> None:
         """Change the momentum ratio (e.g. to re-mix a trained embedding at inference)."""
@@ -154,18 +191,77 @@ class EmbeddingManager(nn.Module):
         loss = sum(((v - init) ** 2).mean() for v, init in zip(self.vectors, self.initial_vectors))
         return loss / len(self.vectors)
 
+    # --- anchoring (docs/method.md, "Anchoring") --------------------------------------------------
+    def anchor_vectors(self, index: int) -> torch.Tensor:
+        """The anchor of placeholder ``index``: [n, D], the start e_0 (``init``) or e_p (``e_p``)."""
+        if self.anchor == "e_p":
+            return self.base_vectors[index]
+        return mix_vectors(self.base_vectors[index], self.initial_vectors[index], self.gamma)
+
+    @torch.no_grad()
+    def norm_metrics(self) -> dict[str, torch.Tensor]:
+        """Mean over all vectors of ||e|| and ||e - e_p|| (on the device: logging them reads nothing back)."""
+        effective = torch.stack([self.effective_vectors(i) for i in range(len(self.vectors))])  # [count, n, D]
+        return {"norm_e": vector_norms(effective).mean(),
+                "norm_e_minus_e_p": vector_norms(effective - self.base_vectors).mean()}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """After each update of v: the norm bound's projection, then the moving average's step."""
+        if self.norm_bound and self.gamma > 0:  # at gamma 0, e = e_p whatever v is
+            for i, v in enumerate(self.vectors):
+                bounded = rescale_to_norms(self.effective_vectors(i), vector_norms(self.anchor_vectors(i)))
+                v.copy_(unmix_vectors(self.base_vectors[i], bounded, self.gamma))  # ||e|| = ||anchor||, per vector
+        if self.ema_decay:
+            for average, v in zip(self.ema_vectors, self.vectors):
+                average.lerp_(v.float(), 1.0 - self.ema_decay)  # ema <- d * ema + (1 - d) * v
+
+    @torch.no_grad()
+    def restart_ema(self) -> None:
+        """Start the moving average at the current v (a new start, or a loaded file)."""
+        if self.ema_decay:
+            self.ema_vectors.copy_(torch.stack([v.float() for v in self.vectors]))
+
+    @contextmanager
+    def ema_scope(self):
+        """Within the block, v is its moving average (e.g. to sample with it); a no-op without one."""
+        if not self.ema_decay:
+            yield
+            return
+        trained = [v.detach().clone() for v in self.vectors]
+        with torch.no_grad():
+            for v, average in zip(self.vectors, self.ema_vectors):
+                v.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for v, kept in zip(self.vectors, trained):
+                    v.copy_(kept)
+
+    def training_options(self) -> dict[str, object]:
+        """The anchoring options of this run, as its embedding files record them."""
+        return {"anchor_weight": self.anchor_weight, "anchor": self.anchor, "norm_bound": self.norm_bound,
+                "init_words": self.init_words.describe() if self.init_words is not None else None,
+                "ema_decay": self.ema_decay}
+
     # --- files -------------------------------------------------------------------------------
-    def to_file(self, step: int | None = None) -> EmbeddingFile:
-        """The embedding as a file record (v, e_p, gamma, step, encoder fingerprint)."""
+    def to_file(self, step: int | None = None, ema: bool = False) -> EmbeddingFile:
+        """The embedding as a file record (v, e_p, gamma, step, encoder fingerprint, anchoring options);
+        with ``ema``, v is its moving average and the file says so."""
+        if ema and not self.ema_decay:
+            raise ValueError("this embedding keeps no moving average (set ema_decay)")
+        vectors = self.ema_vectors if ema else self.vectors
         return EmbeddingFile(
             string_to_token=dict(zip(self.placeholders, self.token_ids)),
-            params={p: v.detach().float().cpu().clone() for p, v in zip(self.placeholders, self.vectors)},
+            params={p: v.detach().float().cpu().clone() for p, v in zip(self.placeholders, vectors)},
             base={p: self.base_vectors[i].cpu().clone() for i, p in enumerate(self.placeholders)},
-            gamma=self.gamma, step=step, fingerprint=self.fingerprint)
+            gamma=self.gamma, step=step, fingerprint=self.fingerprint,
+            training=self.training_options(), ema=ema)
 
-    def save(self, path: str | os.PathLike[str], step: int | None = None) -> Path:
-        """Write the embedding atomically (``.pt`` or ``.safetensors``)."""
-        return save_embeddings(path, self.to_file(step))
+    def save(self, path: str | os.PathLike[str], step: int | None = None, ema: bool = False) -> Path:
+        """Write the embedding (with ``ema``: its moving average) atomically (``.pt`` or ``.safetensors``)."""
+        return save_embeddings(path, self.to_file(step, ema=ema))
 
     @torch.no_grad()
     def load(self, path: str | os.PathLike[str], default_gamma: float | None = None) -> EmbeddingFile:
@@ -188,8 +284,9 @@ class EmbeddingManager(nn.Module):
                                  f"is {self.vectors[i].shape[0]}; set num_vectors_per_token to match")
             self.vectors[i].data.copy_(v)
         self._settle_gamma(emb.gamma, source)
-        logger.info("Loaded embedding %s for %s (gamma %.3g, step %s)", source, sorted(emb.params),
-                    self.gamma, emb.step)
+        self.restart_ema()
+        logger.info("Loaded embedding %s for %s (gamma %.3g, step %s%s)", source, sorted(emb.params),
+                    self.gamma, emb.step, "; it holds the moving average of a training" if emb.ema else "")
 
     def _settle_gamma(self, stored: float | None, source: str) -> None:
         """The file's gamma unless this manager's was given (the config wins over a loaded file)."""

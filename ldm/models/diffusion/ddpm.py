@@ -19,6 +19,7 @@ from torch import nn
 from ldm import precision
 from ldm.compat import drop_ignored_keys
 from ldm.lr_scheduler import lightning_optimizers
+from ldm.models.diffusion.anchor_loss import AnchorLoss
 from ldm.models.diffusion.auxiliary import batched_losses
 from ldm.models.diffusion.compiled_unet import compile_mode
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
@@ -384,6 +385,7 @@ class LatentDiffusion(DDPM):
         self.latent_cache = LatentCache()
         self._fixed_conditioning: dict[tuple, torch.Tensor] = {}  # see fixed_conditioning
         self.embedding_manager = None
+        self.anchor_loss: AnchorLoss | None = None  # set by _personalize when the embedding's anchor_weight > 0
         self.embedding_reg_weight = embedding_reg_weight
         self.unfreeze_model = unfreeze_model
         self.model_lr = model_lr
@@ -425,6 +427,8 @@ class LatentDiffusion(DDPM):
         self.strict_loading = False
         for param in self.embedding_manager.embedding_parameters():
             param.requires_grad = True
+        weight = self.embedding_manager.anchor_weight
+        self.anchor_loss = AnchorLoss(weight) if weight > 0 else None
 
     def weights_not_in_checkpoints(self) -> tuple[str, ...]:
         own = ("embedding_manager.",) if self.embedding_manager is not None else ()
@@ -537,6 +541,12 @@ class LatentDiffusion(DDPM):
             loss = loss + self.embedding_reg_weight * reg
             loss_dict[f"{prefix}/loss_embedding_reg"] = reg.detach()
             loss_dict[f"{prefix}/loss"] = loss.detach()
+        if self.anchor_loss is not None:
+            pull = self.anchor_loss(self.embedding_manager)
+            loss = loss + self.anchor_loss.weight * pull
+            loss_dict.update({f"{prefix}/loss_anchor": pull.detach(), f"{prefix}/loss": loss.detach()})
+        if self.embedding_manager is not None:  # the drift CrossInit describes: ||e|| and ||e - e_p||
+            loss_dict.update({f"{prefix}/{k}": v for k, v in self.embedding_manager.norm_metrics().items()})
         return loss, loss_dict
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
@@ -550,6 +560,12 @@ class LatentDiffusion(DDPM):
             model_params = [p for p in self.model.parameters() if p.requires_grad]
             groups.append({"params": model_params, "lr": self.model_lr})
         return groups
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning's step, then the embedding's norm bound and moving average (after every update of v)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.embedding_manager is not None:
+            self.embedding_manager.after_optimizer_step()
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt:

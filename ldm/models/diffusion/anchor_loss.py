@@ -1,0 +1,35 @@
+"""The pull of the effective embedding toward its anchor (``--anchor_weight``, docs/method.md "Anchoring").
+
+For each placeholder p with effective vectors e_k = e_p + gamma (v_k - e_p) (k = 1..n) and anchor a_k
+(``init``: the start e_0 = e_p + gamma (v_0 - e_p); ``e_p``: the placeholder's own row),
+
+    L_anchor = w * 1/|P| * sum_{p in P} sum_k ||e_k - a_k||_2
+
+an unsquared L2 distance per vector, as Cross Initialization (Pang et al., CVPR 2024) adds to keep the
+embedding near where it started. Its gradient w.r.t. e_k has the constant length w (pointing at the
+anchor) wherever e_k != a_k, so the pull does not fade near the anchor, and it acts on e whatever gamma is.
+
+The older ``embedding_reg_weight`` (kept for old configs) is a different term: the mean squared offset of v
+from its start, ``w' * mean_j (v - v_0)_j^2`` over the n*D entries. Since e - e_0 = gamma (v - v_0), it is
+``w' / (gamma^2 n D) * ||e - e_0||^2``: a squared pull toward ``init``, weighted w'/gamma^2 per entry on e.
+"""
+from __future__ import annotations
+
+import torch
+
+from ldm.momentum import check_anchor_weight, vector_norms
+
+
+class AnchorLoss:
+    """Adds ``weight * ||e - anchor||_2`` per vector to the loss (see the module docstring)."""
+
+    name = "anchor"
+
+    def __init__(self, weight: float):
+        self.weight = check_anchor_weight(weight)
+
+    def __call__(self, manager) -> torch.Tensor:
+        """The unweighted term: the sum over vectors of ||e - a||, averaged over placeholders (a scalar)."""
+        distances = [vector_norms(manager.effective_vectors(i) - manager.anchor_vectors(i)).sum()
+                     for i in range(len(manager.vectors))]
+        return torch.stack(distances).mean()
