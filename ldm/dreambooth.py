@@ -78,9 +78,10 @@ def prepare_dreambooth_model(model: pl.LightningModule, config: DictConfig) -> N
 
 
 def dreambooth_callbacks(config: DictConfig, ckptdir: str | Path) -> list[pl.Callback]:
-    """The export of ``model_pruned.<format>`` at the end of a DreamBooth run (none otherwise)."""
+    """The export of ``model_pruned.<format>`` at the end of a DreamBooth run (none otherwise, and none for
+    LoRA DreamBooth, which writes its adapters: see :mod:`ldm.lora`)."""
     section = config.get(SECTION)
-    if section is None:
+    if section is None or config.get("lora") is not None:
         return []
     path = export_path(ckptdir, section.get("export_format", "ckpt"))
     return [PrunedExport(path, half=bool(section.get("export_half", False)),

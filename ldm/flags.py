@@ -25,6 +25,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.export import EXPORT_FORMATS
+from ldm.lora import check_lora_specs
 from ldm.models.diffusion.compiled_unet import COMPILE_MODES
 from ldm.momentum import ANCHORS, check_anchor_weight, check_ema_decay, check_gamma
 from ldm.trainer_args import PRECISIONS
@@ -38,6 +39,7 @@ DATASET = "{dataset}.params"
 DATASET_SPLITS = ("train", "validation")
 UNFROZEN_CONFIG = "configs/stable-diffusion/v1-finetune_unfrozen.yaml"
 DREAMBOOTH_ONLY = ("dreambooth", f"is a DreamBooth option: train with --base {UNFROZEN_CONFIG}")
+LORA_ONLY = ("lora", "is a LoRA DreamBooth option: train with --base configs/stable-diffusion/v1-finetune_lora.yaml")
 
 
 class FlagError(ValueError):
@@ -72,6 +74,7 @@ class Flag:
     requires: tuple[str, str] | None = None
     refuses: tuple[str, str] | None = None
     only_with: str | None = None
+    repeat: bool = False  # may be given several times: the value is the list of them
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """This flag on ``parser``; its help ends with the config keys it sets."""
@@ -81,6 +84,8 @@ class Flag:
             parser.add_argument(f"--{self.name}", action="store_true", help=text)
             return
         extra = {"nargs": "?", "const": self.bare_value} if self.bare_value is not None else {}
+        if self.repeat:
+            extra["action"] = "append"
         parser.add_argument(f"--{self.name}", type=self.type, default=self.default, choices=self.choices,
                             metavar=self.metavar, help=text, **extra)
 
@@ -153,6 +158,14 @@ FLAGS: tuple[Flag, ...] = (
          ("dreambooth.export_format",), type=str, choices=EXPORT_FORMATS, requires=DREAMBOOTH_ONLY),
     Flag("export_half", "DreamBooth: write the pruned model in fp16", (("dreambooth.export_half", True),),
          requires=DREAMBOOTH_ONLY),
+    # ---- LoRA (see ldm.lora)
+    Flag("lora", "fold a trained LoRA (kohya/A1111 .safetensors) into the base weights before training; SCALE in "
+         "[-4, 4] (default 1); repeat for several", ("lora_files",), type=str, metavar="FILE[:SCALE]",
+         check=check_lora_specs, repeat=True),
+    Flag("lora_rank", "LoRA DreamBooth: rank of the adapters (default 4; kohya users often take 16-32)",
+         ("lora.rank",), type=int, minimum=1, requires=LORA_ONLY),
+    Flag("lora_alpha", "LoRA DreamBooth: alpha of the adapters, which scale by alpha / rank (default: the rank)",
+         ("lora.alpha",), type=float, requires=LORA_ONLY),
     # ---- Lightning's Trainer (see ldm.trainer_args)
     Flag("max_steps", "stop after this many steps", ("lightning.trainer.max_steps",), type=int, minimum=-1),
     Flag("max_epochs", "stop after this many epochs", ("lightning.trainer.max_epochs",), type=int, minimum=-1),

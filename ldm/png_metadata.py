@@ -52,17 +52,20 @@ class SampleSettings:
     model_name: str | None = None
     embedding: str | None = None  # the embedding file's stem, as A1111 names embeddings
     gamma: float | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (file stem, scale): '<lora:name:scale>' in the prompt, as A1111
 
 
 def parameters_text(settings: SampleSettings) -> str:
-    """The A1111 ``parameters`` chunk: prompt line, ``Negative prompt:`` line, then the settings line."""
+    """The A1111 ``parameters`` chunk: prompt line (with A1111's ``<lora:name:scale>`` tags of the LoRAs
+    applied), ``Negative prompt:`` line, then the settings line."""
     fields = {
         "Steps": settings.steps, "Sampler": settings.sampler, "CFG scale": settings.cfg_scale, "Seed": settings.seed,
         "Size": f"{settings.width}x{settings.height}", "Model hash": settings.model_hash,
         "Model": settings.model_name, "Embedding": settings.embedding, "Embedding gamma": settings.gamma,
     }
     line = ", ".join(f"{key}: {_field_value(value)}" for key, value in fields.items() if value is not None)
-    return f"{one_line(settings.prompt)}\nNegative prompt: {one_line(settings.negative_prompt)}\n{line}"
+    prompt = " ".join([one_line(settings.prompt), *(f"<lora:{name}:{scale:g}>" for name, scale in settings.loras)])
+    return f"{prompt}\nNegative prompt: {one_line(settings.negative_prompt)}\n{line}"
 
 
 def png_text(settings: SampleSettings, details: Mapping[str, Any]) -> dict[str, str]:

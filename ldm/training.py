@@ -13,6 +13,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.data.images import DataRootError
 from ldm.dreambooth import derive_dreambooth, dreambooth_callbacks, prepare_dreambooth_model
 from ldm.flags import DATASET_SPLITS, PERSONALIZATION, apply_flags
+from ldm.lora import lora_callbacks, prepare_lora_model
 from ldm.models.diffusion.ddpm import NOTHING_TO_TRAIN
 from ldm.precision import half_dtype
 from ldm.trainer_args import device_kwargs, trainer_kwargs
@@ -130,11 +131,12 @@ def hold_frozen_weights_in_half(model, config: DictConfig, precision: str) -> No
 
     DreamBooth keeps its frozen VAE and text encoder in float32: they go into the exported checkpoint,
     which must hold the base model's exact weights (the latent cache runs the VAE once per image anyway).
+    LoRA DreamBooth exports its adapters only, so its frozen base is held in half precision as for TI.
     """
     dtype = half_dtype(precision)
     if dtype is None or not hasattr(model, "hold_frozen_weights_in_half"):
         return
-    if config.get("dreambooth") is not None:
+    if config.get("dreambooth") is not None and config.get("lora") is None:
         logger.info("%s: DreamBooth trains float32 master weights; the frozen parts stay float32 for the export",
                     precision)
         return
@@ -169,6 +171,7 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, valid
         EmbeddingCheckpoint(paths.ckptdir, every_n_train_steps=every),
         LearningRateMonitor(logging_interval="step"),
         *dreambooth_callbacks(config, paths.ckptdir),
+        *lora_callbacks(config, paths.ckptdir, every),
         *([StepProgressBar()] if trainer_args.get("enable_progress_bar", True) else []),
     ]
     callbacks += [instantiate_from_config(cfg) for cfg in lightning.get("callbacks", {}).values()]
@@ -203,6 +206,7 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
         data = instantiate_from_config(config.data)
         data.setup("fit")  # fails fast on an empty or unreadable data root
         model = instantiate_from_config(config.model)
+        prepare_lora_model(model, config)  # first: DreamBooth then counts what trains
         prepare_dreambooth_model(model, config)
         validation = build_validation(config, data, model, images_dir=paths.logdir / "images",
                                       ckptdir=paths.ckptdir, every_n_train_steps=save_every_n_steps(config))

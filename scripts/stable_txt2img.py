@@ -30,6 +30,7 @@ from ldm.inference import (
     load_model,
     resolve_device,
 )
+from ldm.lora import apply_lora_files, check_lora_specs, lora_tags
 from ldm.models.diffusion.compiled_unet import COMPILE_MODES
 from ldm.models.diffusion.ddim import DDIMSampler, SamplerBase
 from ldm.models.diffusion.plms import PLMSSampler
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding_path", default=None, help="textual-inversion embedding file (any supported format)")
     p.add_argument("--gamma", type=float, default=None,
                    help="re-mix a momentum embedding: e = e_p + gamma * (v - e_p) (default: the stored gamma)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fold a LoRA (kohya/A1111 .safetensors) into the model, SCALE in [-4, 4] (default 1); "
+                        "repeat for several")
     p.add_argument("--seed", type=int, default=42, help="seed of the sampling noise")
     p.add_argument("--precision", choices=("full", "autocast"), default="autocast",
                    help="autocast: float16 on CUDA, with the weights held in float16 (CPU always runs float32)")
@@ -131,6 +135,8 @@ def preflight(args: argparse.Namespace) -> None:
     checks = [("--config", load_config, args.config), ("--ckpt", probe_weights_file, args.ckpt)]
     if args.embedding_path is not None:
         checks.append(("--embedding_path", load_embeddings, args.embedding_path))
+    if args.lora:
+        checks.append(("--lora", check_lora_specs, args.lora))
     for flag, check, value in checks:
         try:
             check(value)
@@ -187,7 +193,8 @@ def viewer_settings(args: argparse.Namespace, settings: dict[str, object]) -> Sa
     return SampleSettings(
         prompt="", negative_prompt=args.negative_prompt, steps=args.ddim_steps, sampler=str(settings["sampler"]),
         cfg_scale=args.scale, seed=args.seed, width=args.W, height=args.H, **model_fields(args.ckpt),
-        embedding=Path(args.embedding_path).stem if args.embedding_path else None, gamma=settings["gamma"])
+        embedding=Path(args.embedding_path).stem if args.embedding_path else None, gamma=settings["gamma"],
+        loras=tuple(lora_tags(args.lora)))
 
 
 @torch.no_grad()
@@ -255,6 +262,10 @@ def prepare(args: argparse.Namespace) -> Callable[[], None]:
     model = load_model(args.config, args.ckpt, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
                        device=device)
     check_model_fit(args, model)
+    try:
+        apply_lora_files(model, args.lora, base_checkpoint=args.ckpt)
+    except ValueError as err:
+        raise UsageError(f"--lora: {err}") from None
     sampler = make_sampler(model, args)
     if args.embedding_path is not None:
         try:

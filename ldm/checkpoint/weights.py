@@ -31,6 +31,7 @@ from ldm.checkpoint._io import (
     safe_torch_load,
     sniff_format,
 )
+from ldm.checkpoint.lora import looks_like_lora
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,14 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         tensors, metadata = read_safetensors(path)
         if not tensors:
             raise CheckpointError(f"{path}: safetensors file holds no tensors; pass a model checkpoint")
-        return Checkpoint(tensors, decode_metadata(metadata))
-    obj = safe_torch_load(path, trust_pickle=trust_pickle)
-    return Checkpoint(_extract_state_dict(path, obj), _scalar_meta(obj))
+        checkpoint = Checkpoint(tensors, decode_metadata(metadata))
+    else:
+        obj = safe_torch_load(path, trust_pickle=trust_pickle)
+        checkpoint = Checkpoint(_extract_state_dict(path, obj), _scalar_meta(obj))
+    if looks_like_lora(checkpoint.state_dict):
+        raise CheckpointError(f"{path}: is a LoRA file (kohya layout), not model weights; pass it with --lora "
+                              "FILE[:SCALE] on top of an SD checkpoint")
+    return checkpoint
 
 
 def read_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -1,0 +1,278 @@
+"""LoRA (peft adapters, kohya/A1111 files): parity with diffusers, hand-written files, merged export, main.py."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PROMPT, load_script, txt2img_argv, write_photos, write_txt2img_files
+from helpers_a1111 import parse_parameters
+from helpers_diffusers import diffusers_unet, randomize_, sd_pipeline
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import main
+from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.checkpoint.lora import UNET_PREFIX, read_lora, save_lora, unet_diffusers_path
+from ldm.inference import load_model
+from ldm.lora import add_trained_adapters, apply_lora_files, merge_export, model_parts, trained_layers
+from ldm.modules.lora import DEFAULT_UNET_TARGETS, AdapterPart, add_adapters, adapter_layers, export_layers, \
+    load_file_adapters
+from ldm.png_metadata import model_hash
+from ldm.sampling_io import read_png_text
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_INFERENCE = ROOT / "configs" / "tiny" / "v1-inference.yaml"
+TINY_FINETUNE = ROOT / "configs" / "tiny" / "v1-finetune.yaml"
+TINY_LORA = ROOT / "configs" / "tiny" / "v1-finetune_lora.yaml"
+FULL_INFERENCE = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+QUIET = ["--accelerator", "cpu", "data.params.num_workers=0", "lightning.callbacks.image_logger.params.disabled=true",
+         "lightning.trainer.enable_progress_bar=false", "lightning.trainer.enable_model_summary=false",
+         "lightning.trainer.num_sanity_val_steps=0", "lightning.trainer.limit_val_batches=0", "--no_validation"]
+
+
+@torch.no_grad()
+def randomize_adapters(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random A and B (B starts at zero, which would make every comparison trivial)."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in adapter_layers(module).values():
+        for weights in (*layer.lora_A.values(), *layer.lora_B.values()):
+            weights.weight.copy_(0.2 * torch.randn(weights.weight.shape, generator=gen))
+
+
+def unet_inputs(unet, size: int = 16, seq_len: int = 77):
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(2, unet.in_channels, size, size, generator=gen), torch.tensor([17, 901]),
+            torch.randn(2, seq_len, unet.context_dim, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_ckpt, tmp_path_factory):
+    """The tiny model with random rank-4 (alpha 8) adapters on the UNet and text encoder, and its exported file."""
+    model = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
+    add_trained_adapters(model, rank=4, alpha=8, train_text_encoder=True)
+    randomize_adapters(model)
+    path = save_lora(tmp_path_factory.mktemp("lora") / "subject.safetensors", trained_layers(model),
+                     {"ss_network_dim": 4, "ss_sd_model_hash": model_hash(tiny_ckpt)})
+    return model, path
+
+
+# ------------------------------------------------------------------------------ file layout and diffusers
+
+
+def test_exported_names_are_kohya_sd_v1_names(trained):
+    with safe_open(str(trained[1]), framework="pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in keys
+    assert "lora_unet_up_blocks_3_attentions_1_transformer_blocks_0_attn2_to_k.alpha" in keys
+    assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj.lora_down.weight" in keys
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_module"] == "networks.lora"
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+
+
+def test_diffusers_load_lora_weights_equals_our_adapters(trained, tiny_ckpt, tmp_path):
+    """diffusers' pipeline (same base weights) with our file, loaded by load_lora_weights: UNet and text encoder."""
+    ours, path = trained
+    pipe = sd_pipeline(load_model(TINY_INFERENCE, tiny_ckpt, device="cpu"), TINY_INFERENCE, tmp_path)
+    unet = ours.model.diffusion_model
+    x, t, context = unet_inputs(unet, seq_len=77)
+    with torch.no_grad():
+        before = pipe.unet(x, t, encoder_hidden_states=context).sample
+        pipe.load_lora_weights(str(path))
+        reference = pipe.unet(x, t, encoder_hidden_states=context).sample
+        eps = unet(x, t, context=context)
+        tokens = ours.cond_stage_model.tokenize(["a photo of a sks woman"])
+        text_ref = pipe.text_encoder(tokens).last_hidden_state
+        text = ours.get_learned_conditioning(["a photo of a sks woman"])
+    assert (reference - before).abs().max() > 1e-2, "the LoRA must change the output for the test to mean anything"
+    assert (eps - reference).abs().max() <= 1e-4
+    assert (text - text_ref).abs().max() <= 1e-4
+
+
+def test_full_size_sd_v1_unet_lora_in_diffusers_equals_ours(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    unet = randomize_(instantiate_from_config(OmegaConf.load(FULL_INFERENCE).model.params.unet_config)).eval()
+    reference = diffusers_unet({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
+                               FULL_INFERENCE)
+    part = AdapterPart(unet, UNET_PREFIX, lambda p: unet_diffusers_path(p, unet.num_res_blocks))
+    assert add_adapters(part, DEFAULT_UNET_TARGETS, rank=4, alpha=2) == 16 * 2 * 4  # 16 blocks x 2 attn x 4
+    randomize_adapters(unet)
+    path = save_lora(tmp_path / "full.safetensors", export_layers(part), {})
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=reference)
+    x, t, context = unet_inputs(unet, size=8)
+    with torch.no_grad():
+        err = (unet(x, t, context=context) - reference(x, t, encoder_hidden_states=context).sample).abs().max()
+    assert err <= 1e-4
+
+
+def test_hand_written_kohya_file_folds_into_the_named_layers(tiny_ckpt, tmp_path):
+    """A file written here from kohya's naming rule (not by our exporter): linear and 1x1-conv layers."""
+    gen = torch.Generator().manual_seed(3)
+    names = {  # kohya name -> the CompVis layer it adapts (tiny UNet: num_res_blocks 1, attention at every level)
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": "input_blocks.1.1.transformer_blocks.0.attn2.to_k",
+        "lora_unet_up_blocks_1_attentions_0_proj_in": "output_blocks.2.1.proj_in",
+    }
+    model = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
+    unet = model.model.diffusion_model
+    tensors, expected = {}, {}
+    for name, path in names.items():
+        weight = unet.get_submodule(path).weight
+        out_dim, in_dim = weight.shape[:2]
+        down, up = torch.randn(2, in_dim, generator=gen), torch.randn(out_dim, 2, generator=gen)
+        extra = weight.shape[2:]
+        tensors[f"{name}.lora_down.weight"] = down.reshape(2, in_dim, *extra)
+        tensors[f"{name}.lora_up.weight"] = up.reshape(out_dim, 2, *extra)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0)
+        expected[path] = weight + 0.5 * (1.0 / 2) * (up @ down).reshape(weight.shape)
+    te_name = "lora_te_text_model_encoder_layers_1_self_attn_v_proj"
+    v_proj = model.cond_stage_model.text_model.encoder.layers[1].self_attn.v_proj.weight
+    te_down, te_up = torch.randn(3, v_proj.shape[1], generator=gen), torch.randn(v_proj.shape[0], 3, generator=gen)
+    tensors.update({f"{te_name}.lora_down.weight": te_down, f"{te_name}.lora_up.weight": te_up})  # no alpha: = rank
+    te_expected = v_proj + 0.5 * te_up @ te_down
+    save_file(tensors, str(tmp_path / "hand.safetensors"))
+
+    apply_lora_files(model, [f"{tmp_path / 'hand.safetensors'}:0.5"])
+    assert not adapter_layers(model), "folded back into plain layers"
+    for path, weight in expected.items():
+        torch.testing.assert_close(unet.get_submodule(path).weight, weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.cond_stage_model.text_model.encoder.layers[1].self_attn.v_proj.weight,
+                               te_expected, rtol=0, atol=1e-6)
+
+
+def test_merged_export_equals_adapters_applied(trained, tiny_ckpt, tmp_path):
+    _, path = trained
+    applied = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
+    assert load_file_adapters(model_parts(applied), read_lora(path), adapter="x", scale=0.7) > 0
+    merged_path = merge_export(TINY_INFERENCE, tiny_ckpt, [f"{path}:0.7"], tmp_path / "merged.safetensors")
+    assert set(read_state_dict(merged_path)) - set(read_state_dict(tiny_ckpt)) <= {
+        "cond_stage_model.transformer.text_model.embeddings.position_ids"}, "the released SD v1 layout"
+    merged = load_model(TINY_INFERENCE, merged_path, device="cpu")
+    assert not adapter_layers(merged)
+    x, t, context = unet_inputs(merged.model.diffusion_model)
+    with torch.no_grad():
+        torch.testing.assert_close(applied.model.diffusion_model(x, t, context=context),
+                                   merged.model.diffusion_model(x, t, context=context), rtol=0, atol=1e-5)
+        torch.testing.assert_close(applied.get_learned_conditioning([PROMPT]),
+                                   merged.get_learned_conditioning([PROMPT]), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def write_file(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_bad_files_name_the_first_mismatching_key(tiny_ckpt, tmp_path, trained):
+    model = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
+    unknown = write_file(tmp_path / "sdxl.safetensors", {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 8),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(8, 4)})
+    with pytest.raises(CheckpointError, match="key 'lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+                                              r"\.lora_down\.weight' matches no layer") as err:
+        apply_lora_files(model, [str(unknown)])
+    assert "\n" not in str(err.value) and "lora_unet_down_blocks" in str(err.value)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    shape = write_file(tmp_path / "shape.safetensors", {f"{name}.lora_down.weight": torch.zeros(4, 7),
+                                                         f"{name}.lora_up.weight": torch.zeros(32, 4)})
+    with pytest.raises(CheckpointError, match=f"'{name}.lora_down.weight' has shape \\(4, 7\\)"):
+        apply_lora_files(model, [str(shape)])
+    with pytest.raises(CheckpointError, match="full SD checkpoint.*--actual_resume"):
+        read_lora(tiny_ckpt)
+    with pytest.raises(CheckpointError, match="LoRA file.*--lora"):
+        read_state_dict(trained[1])
+
+
+def test_another_base_model_warns_with_both_hashes(tiny_ckpt, tmp_path, trained, caplog):
+    tensors = {k: v for k, v in read_lora(trained[1]).layers.items()}
+    other = save_lora(tmp_path / "other.safetensors", tensors, {"ss_sd_model_hash": "0123456789"})
+    model = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="ldm.lora"):
+        apply_lora_files(model, [str(other)], base_checkpoint=str(tiny_ckpt))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("0123456789" in w and model_hash(tiny_ckpt) in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("rank", "--lora_rank must be at least 1, got 0"),
+    ("scale", "--lora scale must be in [-4, 4], got 5"),
+    ("full_as_lora", "is a full SD checkpoint, not a LoRA; pass it with --actual_resume"),
+    ("lora_as_base", "is a LoRA file (kohya layout), not model weights; pass it with --lora"),
+    ("rank_without_lora", "--lora_rank is a LoRA DreamBooth option"),
+])
+def test_bad_flags_exit_2_with_one_line_naming_the_flag(case, expected, tiny_ckpt, photo_dir, trained, tmp_path,
+                                                          caplog):
+    lora = str(trained[1])
+    base = ["--data_root", str(photo_dir), "--class_word", "woman", "--logdir", str(tmp_path / "logs"), "-t", *QUIET]
+    args = {
+        "rank": ["--base", str(TINY_LORA), "--actual_resume", str(tiny_ckpt), "--lora_rank", "0"],
+        "scale": ["--base", str(TINY_FINETUNE), "--actual_resume", str(tiny_ckpt), "--lora", f"{lora}:5"],
+        "full_as_lora": ["--base", str(TINY_FINETUNE), "--actual_resume", str(tiny_ckpt), "--lora", str(tiny_ckpt)],
+        "lora_as_base": ["--base", str(TINY_FINETUNE), "--actual_resume", lora],
+        "rank_without_lora": ["--base", str(TINY_FINETUNE), "--actual_resume", str(tiny_ckpt), "--lora_rank", "8"],
+    }[case]
+    with caplog.at_level(logging.ERROR, logger="main"):
+        assert main.main([*args, *base]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.name == "main" and r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and expected in errors[0] and "\n" not in errors[0], errors
+
+
+# ------------------------------------------------------------------------------ main.py and txt2img
+
+
+def lora_run(logdir: Path, name: str, ckpt: Path, photos: Path, *extra: str) -> Path:
+    argv = ["--base", str(TINY_LORA), "-t", "--actual_resume", str(ckpt), "--data_root", str(photos),
+            "--class_word", "woman", "--logdir", str(logdir), "-n", name, "--lora_rank", "2", "--seed", "5",
+            "lightning.modelcheckpoint.params.every_n_train_steps=1", *QUIET, *extra]
+    assert main.main(argv) == 0
+    return next(logdir.glob(f"*_{name}_*")) / "checkpoints"
+
+
+def test_lora_dreambooth_saves_kohya_files_resumes_exactly_and_feeds_momentum_ti(tiny_ckpt, tmp_path):
+    photos = write_photos(tmp_path / "photos", count=2, size=64)
+    logdir = tmp_path / "logs"
+    straight = lora_run(logdir, "straight", tiny_ckpt, photos, "--max_steps", "2")
+    assert {p.name for p in straight.glob("lora*.safetensors")} == \
+        {"lora_gs-1.safetensors", "lora_gs-2.safetensors", "lora.safetensors"}
+    assert not list(straight.glob("model_pruned.*")), "LoRA DreamBooth writes adapters, not a full model"
+    with safe_open(str(straight / "lora.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"], meta["mti_identifier"]) == \
+        ("2", "2", "2", "sks")
+    assert meta["ss_sd_model_hash"] == model_hash(tiny_ckpt)
+    last = torch.load(straight / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in last["state_dict"])
+    assert len(last["optimizer_states"][0]["state"]) == len(last["state_dict"])
+    first = read_lora(straight / "lora_gs-1.safetensors")
+    final = read_lora(straight / "lora.safetensors")
+    assert any(not torch.equal(first.layers[n].up, final.layers[n].up) for n in final.layers), "the adapters train"
+
+    halfway = lora_run(logdir, "halfway", tiny_ckpt, photos, "--max_steps", "1")
+    assert main.main(["-r", str(halfway.parent), "--max_steps", "2", *QUIET]) == 0
+    resumed = read_lora(halfway / "lora.safetensors")
+    for name, layer in final.layers.items():
+        assert torch.equal(layer.up, resumed.layers[name].up) and torch.equal(layer.down, resumed.layers[name].down)
+
+    rc = main.main(["--base", str(TINY_FINETUNE), "-t", "--actual_resume", str(tiny_ckpt), "--data_root", str(photos),
+                    "--lora", f"{straight / 'lora.safetensors'}:0.8", "--placeholder_string", "sks", "--max_steps", "1",
+                    "--logdir", str(logdir), "-n", "ti", *QUIET])
+    assert rc == 0 and (next(logdir.glob("*_ti_*")) / "checkpoints" / "embeddings.pt").is_file()
+
+
+def test_txt2img_samples_with_a_lora_and_names_it_in_the_png(tmp_path, trained):
+    files = write_txt2img_files(tmp_path)
+    script = load_script("stable_txt2img")
+    outdir = tmp_path / "out"
+    assert script.main(txt2img_argv(files, outdir, "--lora", f"{trained[1]}:0.8", "--n_iter", "1",
+                                    embedding=False)) == 0
+    parameters = read_png_text(next((outdir / "samples").glob("*.png")))["parameters"]
+    assert parameters.splitlines()[0] == f"{PROMPT} <lora:subject:0.8>"
+    assert parse_parameters(parameters)["Steps"] == "4"
