@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.checkpoint import CheckpointError, probe_weights_file
 from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.momentum import scale_offset
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -76,16 +77,22 @@ def load_model(config_path: PathLike, ckpt_path: PathLike, *, use_ema: bool = Fa
     return model
 
 
-def attach_embedding(model: torch.nn.Module, path: PathLike, gamma: float | None = None) -> EmbeddingManager:
+def attach_embedding(model: torch.nn.Module, path: PathLike, gamma: float | None = None,
+                     strength: float = 1.0) -> EmbeddingManager:
     """Load an embedding file onto ``model.cond_stage_model`` and set ``model.embedding_manager``.
 
     ``gamma`` re-mixes a momentum embedding (``e = e_p + gamma * (v - e_p)``); ``None`` keeps the
-    stored gamma. Raises ValueError (CheckpointError) for a file that is not an embedding or whose
-    vectors do not fit the text encoder.
+    stored gamma. ``strength`` s in [0, 4] places ``e_p + s * (e - e_p)`` instead of e (1: e exactly,
+    0: e_p exactly); it rescales v about e_p, which rescales e about e_p by the same s. Raises
+    ValueError (CheckpointError) for a file that is not an embedding or whose vectors do not fit the
+    text encoder.
     """
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: embedding file not found; check --embedding_path")
     manager = EmbeddingManager.from_file(model.cond_stage_model, path, gamma=gamma)
+    with torch.no_grad():
+        for v, e_p in zip(manager.vectors, manager.base_vectors):
+            v.copy_(scale_offset(e_p, v, strength))
     manager = manager.to(model.device).eval()
     manager.requires_grad_(False)
     model.embedding_manager = manager

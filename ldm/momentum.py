@@ -32,6 +32,26 @@ def mix_vectors(e_p: torch.Tensor, v: torch.Tensor, gamma: float) -> torch.Tenso
     return torch.lerp(e_p.to(dtype), v.to(dtype), gamma)
 
 
+STRENGTH_RANGE = (0.0, 4.0)
+
+
+def check_strength(strength: float) -> float:
+    """The inference strength as a float; ValueError outside :data:`STRENGTH_RANGE`."""
+    low, high = STRENGTH_RANGE
+    if not low <= float(strength) <= high:
+        raise ValueError(f"strength must be in [{low:g}, {high:g}] (1 = as trained, 0 = the placeholder's own "
+                         f"row e_p), got {strength}")
+    return float(strength)
+
+
+def scale_offset(e_p: torch.Tensor, e: torch.Tensor, strength: float) -> torch.Tensor:
+    """Inference strength: e_s = e_p + strength * (e - e_p), elementwise (exact e at 1, e_p at 0).
+
+    Since e is affine in v with fixed point e_p, the same formula on v gives the v whose mix is e_s.
+    """
+    return mix_vectors(e_p, e, check_strength(strength))
+
+
 def single_token_id(tokenizer, text: str, role: str) -> int:
     """The id of ``text`` if it is exactly one token, else a ValueError naming ``role`` and showing its tokens."""
     ids = tokenizer.encode(text)

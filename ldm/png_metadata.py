@@ -38,7 +38,7 @@ LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """What a viewer shows for one image: the A1111 fields plus the embedding and its gamma."""
+    """What a viewer shows for one image: the A1111 fields plus the embedding, its gamma and strength."""
 
     prompt: str
     negative_prompt: str
@@ -52,6 +52,7 @@ class SampleSettings:
     model_name: str | None = None
     embedding: str | None = None  # the embedding file's stem, as A1111 names embeddings
     gamma: float | None = None
+    strength: float | None = None  # inference strength: e_p + strength * (e - e_p) at the placeholder
     loras: tuple[tuple[str, float], ...] = ()  # (file stem, scale): '<lora:name:scale>' in the prompt, as A1111
 
 
@@ -62,6 +63,7 @@ def parameters_text(settings: SampleSettings) -> str:
         "Steps": settings.steps, "Sampler": settings.sampler, "CFG scale": settings.cfg_scale, "Seed": settings.seed,
         "Size": f"{settings.width}x{settings.height}", "Model hash": settings.model_hash,
         "Model": settings.model_name, "Embedding": settings.embedding, "Embedding gamma": settings.gamma,
+        "Embedding strength": settings.strength,
     }
     line = ", ".join(f"{key}: {_field_value(value)}" for key, value in fields.items() if value is not None)
     prompt = " ".join([one_line(settings.prompt), *(f"<lora:{name}:{scale:g}>" for name, scale in settings.loras)])

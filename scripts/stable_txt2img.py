@@ -35,7 +35,7 @@ from ldm.models.diffusion.compiled_unet import COMPILE_MODES
 from ldm.models.diffusion.ddim import DDIMSampler, SamplerBase
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.embedding_manager import EmbeddingManager, load_embeddings
-from ldm.momentum import check_gamma
+from ldm.momentum import check_gamma, check_strength
 from ldm.png_metadata import SampleSettings, model_fields, png_text
 from ldm.precision import precision_autocast, precision_dtype
 from ldm.sampling_io import (
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding_path", default=None, help="textual-inversion embedding file (any supported format)")
     p.add_argument("--gamma", type=float, default=None,
                    help="re-mix a momentum embedding: e = e_p + gamma * (v - e_p) (default: the stored gamma)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="inference strength S in [0, 4]: the placeholder gets e_p + S * (e - e_p), where e is the "
+                        "embedding's vector (after --gamma) and e_p the placeholder's own row in the model; "
+                        "1 = as trained (default), 0 = the model without the embedding, 2 = twice as far from e_p")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fold a LoRA (kohya/A1111 .safetensors) into the model, SCALE in [-4, 4] (default 1); "
                         "repeat for several")
@@ -109,6 +113,8 @@ def validate_args(args: argparse.Namespace) -> None:
                              f"pass e.g. {multiple * max(1, round(value / multiple))}")
     if args.n_rows < 0 or args.ddim_eta < 0 or args.seed < 0:
         raise UsageError("--n_rows, --ddim_eta and --seed must not be negative")
+    if not args.scale > 0:
+        raise UsageError(f"--scale must be > 0 (1 = no guidance, e.g. 7.5), got {args.scale}")
     if args.plms and args.ddim_eta != 0:
         raise UsageError(f"--plms is deterministic and needs --ddim_eta 0, got {args.ddim_eta}; drop --plms for eta > 0")
     if args.gamma is not None:
@@ -118,6 +124,13 @@ def validate_args(args: argparse.Namespace) -> None:
             check_gamma(args.gamma)
         except ValueError as err:
             raise UsageError(f"--gamma: {err}") from None
+    if args.strength is not None:
+        if args.embedding_path is None:
+            raise UsageError("--strength scales an embedding: pass --embedding_path too")
+        try:
+            check_strength(args.strength)
+        except ValueError as err:
+            raise UsageError(f"--strength: {err}") from None
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -180,12 +193,20 @@ def prompt_batches(args: argparse.Namespace, prompts: list[str]) -> list[list[st
     return [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
 
 
+def embedding_strength(args: argparse.Namespace) -> float | None:
+    """--strength, 1 (as trained) when not given, None without an embedding."""
+    if args.embedding_path is None:
+        return None
+    return 1.0 if args.strength is None else args.strength
+
+
 def run_settings(args: argparse.Namespace, model: torch.nn.Module, sampler: SamplerBase) -> dict[str, object]:
     """This run's settings as recorded in every PNG (the project's ``momentum_ti`` key)."""
     gamma = model.embedding_manager.gamma if args.embedding_path is not None else None
     return {"negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.ddim_steps,
             "scale": args.scale, "sampler": sampler.name, "eta": args.ddim_eta, "checkpoint": args.ckpt,
-            "embedding": args.embedding_path, "gamma": gamma, "H": args.H, "W": args.W}
+            "embedding": args.embedding_path, "gamma": gamma, "strength": embedding_strength(args),
+            "H": args.H, "W": args.W}
 
 
 def viewer_settings(args: argparse.Namespace, settings: dict[str, object]) -> SampleSettings:
@@ -194,6 +215,7 @@ def viewer_settings(args: argparse.Namespace, settings: dict[str, object]) -> Sa
         prompt="", negative_prompt=args.negative_prompt, steps=args.ddim_steps, sampler=str(settings["sampler"]),
         cfg_scale=args.scale, seed=args.seed, width=args.W, height=args.H, **model_fields(args.ckpt),
         embedding=Path(args.embedding_path).stem if args.embedding_path else None, gamma=settings["gamma"],
+        strength=settings["strength"],
         loras=tuple(lora_tags(args.lora)))
 
 
@@ -269,7 +291,7 @@ def prepare(args: argparse.Namespace) -> Callable[[], None]:
     sampler = make_sampler(model, args)
     if args.embedding_path is not None:
         try:
-            manager = attach_embedding(model, args.embedding_path, gamma=args.gamma)
+            manager = attach_embedding(model, args.embedding_path, gamma=args.gamma, strength=embedding_strength(args))
         except ValueError as err:
             raise UsageError(f"--embedding_path: {err}") from None
         warn_missing_placeholders(model, manager, prompts, args.embedding_path)

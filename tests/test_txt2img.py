@@ -70,10 +70,10 @@ def test_writes_samples_grid_and_text_chunks(files, tmp_path) -> None:
     assert parse_parameters(text["parameters"]) == {
         "Prompt": PROMPT, "Negative prompt": txt2img.DEFAULT_NEGATIVE_PROMPT, "Steps": "4", "Sampler": "DDIM",
         "CFG scale": "7.0", "Seed": "42", "Size": "64x64", "Model hash": model_hash, "Model": "tiny",
-        "Embedding": "emb", "Embedding gamma": "0.5"}
+        "Embedding": "emb", "Embedding gamma": "0.5", "Embedding strength": "1.0"}
     expected = {"prompt": PROMPT, "negative_prompt": txt2img.DEFAULT_NEGATIVE_PROMPT, "seed": 42, "steps": 4,
                 "scale": 7.0, "sampler": "DDIM", "eta": 0.0, "checkpoint": str(files["ckpt"]),
-                "embedding": str(files["embedding"]), "gamma": 0.5, "H": 64, "W": 64, "iteration": 0}
+                "embedding": str(files["embedding"]), "gamma": 0.5, "strength": 1.0, "H": 64, "W": 64, "iteration": 0}
     assert details(written[0]) == expected
     assert viewer(out / "grid-0000.png")["Prompt"] == PROMPT and details(out / "grid-0000.png")["prompts"] == [PROMPT]
     assert not list(out.rglob("*.tmp"))
@@ -173,6 +173,31 @@ def test_gamma_zero_conditioning_equals_plain_model(files) -> None:
     assert not torch.allclose(model.get_learned_conditioning([PROMPT]), plain[:1])
 
 
+def test_strength_scales_the_embedding_about_e_p(files, tmp_path) -> None:
+    """Strength 1 is the embedding as trained, 0 the placeholder's own row (the plain model)."""
+    for name, extra in (("stored", ()), ("s1", ("--strength", "1")), ("s0", ("--strength", "0")),
+                        ("s2", ("--strength", "2"))):
+        assert run(files, tmp_path / name, "--n_iter", "1", "--skip_grid", *extra) == 0
+    assert run(files, tmp_path / "plain", "--n_iter", "1", "--skip_grid", embedding=False) == 0
+    first = {d: samples(tmp_path / d)[0] for d in ("stored", "s1", "s0", "s2", "plain")}
+    stored, s1, s0, s2, plain = (pixels(path) for path in first.values())
+    assert np.array_equal(s1, stored), "strength 1 must be the embedding as trained"
+    assert np.array_equal(s0, plain), "strength 0 must place e_p, the placeholder's own row"
+    assert not np.array_equal(s2, stored) and not np.array_equal(s2, plain)
+    assert viewer(first["s2"])["Embedding strength"] == "2.0" and details(first["s2"])["strength"] == 2.0
+    assert "Embedding strength" not in viewer(first["plain"]) and details(first["plain"])["strength"] is None
+
+
+@pytest.mark.parametrize(("strength", "gamma"), [(0.5, 0.25), (2.0, 1.0)])
+def test_strength_is_e_p_plus_s_times_the_offset(files, strength: float, gamma: float) -> None:
+    """The file's gamma is 0.5: e_p + s (e - e_p) = e_p + (0.5 s) (v - e_p), i.e. a re-mix at gamma 0.5 s."""
+    model = load_model(ROOT / TINY_CONFIG, files["ckpt"], device="cpu")
+    attach_embedding(model, files["embedding"], strength=strength)
+    scaled = model.get_learned_conditioning([PROMPT])
+    attach_embedding(model, files["embedding"], gamma=gamma)
+    torch.testing.assert_close(scaled, model.get_learned_conditioning([PROMPT]), rtol=0, atol=1e-5)
+
+
 def test_load_model_is_frozen_eval_on_device(files) -> None:
     model = load_model(ROOT / TINY_CONFIG, files["ckpt"], device="cpu")
     assert not model.training and not model.model.training and not model.first_stage_model.training
@@ -231,6 +256,10 @@ BAD_INPUTS = {  # case: (extra flags from the files, text the one-line error mus
     "missing config": (lambda f: ["--config", str(f["root"] / "nope.yaml")], "not found"),
     "yaml as ckpt": (lambda f: ["--ckpt", str(f["yaml"])], "--ckpt: "),
     "gamma out of range": (lambda f: ["--gamma", "1.5"], "[0, 1]"),
+    "strength over 4": (lambda f: ["--strength", "4.5"], "--strength: strength must be in [0, 4]"),
+    "negative strength": (lambda f: ["--strength", "-0.5"], "--strength: strength must be in [0, 4]"),
+    "zero guidance scale": (lambda f: ["--scale", "0"], "--scale must be > 0"),
+    "negative guidance scale": (lambda f: ["--scale", "-2"], "--scale must be > 0"),
     "plms with eta": (lambda f: ["--plms", "--ddim_eta", "0.5"], "--ddim_eta 0"),
     "wrong latent channels": (lambda f: ["--C", "3"], "--C 4"),
     "wrong downsampling": (lambda f: ["--f", "16"], "--f 8"),
@@ -245,11 +274,17 @@ def test_bad_input_fails_cleanly(files, tmp_path, caplog, case: str) -> None:
     out = tmp_path / "out"
     with caplog.at_level(logging.ERROR):
         code = run(files, out, *extra)
-    assert code != 0
+    assert code == 2
     assert not out.exists(), f"{case}: wrote into outdir"
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0], errors
     assert expected in errors[0], errors[0]
+
+
+def test_strength_without_an_embedding_is_a_usage_error(files, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert run(files, tmp_path / "out", "--strength", "2", embedding=False) == 2
+    assert "--strength scales an embedding: pass --embedding_path" in caplog.text
 
 
 def test_unknown_flag_is_a_usage_error(files, tmp_path) -> None:
