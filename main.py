@@ -4,7 +4,8 @@
         --actual_resume models/ldm/dreambooth/<name>.ckpt -n <name> --gpus 0, \\
         --data_root inputs/<person>/ --gamma 0.1 --descriptive_p 0.1 --use_random_prompt --class_word woman
 
-Any extra ``key.path=value`` argument overrides the merged config (OmegaConf dotlist).
+Any extra ``key.path=value`` argument overrides the merged config (OmegaConf dotlist), wherever it
+stands (``-t key=value`` included).
 """
 from __future__ import annotations
 
@@ -19,10 +20,19 @@ from ldm.flags import add_flags
 logger = logging.getLogger("main")
 
 
-def str2bool(value: str | bool) -> bool:
-    """argparse type of the original code's yes/no flags (``-t``, ``--scale_lr False``)."""
+class Override(str):
+    """A ``key=value`` that argparse gave a yes/no flag as its value (``-t key=value``): a config override."""
+
+
+def str2bool(value: str | bool) -> bool | Override:
+    """argparse type of the original code's yes/no flags (``-t``, ``--scale_lr False``).
+
+    A ``key=value`` is not a yes/no: it comes back as an :class:`Override` (see :func:`take_overrides`).
+    """
     if isinstance(value, bool):
         return value
+    if "=" in value:
+        return Override(value)
     if value.lower() in ("yes", "true", "t", "y", "1"):
         return True
     if value.lower() in ("no", "false", "f", "n", "0"):
@@ -53,10 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def take_overrides(opt: argparse.Namespace) -> list[str]:
+    """The ``key=value`` arguments yes/no flags took as their value; each such flag is on, as if given bare."""
+    taken = []
+    for name, value in vars(opt).items():
+        if isinstance(value, Override):
+            setattr(opt, name, True)
+            taken.append(str(value))
+    return taken
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging(fmt=f"%(asctime)s {LOG_FORMAT}")
     parser = build_parser()
     opt, unknown = parser.parse_known_args(argv)
+    unknown = take_overrides(opt) + unknown
     from ldm.training import TrainingError, run_training
 
     bad = [u for u in unknown if "=" not in u]

@@ -11,8 +11,9 @@ identifier, prior preservation, which parts train and the pruned export written 
     export_half: false         # --export_half
     export_ema: false          # keep model_ema.* in the export (needs use_ema)
 
-The flags reach the section through :mod:`ldm.flags`. Bad input raises ``ValueError`` with a one-line
-message; ``ldm.training`` reports it and exits 2.
+The flags reach the section through :mod:`ldm.flags`; the identifier reaches the captions through
+:func:`ldm.run_config.settle_placeholder`. A key the section does not know, and other bad input, raise
+``ValueError`` with a one-line message; ``ldm.training`` reports it and exits 2.
 """
 from __future__ import annotations
 
@@ -23,30 +24,37 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.export import EXPORT_FORMATS, PrunedExport, export_path
-from ldm.flags import DATASET_SPLITS
-from ldm.momentum import single_token_id
+from ldm.momentum import DEFAULT_IDENTIFIER, single_token_id
 
 logger = logging.getLogger(__name__)
 
 SECTION = "dreambooth"
 PRIOR_LOSS_TARGET = "ldm.models.diffusion.prior_loss.PriorPreservationLoss"
 DEFAULT_PRIOR_LOSS_WEIGHT = 1.0
+KEYS = ("identifier", "prior_loss_weight", "train_unet", "train_text_encoder", "export_format", "export_half",
+        "export_ema")
+
+
+def identifier_of(config: DictConfig) -> str:
+    """The section's identifier (default :data:`~ldm.momentum.DEFAULT_IDENTIFIER`); ValueError unless one word."""
+    identifier = str(config[SECTION].get("identifier", DEFAULT_IDENTIFIER))
+    if not identifier.strip() or len(identifier.split()) != 1:
+        raise ValueError(f"--identifier must be one rare word such as '{DEFAULT_IDENTIFIER}', got '{identifier}'")
+    return identifier
 
 
 def derive_dreambooth(config: DictConfig) -> None:
-    """What the ``dreambooth`` section implies for the datasets and the model (flags are already in it)."""
+    """What the ``dreambooth`` section implies for the model (flags are already in it)."""
     section = config.get(SECTION)
     if section is None:
         return
-    identifier = str(section.get("identifier", "sks"))
-    if not identifier.strip() or len(identifier.split()) != 1:
-        raise ValueError(f"--identifier must be one rare word such as 'sks', got '{identifier}'")
+    unknown = sorted(set(section) - set(KEYS))
+    if unknown:
+        raise ValueError(f"{SECTION}.{unknown[0]} is not a DreamBooth setting (known: {', '.join(KEYS)}); remove it "
+                         "or fix its spelling")
     if section.get("export_format", "ckpt") not in EXPORT_FORMATS:
         raise ValueError(f"dreambooth.export_format must be one of {EXPORT_FORMATS}, got '{section.export_format}'")
     data = config.data.params
-    for split in DATASET_SPLITS:
-        if data.get(split) is not None:
-            OmegaConf.update(data[split], "params.placeholder_token", identifier)
     model = config.model.params
     weight = float(section.get("prior_loss_weight", DEFAULT_PRIOR_LOSS_WEIGHT))
     if data.train.params.get("reg_data_root"):
@@ -64,7 +72,7 @@ def prepare_dreambooth_model(model: pl.LightningModule, config: DictConfig) -> N
     section = config.get(SECTION)
     if section is None:
         return
-    single_token_id(model.cond_stage_model.tokenizer, str(section.get("identifier", "sks")), "identifier")
+    single_token_id(model.cond_stage_model.tokenizer, identifier_of(config), "identifier")
     if not section.get("train_unet", True):
         model.model.requires_grad_(False)
     parts = {"UNet": model.model, "text encoder": model.cond_stage_model}

@@ -2,8 +2,12 @@
 
 :data:`FLAGS` is the only place a flag meets the config: :func:`add_flags` puts the table on the
 argument parser and :func:`apply_flags` writes the given flags into the merged config, which is then
-all that the model, the data, the trainer and the validation read. A flag on the command line wins
-over the config's value (logged when they differ); a flag left out leaves the config as it is.
+all that the model, the data, the trainer and the validation read. Flags have no defaults: a flag
+left out leaves the config as it is, and what the config leaves out is the default of the part that
+reads it (its signature, or a constant such as ``ldm.momentum.DEFAULT_GAMMA``). A given flag wins over
+the config files (logged when they differ); a flag and a ``key=value`` that set one key to different
+values are an error. A given flag that writes nothing (its part is missing, or the switch it refines
+is off) is ignored with one log line.
 
 Key patterns:
 
@@ -27,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.export import EXPORT_FORMATS
 from ldm.lora import check_lora_specs
 from ldm.models.diffusion.compiled_unet import COMPILE_MODES
-from ldm.momentum import ANCHORS, check_anchor_weight, check_ema_decay, check_gamma
+from ldm.momentum import (ANCHORS, DEFAULT_GAMMA, DEFAULT_IDENTIFIER, DEFAULT_PLACEHOLDER, check_anchor_weight,
+                          check_ema_decay, check_gamma)
 from ldm.trainer_args import PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -57,7 +62,9 @@ class Flag:
 
     ``keys`` are dotted config keys, or ``(key, value)`` pairs that write a fixed value (on/off
     switches). ``requires``/``refuses`` name a config section the flag needs or cannot be used with,
-    and the message that says so. ``only_with`` names the switch this flag refines.
+    and the message that says so. ``only_with`` names the switch this flag refines. ``default`` is
+    only shown in the help (the consumer's default); the flag itself has none, so a flag left out is
+    never taken as given.
     """
 
     name: str
@@ -79,21 +86,21 @@ class Flag:
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """This flag on ``parser``; its help ends with the config keys it sets."""
         keys = ", ".join(key if isinstance(key, str) else key[0] for key in self.keys)
-        text = f"{self.help} [config: {keys.replace('{dataset}', 'data.params.<split>')}]"
+        shown = f" (default {self.default})" if self.default is not None else ""
+        text = f"{self.help}{shown} [config: {keys.replace('{dataset}', 'data.params.<split>')}]"
         if self.type is None:
             parser.add_argument(f"--{self.name}", action="store_true", help=text)
             return
         extra = {"nargs": "?", "const": self.bare_value} if self.bare_value is not None else {}
         if self.repeat:
             extra["action"] = "append"
-        parser.add_argument(f"--{self.name}", type=self.type, default=self.default, choices=self.choices,
-                            metavar=self.metavar, help=text, **extra)
+        parser.add_argument(f"--{self.name}", type=self.type, choices=self.choices, metavar=self.metavar, help=text,
+                            **extra)
 
     def given(self, opt: argparse.Namespace) -> bool:
+        """Whether the command line gave this flag (an empty string does not count, a weight of 0.0 does)."""
         value = getattr(opt, self.name)
-        if self.only_with is not None and not getattr(opt, self.only_with):
-            return False
-        return value is not None and value is not False and value != ""  # a weight of 0.0 counts as given
+        return value is not None and value is not False and value != ""
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -107,13 +114,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("compile_unet", "torch.compile the UNet (auto: CUDA graphs on a GPU)", ("model.params.compile_unet",),
          type=str, choices=COMPILE_MODES, bare_value="auto"),
     # ---- the embedding (personalization_config)
-    Flag("placeholder_string", "placeholder token (default '*')", (f"{PERSONALIZATION}.params.placeholder_strings",),
-         type=str, as_list=True,
+    Flag("placeholder_string", f"placeholder token (default '{DEFAULT_PLACEHOLDER}')",
+         (f"{PERSONALIZATION}.params.placeholder_strings",), type=str, as_list=True,
          refuses=("dreambooth", "cannot be used with DreamBooth, which names the subject with --identifier "
-                                "(default sks)")),
+                                f"(default {DEFAULT_IDENTIFIER})")),
     Flag("init_word", "word the vectors start from (e.g. woman)", (f"{PERSONALIZATION}.params.initializer_words",),
          type=str, as_list=True),
-    Flag("gamma", "momentum ratio in [0, 1] (the original code: 0.1; 1 = plain TI)",
+    Flag("gamma", f"momentum ratio in [0, 1] (default {DEFAULT_GAMMA}, the original code's; 1 = plain TI)",
          (f"{PERSONALIZATION}.params.gamma",), type=float, check=check_gamma),
     Flag("num_vectors_per_token", "vectors the placeholder stands for (default 1; more: more capacity, longer "
          "prompts)", (f"{PERSONALIZATION}.params.num_vectors_per_token",), type=int, minimum=1),
@@ -139,18 +146,18 @@ FLAGS: tuple[Flag, ...] = (
     Flag("descriptive_p", "probability of each descriptive word", (f"{DATASET}.descriptive_p",), type=float),
     Flag("use_random_prompt", "random TI object templates", ((f"{DATASET}.use_random_prompt", True),)),
     # ---- the face term
-    Flag("use_facial_loss", "add the dlib face-crop loss term (and score validation samples' identity)",
-         ((f"{FACIAL_LOSS}.target", FACIAL_LOSS_TARGET), ("lightning.validation.identity", True))),
-    Flag("facial_loss_weight", "lambda of the face term", (f"{FACIAL_LOSS}.params.weight",), type=float,
-         default=1.0, only_with="use_facial_loss"),
-    Flag("face_detector", "dlib face detector", (f"{DATASET}.face_crops.detector",), type=str, default="cnn",
-         choices=("cnn", "hog"), only_with="use_facial_loss"),
+    Flag("use_facial_loss", "add the dlib face-crop loss term (with face crops of the photos; validation samples' "
+         "identity is scored)", ((f"{FACIAL_LOSS}.target", FACIAL_LOSS_TARGET),)),
+    Flag("facial_loss_weight", "lambda of the face term (default 1)", (f"{FACIAL_LOSS}.params.weight",), type=float),
+    Flag("face_detector", "dlib face detector of the face crops (default cnn)", (f"{DATASET}.face_crops.detector",),
+         type=str, choices=("cnn", "hog"), only_with="use_facial_loss"),
     # ---- DreamBooth (configs with a dreambooth section)
     Flag("reg_data_root", "DreamBooth: class images for prior preservation (scripts/make_class_images.py makes "
          "them)", (f"{DATASET}.reg_data_root",), type=str, requires=DREAMBOOTH_ONLY),
     Flag("prior_loss_weight", "DreamBooth: prior-loss weight (default 1.0)", ("dreambooth.prior_loss_weight",),
          type=float, requires=DREAMBOOTH_ONLY),
-    Flag("identifier", "DreamBooth: the subject's rare token (default sks)", ("dreambooth.identifier",), type=str,
+    Flag("identifier", f"DreamBooth: the subject's rare token (default {DEFAULT_IDENTIFIER})",
+         ("dreambooth.identifier",), type=str,
          requires=DREAMBOOTH_ONLY),
     Flag("train_text_encoder", "DreamBooth: train the text encoder too", (("dreambooth.train_text_encoder", True),),
          requires=DREAMBOOTH_ONLY),
@@ -193,23 +200,45 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         flag.add_to(parser)
 
 
-def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
-    """Check the given flags and write them into ``config``; raises :class:`FlagError` naming the flag."""
+def apply_flags(config: DictConfig, opt: argparse.Namespace, overrides: DictConfig | None = None) -> None:
+    """Check the given flags and write them into ``config``; raises :class:`FlagError` naming the flag.
+
+    ``overrides`` are the command line's ``key=value`` arguments: a flag may not contradict one.
+    """
     for flag in FLAGS:
         if not flag.given(opt):
+            continue
+        if flag.only_with is not None and not getattr(opt, flag.only_with):
+            logger.info("--%s is ignored without --%s", flag.name, flag.only_with)
             continue
         value = getattr(opt, flag.name)
         _check_sections(flag, config)
         writes = [(path, written) for key, written in _keys_and_values(flag, value) for path in _expand(config, key)]
-        if writes:  # a flag for parts the config lacks is ignored, its value unchecked (as in the original code)
-            _check_value(flag, value)
+        if not writes:  # a flag for parts the config lacks is ignored, its value unchecked (as in the original code)
+            logger.info("--%s is ignored: the config has no %s", flag.name, _part(flag))
+            continue
+        _check_value(flag, value)
         for path, written in writes:
+            _check_agreement(flag, value, path, written, overrides)
             _write(config, path, written, flag.name)
 
 
 def _keys_and_values(flag: Flag, value: Any) -> list[tuple[str, Any]]:
     """``(key, value written)`` of each of ``flag.keys``."""
     return [(key, [value] if flag.as_list else value) if isinstance(key, str) else key for key in flag.keys]
+
+
+def _part(flag: Flag) -> str:
+    """The config section the first key of ``flag`` goes into (as the help names it)."""
+    key = flag.keys[0] if isinstance(flag.keys[0], str) else flag.keys[0][0]
+    return key.rsplit(".params.", 1)[0].replace("{dataset}", "data.params.<split>")
+
+
+def _check_agreement(flag: Flag, value: Any, path: str, written: Any, overrides: DictConfig | None) -> None:
+    """FlagError when a ``key=value`` of the command line sets ``path`` to another value than the flag."""
+    given = OmegaConf.select(overrides, path) if overrides is not None else None
+    if given is not None and str(given) != str(written):
+        raise FlagError(f"--{flag.name} {value} and {path}={given} on the command line disagree: give one of them")
 
 
 def _check_sections(flag: Flag, config: DictConfig) -> None:

@@ -11,11 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError
 from ldm.data.images import DataRootError
-from ldm.dreambooth import derive_dreambooth, dreambooth_callbacks, prepare_dreambooth_model
-from ldm.flags import DATASET_SPLITS, PERSONALIZATION, apply_flags
+from ldm.dreambooth import dreambooth_callbacks, prepare_dreambooth_model
+from ldm.flags import DATASET_SPLITS
 from ldm.lora import lora_callbacks, prepare_lora_model
 from ldm.models.diffusion.ddpm import NOTHING_TO_TRAIN
 from ldm.precision import half_dtype
+from ldm.run_config import check_config, configure, error_line
 from ldm.trainer_args import device_kwargs, trainer_kwargs
 from ldm.util import instantiate_from_config
 from ldm.validation.setup import build_validation
@@ -75,22 +76,6 @@ def load_config(bases: list[str], dotlist: list[str]) -> DictConfig:
         return OmegaConf.merge(*[OmegaConf.load(b) for b in bases], OmegaConf.from_dotlist(dotlist))
     except Exception as err:
         raise TrainingError(f"could not read the configs {bases}: {err}") from err
-
-
-def configure(config: DictConfig, opt: argparse.Namespace) -> None:
-    """The flags into the merged config, then what the config implies for its parts (one-line ValueErrors)."""
-    apply_flags(config, opt)
-    link_placeholder(config)
-    derive_dreambooth(config)  # after: a DreamBooth run captions with its identifier
-
-
-def link_placeholder(config: DictConfig) -> None:
-    """The datasets caption with the embedding's placeholder (``personalization_config``'s first one)."""
-    placeholders = OmegaConf.select(config, f"{PERSONALIZATION}.params.placeholder_strings")
-    if placeholders:
-        for split in DATASET_SPLITS:
-            if OmegaConf.select(config, f"data.params.{split}") is not None:
-                OmegaConf.update(config, f"data.params.{split}.params.placeholder_token", placeholders[0])
 
 
 def add_run_settings(config: DictConfig, opt: argparse.Namespace, paths: RunPaths, trainer_args: dict,
@@ -194,11 +179,12 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     paths, bases = resolve_paths(opt, now)
     config = load_config(bases, dotlist)
     try:
-        configure(config, opt)
+        configure(config, opt, dotlist)
+        check_config(config)
         device_args = device_kwargs(opt)
         trainer_config = OmegaConf.select(config, "lightning.trainer", default=None) or OmegaConf.create()
         trainer_args = trainer_kwargs(OmegaConf.to_container(trainer_config, resolve=True))
-    except ValueError as err:  # FlagError, TrainerArgumentError and the DreamBooth section's checks
+    except ValueError as err:  # FlagError, TrainerArgumentError, the config's and the DreamBooth section's checks
         raise TrainingError(str(err)) from None
     add_run_settings(config, opt, paths, trainer_args, device_args)
     pl.seed_everything(opt.seed, workers=True)
@@ -211,18 +197,18 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
         validation = build_validation(config, data, model, images_dir=paths.logdir / "images",
                                       ckptdir=paths.ckptdir, every_n_train_steps=save_every_n_steps(config))
     except (DataRootError, CheckpointError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        raise TrainingError(str(err).splitlines()[0]) from err  # TypeError: a config key its target does not take
+        raise TrainingError(error_line(err, config)) from err  # TypeError: a config key its target does not take
     if not any(group["params"] for group in model.trainable_parameters()):
         raise TrainingError(NOTHING_TO_TRAIN)
     trainer = build_trainer(config, paths, {**trainer_args, **device_args}, validation)
     hold_frozen_weights_in_half(model, config, trainer_args["precision"])
+    if not opt.train:  # a check writes nothing, not even the log dir
+        logger.info("Nothing to do without -t/--train (the config and model were checked)")
+        return 0
     if trainer.is_global_zero:
         paths.cfgdir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, paths.cfgdir / f"{now}-project.yaml")
     logger.info("Logging to %s", paths.logdir)
-    if not opt.train:
-        logger.info("Nothing to do without -t/--train (the config and model were checked)")
-        return 0
     os.environ[RUN_TIME_ENV] = now
     try:
         trainer.fit(model, data, ckpt_path=str(paths.resume_ckpt) if paths.resume_ckpt else None)

@@ -15,6 +15,7 @@ from typing import Any
 from ldm.data.images import DataRootError
 from ldm.data.personalized import PersonalizedBase
 from ldm.data.resumable import with_same_draw
+from ldm.momentum import DEFAULT_IDENTIFIER
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class DreamBoothDataset(PersonalizedBase):
     """Subject photos from ``data_root`` with the identifier; class images from ``reg_data_root``."""
 
     def __init__(self, data_root: str | Path, reg_data_root: str | Path | None = None,
-                 placeholder_token: str = "sks", class_word: str | None = None, **kwargs: Any) -> None:
+                 placeholder_token: str = DEFAULT_IDENTIFIER, class_word: str | None = None, **kwargs: Any) -> None:
         if not class_word:
             raise ValueError("DreamBooth needs the subject's class word (e.g. --class_word woman): prompts read "
                              f"'a photo of a {placeholder_token} <class_word>'")

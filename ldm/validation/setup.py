@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.momentum import DEFAULT_PLACEHOLDER
+from ldm.run_config import run_placeholder
 from ldm.validation.callback import ValidationSampler
 from ldm.validation.settings import ValidationSettings
 
@@ -17,7 +19,8 @@ def build_validation(config: DictConfig, data, model, *, images_dir: Path, ckptd
     """The validation callback, or None when ``lightning.validation.enabled`` is false or nothing fits.
 
     By default validation runs for personalization data (a train dataset with training prompts) on a
-    model that samples (``sample_images``); ValueError for bad ``lightning.validation`` settings.
+    model that samples (``sample_images``); ValueError for bad ``lightning.validation`` settings. The
+    placeholder of given prompts comes from the config (:func:`ldm.run_config.run_placeholder`).
     """
     node = OmegaConf.to_container(config.get("lightning", {}).get("validation") or OmegaConf.create(), resolve=True)
     enabled = node.get("enabled")
@@ -30,7 +33,8 @@ def build_validation(config: DictConfig, data, model, *, images_dir: Path, ckptd
         if enabled:
             logger.warning("Validation sampling needs personalization data and a latent-diffusion model: off")
         return None
-    settings = ValidationSettings.from_config(node, subject=prompts.subject, placeholder=prompts.placeholder_token)
+    placeholder = run_placeholder(config) or DEFAULT_PLACEHOLDER  # the settled config's, as the captions'
+    settings = ValidationSettings.from_config(node, subject=prompts.subject, placeholder=placeholder)
     logger.info("Validation: %d prompts x %d samples, %d DDIM steps, at every save (every %d steps) and at the "
                 "end%s; --no_validation turns it off", len(settings.prompts), settings.samples_per_prompt,
                 settings.ddim_steps, every_n_train_steps, ", with identity scores" if settings.identity else "")

@@ -64,8 +64,8 @@ def make_ddim_timesteps(num_ddim_steps: int, num_train_timesteps: int = 1000,
     "quad": (linspace(0, sqrt(0.8 T), S) ** 2).int() + 1.
     """
     if not 0 < num_ddim_steps <= num_train_timesteps:
-        raise ValueError(f"number of sampling steps must be in [1, {num_train_timesteps}], "
-                         f"got {num_ddim_steps}; pass a smaller S")
+        raise ValueError(f"the number of sampling steps must be in [1, {num_train_timesteps}] (the model's "
+                         f"timesteps), got {num_ddim_steps}: set --ddim_steps (or --validation_ddim_steps) within it")
     if discretize == "uniform":
         stride = num_train_timesteps // num_ddim_steps
         steps = torch.arange(0, num_train_timesteps, stride, dtype=torch.long)[:num_ddim_steps]
