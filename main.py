@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default=None, help="GPU ids as in the original code, e.g. '0,' or '0,1'")
     p.add_argument("--accelerator", default=None, help="cpu, gpu or auto (default: gpu when --gpus)")
     p.add_argument("--devices", default=None, help="number of devices (e.g. 2 CPU processes for DDP)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show what is hidden by default: Lightning's adverts, model table and eval-mode warning, "
+                        "deprecation warnings")
     add_flags(p)
     return p
 

@@ -3,23 +3,22 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import signal
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-import torchvision
-from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.compat import drop_ignored_keys
 from ldm.png_metadata import SampleSettings, model_fields, png_text
-from ldm.sampling_io import save_png
+from ldm.sampling_io import save_png, to_grid_image
+from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
+
+RESUME_POINT = "last.ckpt"  # what ``main.py -r LOGDIR`` reads in ``LOGDIR/checkpoints``
 
 
 class EmbeddingCheckpoint(pl.Callback):
@@ -28,8 +27,11 @@ class EmbeddingCheckpoint(pl.Callback):
 
     With ``ema_decay`` set, each file has an ``embeddings_ema*`` twin holding the moving average of v.
 
-    SIGUSR1 saves ``embeddings.pt`` and ``last.ckpt`` between two steps and training goes on. Ctrl-C,
-    SIGTERM (which Lightning turns into an exception) and any other error save them before exit.
+    It alone writes ``last.ckpt``, the resume point of ``-r`` (always this one name, replaced
+    atomically): at every N-th step before anything else slow happens at that step (validation
+    sampling), and at the end. SIGUSR1 saves ``embeddings.pt`` and ``last.ckpt`` between two steps
+    and training goes on. Ctrl-C, SIGTERM (which Lightning turns into an exception) and any other
+    error save them before exit. A step that stopped the run on a NaN/Inf loss writes neither.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int = 500):
@@ -37,6 +39,7 @@ class EmbeddingCheckpoint(pl.Callback):
         self.every_n_train_steps = every_n_train_steps
         self.save_requested = False
         self._previous_sigusr1 = None
+        self._resume_point_step: int | None = None
 
     def _save(self, pl_module, name: str) -> None:
         manager = getattr(pl_module, "embedding_manager", None)
@@ -52,7 +55,19 @@ class EmbeddingCheckpoint(pl.Callback):
 
     def _save_resumable(self, trainer, pl_module) -> None:
         self._save(pl_module, "embeddings.pt")
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+        self._save_resume_point(trainer)
+
+    def _save_resume_point(self, trainer) -> None:
+        """``last.ckpt`` at this step; every rank calls it (Lightning's save is collective), rank 0 writes."""
+        def save(target: Path) -> None:
+            trainer.save_checkpoint(target, weights_only=False)  # with the optimizer and loop states
+
+        path = self.dirpath / RESUME_POINT
+        if trainer.is_global_zero:
+            atomic_write(path, save)  # a kill while writing leaves the previous one whole
+        else:
+            save(path)  # joins rank 0's save; writes nothing here
+        self._resume_point_step = trainer.global_step
 
     def on_train_start(self, trainer, pl_module):
         # After Lightning registered its own handlers, so that its teardown restores the originals.
@@ -70,6 +85,7 @@ class EmbeddingCheckpoint(pl.Callback):
         stopped = getattr(pl_module, "stopped_on_nonfinite_loss", False)  # set by ldm.nonfinite at this step
         if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and not stopped:
             self._save(pl_module, f"embeddings_gs-{step}.pt")
+            self._save_resume_point(trainer)
         if self.save_requested:
             logger.warning("SIGUSR1 received: saving the embedding and a resumable checkpoint")
             self._save_resumable(trainer, pl_module)
@@ -80,6 +96,9 @@ class EmbeddingCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._save(pl_module, "embeddings.pt")
+        stopped = getattr(pl_module, "stopped_on_nonfinite_loss", False)
+        if not stopped and self._resume_point_step != trainer.global_step:  # -r can go on with a larger --max_steps
+            self._save_resume_point(trainer)
         self._restore_handler()
 
     def on_exception(self, trainer, pl_module, exception):
@@ -103,15 +122,6 @@ def ema_file_name(name: str) -> str:
     stem, dot, suffix = name.partition(".")
     stem = "embeddings_ema" + stem[len("embeddings"):] if stem.startswith("embeddings") else stem + "_ema"
     return stem + dot + suffix
-
-
-def to_grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
-    """A grid PIL image of images [N, 3, H, W] in [-1, 1]."""
-    images = images.detach().float().cpu().clamp(-1, 1)
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
-    grid = torchvision.utils.make_grid((images + 1) / 2, nrow=nrow)  # [3, H', W'] in [0, 1]
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)
 
 
 class ImageLogger(pl.Callback):

@@ -6,10 +6,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, read_checkpoint_meta
+from ldm.cli import one_line
 from ldm.data.images import DataRootError
 from ldm.dreambooth import dreambooth_callbacks, prepare_dreambooth_model
 from ldm.flags import DATASET_SPLITS
@@ -20,6 +22,9 @@ from ldm.run_config import check_config, configure, error_line
 from ldm.trainer_args import device_kwargs, trainer_kwargs
 from ldm.util import instantiate_from_config
 from ldm.validation.setup import build_validation
+
+if TYPE_CHECKING:
+    from ldm.run_log import RunSummary, SamplingCommand
 
 logger = logging.getLogger(__name__)
 
@@ -134,16 +139,22 @@ def save_every_n_steps(config: DictConfig) -> int:
     return int(lightning.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500))
 
 
-def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, validation=None):
-    """Lightning's Trainer with the run's callbacks and loggers; ``trainer_args`` include the devices."""
+def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, validation=None, *,
+                  resume_step: int | None = None, summary: RunSummary | None = None, verbose: bool = False):
+    """Lightning's Trainer with the run's callbacks and loggers; ``trainer_args`` include the devices.
+
+    ``resume_step``: the step of the checkpoint ``-r`` resumes (TensorBoard hides what was logged
+    after it). ``summary``: the end-of-run callback (a plain one by default). ``verbose`` keeps
+    Lightning's own model summary (with its FLOPs column) instead of :class:`ldm.run_log.PartsSummary`.
+    """
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from ldm.callbacks import EmbeddingCheckpoint
     from ldm.nonfinite import DEFAULT_EVERY_N_STEPS, NonFiniteLossStop
-    from ldm.run_log import RunSummary, StepProgressBar
+    from ldm.run_log import PartsSummary, RunSummary, StepProgressBar
+    from ldm.run_metrics import StepNumbering, tensorboard_resume_kwargs
 
     lightning = config.get("lightning", OmegaConf.create())
     every = save_every_n_steps(config)
@@ -152,22 +163,63 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, valid
     nonfinite_every = int(lightning.get("nonfinite_check_every_n_steps", DEFAULT_EVERY_N_STEPS))
     callbacks = [
         NonFiniteLossStop(nonfinite_every, save_every_n_train_steps=every),  # first: it decides before any save
-        ModelCheckpoint(dirpath=paths.ckptdir, save_last=True, save_top_k=0, every_n_train_steps=every),
-        EmbeddingCheckpoint(paths.ckptdir, every_n_train_steps=every),
-        LearningRateMonitor(logging_interval="step"),
+        EmbeddingCheckpoint(paths.ckptdir, every_n_train_steps=every),  # the only writer of last.ckpt
+        StepNumbering(),
         *dreambooth_callbacks(config, paths.ckptdir),
         *lora_callbacks(config, paths.ckptdir, every),
         *([StepProgressBar()] if trainer_args.get("enable_progress_bar", True) else []),
     ]
     callbacks += [instantiate_from_config(cfg) for cfg in lightning.get("callbacks", {}).values()]
-    callbacks += [validation, RunSummary(validation)] if validation is not None else [RunSummary()]
+    quiet_summary = trainer_args.get("enable_model_summary", True) and not verbose
+    callbacks += [*([validation] if validation is not None else []), summary or RunSummary(validation),
+                  *([PartsSummary()] if quiet_summary else [])]
     loggers = [CSVLogger(paths.logdir, name="", version="csv"),
-               TensorBoardLogger(paths.logdir, name="", version="tensorboard")]
-    kwargs = {"log_every_n_steps": min(10, every), **trainer_args}
+               TensorBoardLogger(paths.logdir, name="", version="tensorboard", **tensorboard_resume_kwargs(resume_step))]
+    kwargs = {"log_every_n_steps": min(10, every), **trainer_args,
+              **({"enable_model_summary": False} if quiet_summary else {})}
     try:
         return pl.Trainer(default_root_dir=paths.logdir, callbacks=callbacks, logger=loggers, **kwargs)
     except (TypeError, ValueError, MisconfigurationException) as err:  # a lightning.trainer value Lightning refuses
         raise TrainingError(f"Lightning's Trainer refused the arguments: {str(err).strip().splitlines()[0]}") from err
+
+
+def saved_step(resume_ckpt: Path) -> int:
+    """The step ``resume_ckpt`` (a ``last.ckpt``) was saved at."""
+    try:
+        return int(read_checkpoint_meta(resume_ckpt).get("global_step", 0))
+    except CheckpointError as err:
+        raise TrainingError(f"cannot resume: {one_line(err)}") from err
+
+
+def sampling_command(config: DictConfig, config_file: Path, data, *, outdir: Path) -> SamplingCommand | None:
+    """How to sample this run's embedding with ``stable_txt2img.py``; None for runs that train no embedding
+    alone (DreamBooth, LoRA, pretraining) or start from no checkpoint."""
+    from ldm.data.prompts import DEFAULT_TEMPLATE
+    from ldm.run_log import SamplingCommand
+
+    ckpt = OmegaConf.select(config, "model.params.ckpt_path")
+    train = getattr(data, "datasets", {}).get("train")
+    prompts = getattr(train, "prompts", None)
+    embedding_only = OmegaConf.select(config, "model.params.personalization_config") is not None and \
+        config.get("dreambooth") is None and config.get("lora") is None
+    if not (ckpt and prompts is not None and embedding_only):
+        return None
+    return SamplingCommand(config=config_file, ckpt=str(ckpt), prompt=DEFAULT_TEMPLATE.format(prompts.subject),
+                           size=getattr(train, "size", None), outdir=outdir)
+
+
+def before_fit(trainer, model, resume_step: int | None) -> None:
+    """Say that the frozen parts are in eval mode on purpose; on ``-r``, keep the earlier runs' metrics."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    from ldm.run_log import frozen_parts_note
+    from ldm.run_metrics import continue_csv_metrics
+
+    if trainer.is_global_zero and (note := frozen_parts_note(model)):
+        logger.info("%s", note)
+    if resume_step is not None:
+        for csv_logger in (lg for lg in trainer.loggers if isinstance(lg, CSVLogger)):
+            continue_csv_metrics(csv_logger, resume_step)
 
 
 def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
@@ -175,8 +227,15 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from ldm.run_log import RunSummary, quiet_libraries, show_everything
+
+    if opt.verbose:
+        show_everything()
+    else:
+        quiet_libraries()
     now = os.environ.get(RUN_TIME_ENV, now)
     paths, bases = resolve_paths(opt, now)
+    resume_step = saved_step(paths.resume_ckpt) if paths.resume_ckpt else None
     config = load_config(bases, dotlist)
     try:
         configure(config, opt, dotlist)
@@ -200,7 +259,11 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
         raise TrainingError(error_line(err, config)) from err  # TypeError: a config key its target does not take
     if not any(group["params"] for group in model.trainable_parameters()):
         raise TrainingError(NOTHING_TO_TRAIN)
-    trainer = build_trainer(config, paths, {**trainer_args, **device_args}, validation)
+    summary = RunSummary(validation, sampling=sampling_command(config, paths.cfgdir / f"{now}-project.yaml", data,
+                                                               outdir=Path("outputs") / paths.logdir.name),
+                         final_embedding=paths.ckptdir / "embeddings.pt")
+    trainer = build_trainer(config, paths, {**trainer_args, **device_args}, validation, resume_step=resume_step,
+                            summary=summary, verbose=opt.verbose)
     hold_frozen_weights_in_half(model, config, trainer_args["precision"])
     if not opt.train:  # a check writes nothing, not even the log dir
         logger.info("Nothing to do without -t/--train (the config and model were checked)")
@@ -209,6 +272,7 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
         paths.cfgdir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, paths.cfgdir / f"{now}-project.yaml")
     logger.info("Logging to %s", paths.logdir)
+    before_fit(trainer, model, resume_step)
     os.environ[RUN_TIME_ENV] = now
     try:
         trainer.fit(model, data, ckpt_path=str(paths.resume_ckpt) if paths.resume_ckpt else None)

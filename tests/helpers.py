@@ -286,6 +286,17 @@ class KillAtStep(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillWhileSampling(pl.Callback):
+    """SIGKILLs its own process in the first validation sampling after the end of ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            pl_module.sample_images = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+
+
 class NaNOnRankOne(pl.Callback):
     """From step ``step`` on, rank 1's cached latents are NaN, so only its loss is NaN."""
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import shlex
 from pathlib import Path
 
 import pytest
-from helpers import base_argv, only_run, write_photos
+from helpers import base_argv, load_script, only_run, write_photos
 from PIL import Image
 
 import main
@@ -19,7 +20,8 @@ from ldm.training import configure, load_config
 TINY = "configs/tiny/v1-finetune.yaml"
 
 
-def test_a_3_step_run_has_its_metrics_on_disk_and_a_summary(tmp_path, photo_dir, tiny_ckpt, caplog, capfd) -> None:
+def test_a_3_step_run_has_its_metrics_on_disk_and_a_summary(tmp_path, photo_dir, tiny_ckpt, caplog, capfd,
+                                                            monkeypatch) -> None:
     # log_every_n_steps is 10 here: Lightning alone would write no train/loss for a 3-step run
     argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "-n", "short", "--max_steps", "3", "--no_validation",
                      "lightning.callbacks.image_logger.params.disabled=true")
@@ -28,13 +30,13 @@ def test_a_3_step_run_has_its_metrics_on_disk_and_a_summary(tmp_path, photo_dir,
     run = only_run(tmp_path, "short")
     with open(run / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
-    assert [int(r["step"]) for r in rows] == [2], "the last step's values (Lightning's step 2 is the 3rd step)"
+    assert [int(r["step"]) for r in rows] == [3], "the last step's values, at its number (the 3rd step: 3)"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == [2]
+    assert [e.step for e in events.Scalars("train/loss")] == [3]
 
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training done")]
     assert len(summary) == 1 and "3 steps (to step 3)" in summary[0] and "it/s" in summary[0]
@@ -43,6 +45,18 @@ def test_a_3_step_run_has_its_metrics_on_disk_and_a_summary(tmp_path, photo_dir,
     bar = captured.out + captured.err
     assert re.search(r"Training step: 100%\|[^|]*\| 3/3 \[", bar), "the bar counts steps up to max_steps"
     assert "v_num" not in bar and "Epoch 0" not in bar.split("Training step")[-1]
+
+    # the next step: the final embedding (no identity scores here) and a command that samples with it
+    (advice,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Use ")]
+    final = run / "checkpoints" / "embeddings.pt"
+    assert advice.startswith(f"Use the final embedding, {final}. Sample with it: python scripts/stable_txt2img.py ")
+    command = shlex.split(advice.split("Sample with it: ")[1])
+    assert command[command.index("--embedding_path") + 1] == str(final)
+    assert command[command.index("--prompt") + 1] == "a photo of a *"
+    monkeypatch.chdir(tmp_path)  # --outdir is relative: outputs/<run>
+    quick = ["--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2", "--device", "cpu"]
+    assert load_script("stable_txt2img").main([*command[2:], *quick]) == 0, "the command runs as printed"
+    assert list((tmp_path / "outputs" / run.name / "samples").glob("*.png"))
 
 
 def test_format_duration() -> None:

@@ -1,13 +1,17 @@
 """The validation callback: sample grids at every embedding save, identity scores, the best embedding.
 
-At every ``every_n_train_steps``-th step (the steps that write ``embeddings_gs-N.pt``) and at the
-end of training, rank 0 samples every validation prompt ``samples_per_prompt`` times with the
+At every ``every_n_train_steps``-th step N (the steps that write ``embeddings_gs-N.pt`` and
+``last.ckpt``) and at the end of training, rank 0 samples every validation prompt ``samples_per_prompt`` times with the
 sampler of ``stable_txt2img.py`` (DDIM, eta 0, classifier-free guidance with its negative prompt)
 from starting noise drawn once from ``seed``: every save starts from the same noise, so the grids
 compare across steps. A grid goes to ``images/validation/step-N.png`` (prompts written to the left
 and in the PNG's text chunks) and to TensorBoard. With ``identity`` on, the samples are scored
 against the training photos (:class:`ldm.evaluation.IdentityScorer`) and the best save is kept
 (:mod:`ldm.validation.best`).
+
+The validation of step N runs when the next batch starts, with the weights of step N: after step N's
+resume point and metrics are on disk. A run stopped or killed before it (SIGTERM at step N, SIGKILL
+while sampling) samples step N when it is resumed with ``-r``, unless its grid is already written.
 """
 from __future__ import annotations
 
@@ -70,10 +74,13 @@ class ValidationSampler(pl.Callback):
             self.scorer = self._load_scorer()
         self._training_since = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
-            self.validate(trainer, pl_module, step)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step  # the weights after step N, before step N + 1 changes them
+        if not (self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0):
+            return
+        if self.validated_step is None and self.grid_path(step).is_file():
+            self.validated_step = step  # resumed after this save's validation had finished
+        self.validate(trainer, pl_module, step)
 
     def on_train_end(self, trainer, pl_module):
         self.validate(trainer, pl_module, trainer.global_step)
@@ -119,7 +126,7 @@ class ValidationSampler(pl.Callback):
     def _write_grid(self, trainer, images: torch.Tensor, step: int) -> None:
         s = self.settings
         grid = labelled_grid(images, s.prompts)
-        path = save_png(self.samples_dir / f"step-{step}.png", grid, {
+        path = save_png(self.grid_path(step), grid, {
             "prompts": "\n".join(s.prompts), "step": step, "samples_per_prompt": s.samples_per_prompt,
             "seed": s.seed, "steps": s.ddim_steps, "scale": s.scale, "sampler": "DDIM", "eta": s.eta,
             "negative_prompt": s.negative_prompt})
@@ -165,6 +172,15 @@ class ValidationSampler(pl.Callback):
         logger.warning("Validation sampling took %.1f s, %.0f%% of the %.1f s of training since the previous save "
                        "(on %s); turn it off with --no_validation or shorten it with --validation_ddim_steps",
                        sampling_s, 100 * sampling_s / training_s, training_s, device)
+
+    def grid_path(self, step: int) -> Path:
+        return self.samples_dir / f"step-{step}.png"
+
+    def best_embedding(self) -> tuple[Path, int] | None:
+        """The best embedding's file and step, when identity scores picked one."""
+        if self.best is None or self.best.best is None:
+            return None
+        return self.best.path, self.best.best.step
 
     def describe(self) -> str:
         """Where the samples are and which embedding is the best, for the end-of-run summary."""

@@ -293,10 +293,7 @@ class DDPM(pl.LightningModule):
         # on_before_optimizer_step, and the ranks agree on stopping every N steps (ldm.nonfinite)
         self.nonfinite.record(loss, self.global_step)
         self.log_dict(loss_dict, prog_bar=True, on_step=True, on_epoch=False, batch_size=self._batch_size(batch))
-        # made on the device: a Python float would be copied there, which waits for the GPU
-        step = torch.full((), float(self.global_step), device=self.device)
-        self.log("global_step", step, prog_bar=False, on_step=True, on_epoch=False)
-        return loss
+        return loss  # the step's number is logged by ldm.run_metrics.StepNumbering (1 for the first step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.nonfinite.skip_update_if_bad(optimizer)
