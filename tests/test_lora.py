@@ -17,7 +17,7 @@ import main
 from ldm.checkpoint import CheckpointError, read_state_dict
 from ldm.checkpoint.lora import UNET_PREFIX, read_lora, save_lora, unet_diffusers_path
 from ldm.inference import load_model
-from ldm.lora import add_trained_adapters, apply_lora_files, merge_export, model_parts, trained_layers
+from ldm.lora import add_trained_adapters, apply_lora_files, model_parts, trained_layers
 from ldm.modules.lora import DEFAULT_UNET_TARGETS, AdapterPart, add_adapters, adapter_layers, export_layers, \
     load_file_adapters
 from ldm.png_metadata import model_hash
@@ -150,7 +150,9 @@ def test_merged_export_equals_adapters_applied(trained, tiny_ckpt, tmp_path):
     _, path = trained
     applied = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
     assert load_file_adapters(model_parts(applied), read_lora(path), adapter="x", scale=0.7) > 0
-    merged_path = merge_export(TINY_INFERENCE, tiny_ckpt, [f"{path}:0.7"], tmp_path / "merged.safetensors")
+    merged_path = tmp_path / "merged.safetensors"
+    assert load_script("export_lora").main(["--config", str(TINY_INFERENCE), "--ckpt", str(tiny_ckpt), "--lora",
+                                            f"{path}:0.7", "--merge", str(merged_path)]) == 0
     assert set(read_state_dict(merged_path)) - set(read_state_dict(tiny_ckpt)) <= {
         "cond_stage_model.transformer.text_model.embeddings.position_ids"}, "the released SD v1 layout"
     merged = load_model(TINY_INFERENCE, merged_path, device="cpu")
