@@ -146,12 +146,16 @@ def sections(config: DictConfig) -> Iterator[tuple[str, Mapping]]:
 
 
 def _config_sections(node, path: str) -> Iterator[tuple[str, Mapping]]:
-    """``node`` and, below its ``params``, every mapping named ``*_config`` or ``lossconfig``, recursively."""
+    """``node`` and, below its ``params``, every section named ``*_config`` or ``lossconfig``, recursively.
+
+    A section holds ``target`` or ``params`` (``text_config`` and ``ddconfig`` are plain settings).
+    """
     if not isinstance(node, Mapping):
         return
     yield path, node
     for key, child in (node.get("params") or {}).items():
-        if isinstance(child, Mapping) and (key.endswith("_config") or key == "lossconfig"):
+        if isinstance(child, Mapping) and (key.endswith("_config") or key == "lossconfig") \
+                and {"target", "params"} & set(child):
             yield from _config_sections(child, f"{path}.params.{key}")
 
 

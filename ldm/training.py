@@ -169,7 +169,10 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, valid
         *lora_callbacks(config, paths.ckptdir, every),
         *([StepProgressBar()] if trainer_args.get("enable_progress_bar", True) else []),
     ]
-    callbacks += [instantiate_from_config(cfg) for cfg in lightning.get("callbacks", {}).values()]
+    try:
+        callbacks += [instantiate_from_config(cfg) for cfg in lightning.get("callbacks", {}).values()]
+    except TypeError as err:  # a lightning.callbacks key its target does not take
+        raise TrainingError(error_line(err, config)) from err
     quiet_summary = trainer_args.get("enable_model_summary", True) and not verbose
     callbacks += [*([validation] if validation is not None else []), summary or RunSummary(validation),
                   *([PartsSummary()] if quiet_summary else [])]

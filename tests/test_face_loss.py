@@ -282,9 +282,10 @@ def test_negative_weight_is_rejected():
 
 
 # ------------------------------------------------------------------------------------ CLI
-def cli_args(data_root: Path, logdir: Path, *extra: str) -> list[str]:
+def cli_args(data_root: Path, logdir: Path, ckpt: Path, *extra: str) -> list[str]:
     return [
         "--base", str(TINY_FINETUNE), "-t", "--data_root", str(data_root), "--logdir", str(logdir),
+        "--actual_resume", str(ckpt),
         "--use_facial_loss", "--face_detector", "hog", "--max_steps", "3", "--accelerator", "cpu",
         "data.params.num_workers=0", "lightning.trainer.log_every_n_steps=1", "lightning.trainer.benchmark=false",
         "lightning.callbacks.image_logger.params.batch_frequency=1000", *extra,
@@ -296,10 +297,10 @@ def read_metrics(logdir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_cli_trains_with_the_face_term(tmp_path, monkeypatch):
+def test_cli_trains_with_the_face_term(tmp_path, monkeypatch, tiny_ckpt):
     monkeypatch.setenv("MOMENTUM_TI_CACHE", str(tmp_path / "cache"))
     data_root = copy_faces(tmp_path / "photos")
-    assert main.main(cli_args(data_root, tmp_path / "logs")) == 0
+    assert main.main(cli_args(data_root, tmp_path / "logs", tiny_ckpt)) == 0
     (logdir,) = (tmp_path / "logs").iterdir()
     rows = [r for r in read_metrics(logdir) if r.get("train/loss_face")]
     assert rows, "metrics.csv has no train/loss_face values"
@@ -307,25 +308,25 @@ def test_cli_trains_with_the_face_term(tmp_path, monkeypatch):
     assert sorted(p.name for p in (logdir / "faces").iterdir()) == ["biden_1_face.png", "obama_1_face.png"]
 
 
-def test_cli_without_any_face_continues_without_the_term(tmp_path, monkeypatch, caplog):
+def test_cli_without_any_face_continues_without_the_term(tmp_path, monkeypatch, caplog, tiny_ckpt):
     monkeypatch.setenv("MOMENTUM_TI_CACHE", str(tmp_path / "cache"))
     data_root = write_no_face_images(tmp_path / "photos")
     with caplog.at_level(logging.WARNING):
-        assert main.main(cli_args(data_root, tmp_path / "logs", "--max_steps", "2")) == 0
+        assert main.main(cli_args(data_root, tmp_path / "logs", tiny_ckpt, "--max_steps", "2")) == 0
     assert "training continues without the facial loss" in caplog.text
     (logdir,) = (tmp_path / "logs").iterdir()
     rows = read_metrics(logdir)
     assert any(r.get("train/loss") for r in rows) and not any(r.get("train/loss_face") for r in rows)
 
 
-def test_cli_missing_dlib_model_exits_2_before_training(tmp_path, monkeypatch, caplog):
+def test_cli_missing_dlib_model_exits_2_before_training(tmp_path, monkeypatch, caplog, tiny_ckpt):
     monkeypatch.setenv("MOMENTUM_TI_CACHE", str(tmp_path / "cache"))
     empty = tmp_path / "no_models"  # a model_dir without dlib's .dat files, as if the package were missing
     empty.mkdir()
     data_root = copy_faces(tmp_path / "photos")
     overrides = [f"data.params.{split}.params.face_crops.model_dir={empty}" for split in ("train", "validation")]
     with caplog.at_level(logging.ERROR, logger="main"):
-        assert main.main(cli_args(data_root, tmp_path / "logs", *overrides)) == 2
+        assert main.main(cli_args(data_root, tmp_path / "logs", tiny_ckpt, *overrides)) == 2
     errors = [r.getMessage() for r in caplog.records if r.name == "main" and r.levelno == logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0], errors
     assert "face-recognition-models" in errors[0] and "shape_predictor_68_face_landmarks.dat" in errors[0]

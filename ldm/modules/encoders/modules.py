@@ -84,6 +84,9 @@ class FrozenCLIPEmbedder(nn.Module):
     ) -> None:
         super().__init__()
         overrides = dict(text_config or {})
+        unknown = sorted(set(overrides) - set(CLIPTextConfig().to_dict()))
+        if unknown:  # CLIPTextConfig would keep it silently
+            raise TypeError(f"FrozenCLIPEmbedder() got an unexpected keyword argument '{unknown[0]}' (in text_config)")
         if os.path.isdir(version):
             logger.info("Loading CLIP text encoder and tokenizer from %s", version)
             model = CLIPTextModel.from_pretrained(version, local_files_only=True, **overrides)
