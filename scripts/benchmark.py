@@ -6,7 +6,9 @@ classifier-free guidance), ``sample`` (prompt to image: 50 guided DDIM steps and
 ``StableDiffusionPipeline``), ``ti`` (one momentum-TI training step against diffusers'
 textual-inversion recipe, at each of ``--ti-batches``), ``ti_parts`` (the parts of those steps timed
 alone, and the lowest ratio that skipping the VAE encode and the token-table optimizer can give),
-``face`` (the TI step with the facial loss against the same step without it), ``face_prep`` (dlib
+``face`` (the TI step with the facial loss against the same step without it), ``anchoring`` (the TI
+step with each option of issue 19, --anchor_weight, --norm_bound, --init_words, --ema_decay, against
+the plain step; scripts/bench/anchoring.py), ``face_prep`` (dlib
 face crops of the fixture photos, cold and warm cache), ``dreambooth`` (one DreamBooth step with prior
 preservation against diffusers' ``train_dreambooth.py`` recipe), ``validation`` (in-run validation
 sampling at a save against the training steps between two saves, and the identity score of its
@@ -42,6 +44,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.precision import precision_autocast, precision_dtype
 from ldm.util import instantiate_from_config, randomize_zero_weights
 from bench import reference
+from bench.anchoring import anchoring_rows
 from bench.flops import count_flops, dense_half_peak_tflops
 from bench.measure import (
     Measurement,
@@ -65,8 +68,8 @@ CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune.yaml",
            "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune.yaml"}
 DREAMBOOTH_CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune_unfrozen.yaml",
                       "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune_unfrozen.yaml"}
-GROUPS = ("unet", "vae", "ddim", "sample", "ti", "ti_parts", "face", "dreambooth", "face_prep", "validation",
-          "compiled")
+GROUPS = ("unet", "vae", "ddim", "sample", "ti", "ti_parts", "face", "anchoring", "dreambooth", "face_prep",
+          "validation", "compiled")
 OPT_IN_GROUPS = ("compiled",)  # run only when named in --only
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
 TI_BATCHES = {"cpu": (1, 2), "cuda": (1, 2, 8)}
@@ -125,6 +128,7 @@ class Bench:
         self.device = torch.device(args.device)
         config = OmegaConf.load(CONFIGS[args.config])
         config.model.params.facial_loss_config = FACIAL_LOSS
+        self.config = config
         self.original_config = OmegaConf.to_container(config, resolve=True)
         logger.info("building our LatentDiffusion from %s", CONFIGS[args.config])
         self.ours = instantiate_from_config(config.model).to(self.device).eval()
@@ -425,7 +429,8 @@ def validation_group_rows(b: Bench) -> list[Row]:
 
 
 ROW_BUILDERS = {"unet": unet_rows, "vae": vae_rows, "ddim": ddim_rows, "sample": sample_rows, "ti": ti_rows,
-                "ti_parts": ti_part_rows, "face": face_rows, "face_prep": face_prep_rows,
+                "ti_parts": ti_part_rows, "face": face_rows, "anchoring": lambda b: anchoring_rows(b, PROMPT),
+                "face_prep": face_prep_rows,
                 "dreambooth": dreambooth_rows, "validation": validation_group_rows, "compiled": compiled_rows}
 
 

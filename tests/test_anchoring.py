@@ -2,6 +2,7 @@
 (init_words) and the moving average of the embedding, each checked against a hand computation."""
 from __future__ import annotations
 
+import json
 import logging
 from types import SimpleNamespace
 
@@ -228,3 +229,34 @@ def test_a_run_with_every_option_saves_ema_files_and_records_the_options(tmp_pat
     torch.testing.assert_close(payload["string_to_param"]["*"], ema.effective()["*"])
     # an EMA file loads where a plain embedding is expected
     EmbeddingManager(tiny_model.cond_stage_model, gamma=0.1).load(ckpts / "embeddings_ema.pt")
+
+
+def test_validation_samples_and_scores_the_moving_average_and_may_keep_it_as_best(tmp_path, photo_dir, tiny_ckpt,
+                                                                                 monkeypatch) -> None:
+    from ldm.validation import callback as validation_callback
+
+    # per save: the trained embedding's score, then the moving average's; the average at step 2 is the best
+    script = [(1.0, 0.6, 0.5), (1.0, 0.5, 1.0), (1.0, 0.6, 0.5), (1.0, 0.6, 0.75)]
+
+    class ScriptedScorer:
+        def score(self, images):
+            rate, distance, match = script.pop(0)
+            return {"images": len(images), "faces": len(images), "detection_rate": rate, "mean_distance": distance,
+                    "median_distance": distance, "fraction_under_threshold": match}
+
+    monkeypatch.setattr(validation_callback.IdentityScorer, "from_photos",
+                        classmethod(lambda cls, *a, **k: ScriptedScorer()))
+    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "-n", "emabest", "--max_steps", "4", "--ema_decay", "0.5",
+                     "--validation_identity", "--validation_ddim_steps", "2",
+                     "lightning.callbacks.image_logger.params.disabled=true",
+                     "lightning.modelcheckpoint.params.every_n_train_steps=2")
+    assert main.main(argv) == 0
+    run = only_run(tmp_path, "emabest")
+    assert {"step-2_ema.png", "step-4_ema.png"} <= {p.name for p in (run / "images" / "validation").iterdir()}
+    record = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert record["step"] == 2 and record["ema"] is True
+    best = load_embeddings(run / "checkpoints" / "embeddings_best.pt")
+    assert best.ema
+    ema_at_2 = load_embeddings(run / "checkpoints" / "embeddings_ema_gs-2.pt")
+    torch.testing.assert_close(best.params["*"], ema_at_2.params["*"])
+    assert not script, "both embeddings were scored at both saves"

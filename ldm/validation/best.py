@@ -74,13 +74,14 @@ class BestEmbedding:
         record = json.loads(self.json_path.read_text())
         return IdentityScore(**{key: record[key] for key in IdentityScore.__dataclass_fields__})
 
-    def offer(self, score: IdentityScore, manager) -> bool:
-        """Write ``manager``'s embedding as the best when ``score`` beats the best so far; True if written."""
+    def offer(self, score: IdentityScore, manager, ema: bool = False) -> bool:
+        """Write ``manager``'s embedding (with ``ema``: its moving average, which the file then says) as the
+        best when ``score`` beats the best so far; True if written."""
         if not score.beats(self.best):
             return False
         for suffix in (".pt", ".safetensors"):
-            manager.save(self.ckptdir / f"{BEST_STEM}{suffix}", step=score.step)
-        record = {**asdict(score), "file": self.path.name, "rule": RULE}
+            manager.save(self.ckptdir / f"{BEST_STEM}{suffix}", step=score.step, ema=ema)
+        record = {**asdict(score), "ema": ema, "file": self.path.name, "rule": RULE}
         atomic_write(self.json_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
         self.best = score
         logger.info("Best embedding so far: step %d (identity match %.2f, distance %.3f) -> %s", score.step,

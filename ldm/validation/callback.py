@@ -7,7 +7,8 @@ from starting noise drawn once from ``seed``: every save starts from the same no
 compare across steps. A grid goes to ``images/validation/step-N.png`` (prompts written to the left
 and in the PNG's text chunks) and to TensorBoard. With ``identity`` on, the samples are scored
 against the training photos (:class:`ldm.evaluation.IdentityScorer`) and the best save is kept
-(:mod:`ldm.validation.best`).
+(:mod:`ldm.validation.best`). With the embedding's moving average on (``ema_decay``), the average is
+sampled and scored too (``step-N_ema.png``, ``val/*_ema``), and it may become the best embedding.
 
 The validation of step N runs when the next batch starts, with the weights of step N: after step N's
 resume point and metrics are on disk. A run stopped or killed before it (SIGTERM at step N, SIGKILL
@@ -35,6 +36,7 @@ from ldm.validation.settings import ValidationSettings
 logger = logging.getLogger(__name__)
 
 SLOW_FRACTION = 0.1  # sampling longer than this fraction of the training time between saves is reported
+EMA_SUFFIX = "_ema"  # of the grid, metrics and TensorBoard tag of the embedding's moving average
 METRIC_NAMES = {"detection_rate": "val/face_detect_rate", "mean_distance": "val/identity_distance",
                 "fraction_under_threshold": "val/identity_match"}
 
@@ -92,11 +94,14 @@ class ValidationSampler(pl.Callback):
             return
         self.validated_step = step
         started = time.perf_counter()
+        manager = getattr(pl_module, "embedding_manager", None)
         try:
-            images = self.sample(pl_module, trainer.precision_plugin.forward_context())
-            self._write_grid(trainer, images, step)
-            if self.scorer is not None:
-                self._score(trainer, pl_module, images, step)
+            for ema in (False, True) if manager is not None and manager.ema_decay else (False,):
+                with manager.ema_scope() if ema else contextlib.nullcontext():
+                    images = self.sample(pl_module, trainer.precision_plugin.forward_context())
+                self._write_grid(trainer, images, step, ema)
+                if self.scorer is not None:
+                    self._score(trainer, pl_module, images, step, ema)
         except Exception as err:  # validation must never crash a training run
             logger.warning("Validation at step %d failed (training continues): %s", step, err)
         finished = time.perf_counter()
@@ -123,31 +128,33 @@ class ValidationSampler(pl.Callback):
             pl_module.train(was_training)
         return torch.cat(rows)
 
-    def _write_grid(self, trainer, images: torch.Tensor, step: int) -> None:
-        s = self.settings
+    def _write_grid(self, trainer, images: torch.Tensor, step: int, ema: bool = False) -> None:
+        s, suffix = self.settings, EMA_SUFFIX if ema else ""
         grid = labelled_grid(images, s.prompts)
-        path = save_png(self.grid_path(step), grid, {
+        path = save_png(self.grid_path(step, ema), grid, {
             "prompts": "\n".join(s.prompts), "step": step, "samples_per_prompt": s.samples_per_prompt,
             "seed": s.seed, "steps": s.ddim_steps, "scale": s.scale, "sampler": "DDIM", "eta": s.eta,
             "negative_prompt": s.negative_prompt})
         for experiment in (lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
-            experiment.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
-        logger.info("Validation samples at step %d: %s", step, path)
+            experiment.add_image(f"validation/samples{suffix}", np.asarray(grid), step, dataformats="HWC")
+        logger.info("Validation samples at step %d%s: %s", step, " (moving average)" if ema else "", path)
 
-    def _score(self, trainer, pl_module, images: torch.Tensor, step: int) -> None:
+    def _score(self, trainer, pl_module, images: torch.Tensor, step: int, ema: bool = False) -> None:
         metrics = self.scorer.score(to_pil_images(images))
-        values = {name: float(metrics[key]) for key, name in METRIC_NAMES.items() if metrics[key] is not None}
+        suffix = EMA_SUFFIX if ema else ""
+        values = {name + suffix: float(metrics[key])
+                  for key, name in METRIC_NAMES.items() if metrics[key] is not None}
         for lg in trainer.loggers:
             lg.log_metrics(values, step=step)
         if not metrics["faces"]:
             logger.info("Step %d: no identity score (no face found in the %d validation samples)",
                         step, metrics["images"])
             return
-        logger.info("Step %d identity: faces in %.0f%% of the samples, mean distance %.3f, %.0f%% the same person",
-                    step, 100 * metrics["detection_rate"], metrics["mean_distance"],
-                    100 * metrics["fraction_under_threshold"])
+        logger.info("Step %d identity%s: faces in %.0f%% of the samples, mean distance %.3f, %.0f%% the same person",
+                    step, " (moving average)" if ema else "", 100 * metrics["detection_rate"],
+                    metrics["mean_distance"], 100 * metrics["fraction_under_threshold"])
         if self.best is not None:
-            self.best.offer(IdentityScore.from_metrics(step, metrics), pl_module.embedding_manager)
+            self.best.offer(IdentityScore.from_metrics(step, metrics), pl_module.embedding_manager, ema=ema)
 
     def _load_scorer(self) -> IdentityScorer | None:
         """The identity scorer of the training photos, or None (with one warning saying why)."""
@@ -173,8 +180,8 @@ class ValidationSampler(pl.Callback):
                        "(on %s); turn it off with --no_validation or shorten it with --validation_ddim_steps",
                        sampling_s, 100 * sampling_s / training_s, training_s, device)
 
-    def grid_path(self, step: int) -> Path:
-        return self.samples_dir / f"step-{step}.png"
+    def grid_path(self, step: int, ema: bool = False) -> Path:
+        return self.samples_dir / f"step-{step}{EMA_SUFFIX if ema else ''}.png"
 
     def best_embedding(self) -> tuple[Path, int] | None:
         """The best embedding's file and step, when identity scores picked one."""

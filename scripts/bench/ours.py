@@ -2,7 +2,8 @@
 
 A step is what Lightning calls per batch: the loss of ``shared_step`` (recorded by the NaN guard),
 backward, the guard's ``on_before_optimizer_step`` (which may skip the update on the device), the
-fused AdamW step and ``zero_grad``. The batch sits on the device with its indices and flags on the
+model's ``optimizer_step`` (the fused AdamW step, then the embedding's norm bound and moving average
+when they are on) and ``zero_grad``. The batch sits on the device with its indices and flags on the
 host, as Lightning hands it over; no step reads a value back (``timed`` synchronizes).
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ class OursStep:
         self.model.nonfinite.record(loss, 0)
         loss.backward()
         self.model.on_before_optimizer_step(self.optimizer)
-        self.optimizer.step()
+        self.model.optimizer_step(0, 0, self.optimizer)  # the model's hook: the step, then the embedding's own
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
