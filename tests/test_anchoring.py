@@ -260,3 +260,17 @@ def test_validation_samples_and_scores_the_moving_average_and_may_keep_it_as_bes
     ema_at_2 = load_embeddings(run / "checkpoints" / "embeddings_ema_gs-2.pt")
     torch.testing.assert_close(best.params["*"], ema_at_2.params["*"])
     assert not script, "both embeddings were scored at both saves"
+
+
+def test_resume_continues_the_moving_average_exactly(tmp_path, photo_dir, tiny_ckpt, one_thread) -> None:
+    common = base_argv(tmp_path, photo_dir, tiny_ckpt, "--ema_decay", "0.9", "--no_validation",
+                       "lightning.callbacks.image_logger.params.disabled=true",
+                       "lightning.modelcheckpoint.params.every_n_train_steps=2")
+    assert main.main([*common, "-n", "straight", "--max_steps", "4"]) == 0
+    assert main.main([*common, "-n", "halves", "--max_steps", "2"]) == 0
+    halves = only_run(tmp_path, "halves")
+    assert main.main(["-t", "-r", str(halves), "--max_steps", "4"]) == 0
+    straight = load_embeddings(only_run(tmp_path, "straight") / "checkpoints" / "embeddings_ema.pt")
+    resumed = load_embeddings(halves / "checkpoints" / "embeddings_ema.pt")
+    assert resumed.step == straight.step == 4
+    assert torch.equal(resumed.params["*"], straight.params["*"])  # one CPU thread: bit-identical
