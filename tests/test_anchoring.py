@@ -124,7 +124,7 @@ def test_init_words_start_is_the_mean_of_each_words_mean_token_row(tiny_model, c
                                    init_words=",".join([*words, "<|endoftext|>"]))
     torch.testing.assert_close(manager.vectors[0].detach()[0], torch.stack(per_word).mean(0))
     assert manager.init_words.skipped == ("<|endoftext|>",)
-    assert "3 words from init_words list (1 unknown, skipped: <|endoftext|>)" in caplog.text
+    assert "3 words from init_words list (1 unknown skipped: <|endoftext|>)" in caplog.text
 
 
 def test_init_words_of_a_file_skip_comments_and_blank_lines(tmp_path) -> None:

@@ -75,6 +75,6 @@ def resolve_init_words(value: str | Sequence[str], tokenizer, vocab_size: int) -
             skipped.append(word)
     if not known:
         raise ValueError(f"{source}: none of its {len(words)} words is known to the tokenizer")
-    logger.info("init_words: the start is the mean of %d words from %s (%d unknown, skipped%s)", len(known),
+    logger.info("init_words: the start is the mean of %d words from %s (%d unknown skipped%s)", len(known),
                 source, len(skipped), f": {', '.join(skipped[:10])}" if skipped else "")
     return InitWords(source, tuple(known), tuple(ids), tuple(skipped))
