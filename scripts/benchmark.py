@@ -46,6 +46,7 @@ from ldm.util import instantiate_from_config, randomize_zero_weights
 from bench import reference
 from bench.anchoring import anchoring_rows
 from bench.flops import count_flops, dense_half_peak_tflops
+from bench.lora import lora_rows
 from bench.measure import (
     Measurement,
     measure,
@@ -68,7 +69,7 @@ CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune.yaml",
            "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune.yaml"}
 DREAMBOOTH_CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune_unfrozen.yaml",
                       "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune_unfrozen.yaml"}
-GROUPS = ("unet", "vae", "ddim", "sample", "ti", "ti_parts", "face", "anchoring", "dreambooth", "face_prep",
+GROUPS = ("unet", "vae", "ddim", "sample", "ti", "ti_parts", "face", "anchoring", "dreambooth", "lora", "face_prep",
           "validation", "compiled")
 OPT_IN_GROUPS = ("compiled",)  # run only when named in --only
 FACES = ROOT.parent / "shared" / "fixtures" / "faces"
@@ -431,7 +432,8 @@ def validation_group_rows(b: Bench) -> list[Row]:
 ROW_BUILDERS = {"unet": unet_rows, "vae": vae_rows, "ddim": ddim_rows, "sample": sample_rows, "ti": ti_rows,
                 "ti_parts": ti_part_rows, "face": face_rows, "anchoring": lambda b: anchoring_rows(b, PROMPT),
                 "face_prep": face_prep_rows,
-                "dreambooth": dreambooth_rows, "validation": validation_group_rows, "compiled": compiled_rows}
+                "dreambooth": dreambooth_rows, "lora": lambda b: lora_rows(b, DREAMBOOTH_CONFIGS[b.args.config]),
+                "validation": validation_group_rows, "compiled": compiled_rows}
 
 
 def run(args: argparse.Namespace) -> list[Row]:

@@ -1,0 +1,60 @@
+"""LoRA DreamBooth against full DreamBooth: one training step each on the same config, batch and precision.
+
+Both models are built from their own configs (``v1-finetune_unfrozen.yaml`` and ``v1-finetune_lora.yaml``
+beside it) with prior preservation; the LoRA model holds its frozen base in the half dtype under mixed
+precision, as ``main.py`` does (``ldm.training.hold_frozen_weights_in_half``). The note gives the size of
+the LoRA file (rank 4, the config's default) against the pruned full checkpoint DreamBooth writes.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from bench.measure import tensor_bytes, with_state
+from bench.ours import OursStep, dreambooth_batch
+from bench.table import Row
+from ldm.checkpoint.lora import save_lora
+from ldm.export import pruned_state_dict
+from ldm.lora import add_trained_adapters, trained_layers
+from ldm.util import instantiate_from_config, randomize_zero_weights
+
+logger = logging.getLogger("benchmark")
+
+PRIOR_LOSS = {"target": "ldm.models.diffusion.prior_loss.PriorPreservationLoss", "params": {"weight": 1.0}}
+PROMPT, CLASS_PROMPT = "a photo of a sks woman", "a photo of a woman"
+
+
+def _model(config_path: Path, device):
+    config = OmegaConf.load(config_path)
+    config.model.params.prior_loss_config = PRIOR_LOSS
+    model = instantiate_from_config(config.model).to(device)
+    randomize_zero_weights(model.model, std=0.02)  # the zero output conv would stop every other gradient
+    model.learning_rate = float(config.model.base_learning_rate)
+    return model, config
+
+
+def lora_rows(b, dreambooth_config: Path) -> list[Row]:
+    """``lora_db_step``: a LoRA DreamBooth step against a full DreamBooth step, with the file sizes."""
+    full, _ = _model(dreambooth_config, b.device)
+    lora, config = _model(dreambooth_config.with_name("v1-finetune_lora.yaml"), b.device)
+    rank = int(config.lora.get("rank", 4))
+    add_trained_adapters(lora, rank=rank)
+    if b.weight_dtype is not None:
+        lora.hold_frozen_weights_in_half(b.weight_dtype)
+    batch = dreambooth_batch(b.args.size, PROMPT, CLASS_PROMPT)
+    full_step = OursStep(full, batch, b.latent_numel)
+    lora_step = OursStep(lora, batch, b.latent_numel)
+    with tempfile.TemporaryDirectory() as tmp:
+        lora_file = save_lora(Path(tmp) / "lora.safetensors", trained_layers(lora), {}).stat().st_size
+    checkpoint = tensor_bytes(list(pruned_state_dict(full.state_dict()).values())) // 2  # as fp16 (--export_half)
+    lora_m, full_m = b.pair(lora_step, full_step)
+    row = Row("lora_db_step", "our full DB", with_state(lora_m, lora_step.persistent_bytes()),
+              with_state(full_m, full_step.persistent_bytes()),
+              f"{b.args.size}px, 1 subject + 1 class, rank {rank} on to_q/k/v/out; LoRA file {lora_file / 1e6:.2f} MB "
+              f"vs fp16 checkpoint {checkpoint / 1e6:.0f} MB ({lora_file / checkpoint:.2%}); mem incl. optimizer state")
+    full_step.release()
+    lora_step.release()
+    return [row]
