@@ -27,6 +27,11 @@ OPTIONS: dict[str, dict[str, object]] = {
 TARGET = "target <= 1.05"
 
 
+def describe(options: dict[str, object]) -> str:
+    """The options as flags would show them, a word list by its file name."""
+    return ", ".join(f"{k}={Path(str(v)).name if k == 'init_words' else v}" for k, v in options.items())
+
+
 def option_model(b, options: dict[str, object]):
     """The benchmark's model with ``options`` in its embedding's config and the plain model's weights."""
     config = copy.deepcopy(b.config.model)
@@ -52,7 +57,7 @@ def anchoring_rows(b, prompt: str) -> list[Row]:
             anchored.batch = plain.batch  # the same images and captions
             anchored_m, plain_m = b.pair(anchored, plain)
             rows.append(Row(f"{name}_b{n}", "plain TI step", anchored_m, plain_m,
-                            f"{b.args.size}px; {', '.join(f'{k}={v}' for k, v in options.items())}; {TARGET}"))
+                            f"{b.args.size}px; {describe(options)}; {TARGET}"))
             anchored.release()
             plain.release()
         del model
