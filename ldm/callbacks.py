@@ -41,12 +41,18 @@ class EmbeddingCheckpoint(pl.Callback):
         self._previous_sigusr1 = None
         self._resume_point_step: int | None = None
 
+    @staticmethod
+    def _finite(pl_module, name: str) -> bool:
+        """False (and one error line) when the embedding holds NaN/Inf: ``name`` is then not written."""
+        manager = getattr(pl_module, "embedding_manager", None)
+        if manager is None or all(torch.isfinite(p).all() for p in manager.embedding_parameters()):
+            return True
+        logger.error("Embedding holds NaN/Inf: %s not written, the last good file is kept", name)
+        return False
+
     def _save(self, pl_module, name: str) -> None:
         manager = getattr(pl_module, "embedding_manager", None)
-        if manager is None or not pl_module.trainer.is_global_zero:
-            return
-        if not all(torch.isfinite(p).all() for p in manager.embedding_parameters()):
-            logger.error("Embedding holds NaN/Inf: %s not written, the last good file is kept", name)
+        if manager is None or not pl_module.trainer.is_global_zero or not self._finite(pl_module, name):
             return
         for ema in (False, True) if manager.ema_decay else (False,):
             path = self.dirpath / (ema_file_name(name) if ema else name)
@@ -55,10 +61,13 @@ class EmbeddingCheckpoint(pl.Callback):
 
     def _save_resumable(self, trainer, pl_module) -> None:
         self._save(pl_module, "embeddings.pt")
-        self._save_resume_point(trainer)
+        self._save_resume_point(trainer, pl_module)
 
-    def _save_resume_point(self, trainer) -> None:
+    def _save_resume_point(self, trainer, pl_module) -> None:
         """``last.ckpt`` at this step; every rank calls it (Lightning's save is collective), rank 0 writes."""
+        if not self._finite(pl_module, RESUME_POINT):
+            return
+
         def save(target: Path) -> None:
             trainer.save_checkpoint(target, weights_only=False)  # with the optimizer and loop states
 
@@ -67,7 +76,7 @@ class EmbeddingCheckpoint(pl.Callback):
             atomic_write(path, save)  # a kill while writing leaves the previous one whole
         else:
             save(path)  # joins rank 0's save; writes nothing here
-        self._resume_point_step = trainer.global_step
+        self._resume_point_step = pl_module.global_step
 
     def on_train_start(self, trainer, pl_module):
         # After Lightning registered its own handlers, so that its teardown restores the originals.
@@ -85,7 +94,7 @@ class EmbeddingCheckpoint(pl.Callback):
         stopped = getattr(pl_module, "stopped_on_nonfinite_loss", False)  # set by ldm.nonfinite at this step
         if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and not stopped:
             self._save(pl_module, f"embeddings_gs-{step}.pt")
-            self._save_resume_point(trainer)
+            self._save_resume_point(trainer, pl_module)
         if self.save_requested:
             logger.warning("SIGUSR1 received: saving the embedding and a resumable checkpoint")
             self._save_resumable(trainer, pl_module)
@@ -97,8 +106,8 @@ class EmbeddingCheckpoint(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self._save(pl_module, "embeddings.pt")
         stopped = getattr(pl_module, "stopped_on_nonfinite_loss", False)
-        if not stopped and self._resume_point_step != trainer.global_step:  # -r can go on with a larger --max_steps
-            self._save_resume_point(trainer)
+        if not stopped and self._resume_point_step != pl_module.global_step:  # -r can go on with a larger --max_steps
+            self._save_resume_point(trainer, pl_module)
         self._restore_handler()
 
     def on_exception(self, trainer, pl_module, exception):

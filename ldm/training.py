@@ -178,7 +178,8 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, valid
                   *([PartsSummary()] if quiet_summary else [])]
     loggers = [CSVLogger(paths.logdir, name="", version="csv"),
                TensorBoardLogger(paths.logdir, name="", version="tensorboard", **tensorboard_resume_kwargs(resume_step))]
-    kwargs = {"log_every_n_steps": min(10, every), **trainer_args,
+    # enable_checkpointing off: Lightning's default ModelCheckpoint would write its own files (last.ckpt is ours)
+    kwargs = {"log_every_n_steps": min(10, every), "enable_checkpointing": False, **trainer_args,
               **({"enable_model_summary": False} if quiet_summary else {})}
     try:
         return pl.Trainer(default_root_dir=paths.logdir, callbacks=callbacks, logger=loggers, **kwargs)

@@ -84,7 +84,8 @@ def test_sigterm_twice_then_sigkill_while_validating_ends_as_the_uninterrupted_r
     expected = torch.load(straight / "checkpoints" / "embeddings.pt", weights_only=True)
     assert resumed["step"] == MAX_STEPS
     assert torch.equal(resumed["string_to_param"]["*"], expected["string_to_param"]["*"])
-    assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt"], "never a last-vN.ckpt"
+    assert [p.relative_to(run).as_posix() for p in run.rglob("*.ckpt")] == ["checkpoints/last.ckpt"], \
+        "one resume point: never a last-vN.ckpt, nor Lightning's own checkpoints"
     assert saved_step(ckpts / "last.ckpt") == MAX_STEPS
     assert sorted(p.name for p in (run / "images" / "validation").iterdir()) == \
         ["step-3.png", "step-6.png", "step-9.png"], "the resumed run samples the save the kill interrupted"

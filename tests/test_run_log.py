@@ -5,10 +5,13 @@ import csv
 import logging
 import re
 import shlex
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
-from helpers import base_argv, load_script, only_run, write_photos
+from helpers import ROOT, base_argv, load_script, only_run, subprocess_env, write_photos
 from PIL import Image
 
 import main
@@ -57,6 +60,37 @@ def test_a_3_step_run_has_its_metrics_on_disk_and_a_summary(tmp_path, photo_dir,
     quick = ["--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2", "--device", "cpu"]
     assert load_script("stable_txt2img").main([*command[2:], *quick]) == 0, "the command runs as printed"
     assert list((tmp_path / "outputs" / run.name / "samples").glob("*.png"))
+
+
+NOISE = ("💡 Tip", "litlogger", "FLOPs", "in eval mode at the start of training", "deprecated")
+QUICK_RUN = ("--max_steps", "2", "--no_validation", "lightning.callbacks.image_logger.params.disabled=true")
+
+
+def rendered_lines(text: str) -> list[str]:
+    """The lines a terminal shows: each carriage return overwrites the line so far."""
+    return [line.split("\r")[-1] for line in text.split("\n")]
+
+
+def test_a_run_says_only_what_the_user_can_act_on(tmp_path, photo_dir, tiny_ckpt) -> None:
+    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, *QUICK_RUN)
+    proc = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"))  # one stream, as a terminal shows
+    output = proc.stdout.decode()  # bytes: text mode would turn the bar's carriage returns into newlines
+    assert proc.returncode == 0, output[-3000:]
+    assert [n for n in NOISE if n in output] == []
+    assert output.count("are in eval mode on purpose") == 1 and "Model parts:" in output
+    finished = [line for line in rendered_lines(output) if line.startswith("Training step: 100%")]
+    assert len(finished) == 1, "the complete bar is shown once, before what the run logs after it"
+
+
+def test_verbose_shows_what_is_hidden_by_default(tmp_path, photo_dir, tiny_ckpt, caplog, capfd) -> None:
+    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, *QUICK_RUN, "--verbose")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        assert main.main(argv) == 0
+    shown = capfd.readouterr()
+    text = "\n".join([shown.out, shown.err, caplog.text, *(str(w.message) for w in caught)])
+    assert [n for n in NOISE[:4] if n not in text] == []
 
 
 def test_format_duration() -> None:

@@ -209,7 +209,14 @@ def test_embedding_with_nan_never_overwrites_the_last_good_file(tmp_path, tiny_m
     from ldm.modules.embedding_manager import EmbeddingManager
 
     manager = EmbeddingManager(tiny_model.cond_stage_model, gamma=0.1)
-    module = SimpleNamespace(embedding_manager=manager, trainer=SimpleNamespace(is_global_zero=True), global_step=5)
+    resume_points = []  # the steps last.ckpt was written at
+
+    def save_checkpoint(path, weights_only):
+        resume_points.append(module.global_step)
+        Path(path).write_text("ckpt")
+
+    trainer = SimpleNamespace(is_global_zero=True, save_checkpoint=save_checkpoint)
+    module = SimpleNamespace(embedding_manager=manager, trainer=trainer, global_step=5)
     callback = EmbeddingCheckpoint(tmp_path, every_n_train_steps=5)
     callback.on_train_batch_end(module.trainer, module, None, None, 0)
     good = vectors(tmp_path / "embeddings_gs-5.pt")
@@ -220,4 +227,5 @@ def test_embedding_with_nan_never_overwrites_the_last_good_file(tmp_path, tiny_m
     callback.on_train_batch_end(module.trainer, module, None, None, 0)
     assert not (tmp_path / "embeddings.pt").exists() and not (tmp_path / "embeddings_gs-10.pt").exists()
     assert torch.equal(vectors(tmp_path / "embeddings_gs-5.pt"), good)
+    assert resume_points == [5], "last.ckpt keeps the last good step too"
     assert "Embedding holds NaN/Inf" in caplog.text

@@ -144,6 +144,9 @@ def test_run_keeps_the_best_scored_save(tmp_path, photo_dir, tiny_ckpt, monkeypa
         [(2, 0.5, 1.0), (4, 1.0, 1.0), (6, 1.0, 0.25)]
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training done")]
     assert len(summary) == 1 and "embeddings_best.pt (step 4" in summary[0] and "images/validation" in summary[0]
+    (advice,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Use ")]
+    assert advice.startswith(f"Use the best embedding (step 4), {ckpts / 'embeddings_best.pt'}. Sample with it: ")
+    assert f"--embedding_path {ckpts / 'embeddings_best.pt'} " in advice
 
 
 @pytest.mark.skipif(importlib.util.find_spec("dlib") is None, reason="needs dlib")
