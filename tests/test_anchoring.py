@@ -229,6 +229,9 @@ def test_a_run_with_every_option_saves_ema_files_and_records_the_options(tmp_pat
     torch.testing.assert_close(payload["string_to_param"]["*"], ema.effective()["*"])
     # an EMA file loads where a plain embedding is expected
     EmbeddingManager(tiny_model.cond_stage_model, gamma=0.1).load(ckpts / "embeddings_ema.pt")
+    # the drift and the pull are metrics of the run
+    header = (ckpts.parent / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/norm_e", "train/norm_e_minus_e_p", "train/loss_anchor"} <= set(header)
 
 
 def test_validation_samples_and_scores_the_moving_average_and_may_keep_it_as_best(tmp_path, photo_dir, tiny_ckpt,
