@@ -7,16 +7,22 @@ describes the protocol and the results.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 
 from ldm.data.toy_world import CLASS_WORD, IDENTITY_FEATURES, Subject
 from ldm.toy_judge import ToyJudge, Verdict, check_question, judge
+from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -39,32 +45,65 @@ EDIT_PROMPTS: tuple[tuple[str, str, str], ...] = (
 )
 SAMPLER = {"ddim_steps": 25, "scale": 3.0}
 QUIET = ["--no_validation", "lightning.trainer.enable_progress_bar=false",
-         "lightning.callbacks.image_logger.params.disabled=true",
-         "lightning.modelcheckpoint.params.every_n_train_steps=100000"]
+         "lightning.callbacks.image_logger.params.disabled=true"]
+NO_SAVES = 100000  # every_n_train_steps that never comes: a run saves at its end only
+CLOCK_FILE = "benchmark_clock.json"
+CALLBACK_KEY = "lightning.callbacks.toy_benchmark"
 
 
 @dataclass(frozen=True)
 class Method:
-    """A personalization recipe: main.py flags and the subject phrase its prompts use."""
+    """A personalization recipe (a benchmark cell): main.py flags and the subject phrase its prompts use."""
 
     name: str
     flags: tuple[str, ...]
     phrase: str  # replaces {} in the prompt suite
-    dreambooth_first: bool = False  # start from this subject's DreamBooth model
+    on: str | None = None  # starts from the final model of this DreamBooth cell (same subject and seed)
     embedding: bool = True  # False: the run's result is a model (DreamBooth), not an embedding
+    prior: bool = False  # DreamBooth with prior preservation on class images of the pretrained model
+    note: str = ""  # what the cell is for
+
+    @property
+    def dreambooth_first(self) -> bool:
+        return self.on is not None
 
 
 MOMENTUM_PROMPTS = ("--class_word", CLASS_WORD, "--descriptive_p", "0.1", "--use_random_prompt")
+ON_SKS = ("--placeholder_string", "sks", *MOMENTUM_PROMPTS)
+
+
+def base_lr(value: str) -> str:
+    """The config override of the base learning rate (main.py multiplies it by the batch size)."""
+    return f"model.base_learning_rate={value}"
+
+
+# Sections 3 and 4 of the frontier protocol (docs/toy_benchmark.md). With Adam, momentum gamma at base lr
+# x equals TI at base lr gamma * x from another start (docs/method.md), so each momentum cell has a TI
+# cell with the same step in e-space: ti / momentum_0.1_lr8e-3, ti_lr8e-5 / momentum_0.1.
 METHODS: tuple[Method, ...] = (
-    Method("ti", ("--gamma", "1"), "*"),
-    Method("momentum_0.5", ("--gamma", "0.5"), "*"),
-    Method("momentum_0.1", ("--gamma", "0.1"), "*"),
-    Method("momentum_0.1_prompts", ("--gamma", "0.1", *MOMENTUM_PROMPTS), f"* {CLASS_WORD}"),
-    Method("dreambooth", ("--class_word", CLASS_WORD), f"sks {CLASS_WORD}", embedding=False),
-    Method("dreambooth_momentum_0.1", ("--gamma", "0.1", "--placeholder_string", "sks", *MOMENTUM_PROMPTS),
-           f"sks {CLASS_WORD}", dreambooth_first=True),
+    Method("ti", ("--gamma", "1"), "*", note="TI, base lr 8e-4 x batch 8"),
+    Method("ti_lr8e-5", ("--gamma", "1", base_lr("8e-5")), "*", note="TI at momentum 0.1's e-space step"),
+    Method("momentum_0.1", ("--gamma", "0.1"), "*", note="momentum 0.1, base lr 8e-4"),
+    Method("momentum_0.1_lr8e-3", ("--gamma", "0.1", base_lr("8e-3")), "*", note="momentum 0.1 at TI's e-space step"),
+    Method("ti_original_step", ("--gamma", "1", base_lr("5e-3"), "data.params.batch_size=2"), "*",
+           note="the original TI config's step: base lr 5e-3 x batch 2"),
+    Method("dreambooth", ("--class_word", CLASS_WORD), f"sks {CLASS_WORD}", embedding=False,
+           note="DreamBooth without prior preservation"),
+    Method("dreambooth_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="dreambooth",
+           note="the original code's recipe: momentum 0.1 on sks of the DreamBooth model"),
+    Method("dreambooth_ti_lr8e-5", ("--gamma", "1", base_lr("8e-5"), *ON_SKS), f"sks {CLASS_WORD}", on="dreambooth",
+           note="TI on sks of the DreamBooth model at the recipe's e-space step"),
+    Method("dreambooth_prior", ("--class_word", CLASS_WORD, "--prior_loss_weight", "1"), f"sks {CLASS_WORD}",
+           embedding=False, prior=True, note="DreamBooth with prior preservation (class images of the toy model)"),
+    Method("dreambooth_prior_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="dreambooth_prior",
+           note="the original code's recipe on the prior-preserving DreamBooth model"),
+    # cells of the earlier single-point protocol, still runnable by name
+    Method("momentum_0.5", ("--gamma", "0.5"), "*", note="earlier protocol"),
+    Method("momentum_0.1_prompts", ("--gamma", "0.1", *MOMENTUM_PROMPTS), f"* {CLASS_WORD}", note="earlier protocol"),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
+FRONTIER_METHODS = METHOD_NAMES[:10]  # the default cells
+QUICK_METHODS = ("ti", "momentum_0.1")
 
 
 def method(name: str) -> Method:
@@ -87,6 +126,59 @@ def prompt_suite(phrase: str) -> list[tuple[str, str | None, str | None]]:
 
 
 # ------------------------------------------------------------------------------------- training
+class BenchmarkProbe(pl.Callback):
+    """Added to benchmark runs through ``lightning.callbacks``: the run's clock, and UNet saves.
+
+    Writes ``benchmark_clock.json`` in the log dir (wall-clock and process CPU times of fit start, train
+    start and train end: ``<event>`` and ``<event>_cpu``) and, for each step in ``unet_steps``, ``checkpoints/unet_gs-N.safetensors``: the UNet's weights
+    after N steps (a DreamBooth run's saves; its full pruned export is written at the end only).
+    """
+
+    def __init__(self, unet_steps: Sequence[int] = ()):
+        self.unet_steps = {int(s) for s in unet_steps}
+        self.clock: dict[str, float] = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        self.clock.update(fit_start=time.time(), fit_start_cpu=time.process_time())
+
+    def on_train_start(self, trainer, pl_module):
+        self.clock.update(train_start=time.time(), train_start_cpu=time.process_time())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = pl_module.global_step
+        if step in self.unet_steps:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().float().contiguous() for k, v in pl_module.model.diffusion_model.state_dict().items()}
+            path = unet_save(Path(trainer.default_root_dir) / "checkpoints", step)
+            atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+    def on_train_end(self, trainer, pl_module):
+        self.clock.update(train_end=time.time(), train_end_cpu=time.process_time())
+        path = Path(trainer.default_root_dir) / CLOCK_FILE
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.clock)))
+
+
+def unet_save(ckptdir: Path, step: int) -> Path:
+    return ckptdir / f"unet_gs-{step}.safetensors"
+
+
+def step_saves(result: Path, m: Method, steps: Sequence[int]) -> dict[int, Path]:
+    """The files a run saved at ``steps`` (embeddings or UNet weights), next to its final ``result``."""
+    if m.embedding:
+        return {s: result.parent / f"embeddings_gs-{s}.pt" for s in steps}
+    return {s: unet_save(result.parent, s) for s in steps}
+
+
+def save_flags(m: Method, steps: Sequence[int]) -> list[str]:
+    """Config overrides that make a run save at each of ``steps`` and time itself (:class:`BenchmarkProbe`)."""
+    every = math.gcd(*steps) if m.embedding and steps else NO_SAVES
+    unet_steps = [] if m.embedding else list(steps)
+    return [f"lightning.modelcheckpoint.params.every_n_train_steps={every}",
+            f"{CALLBACK_KEY}.target={__name__}.BenchmarkProbe",
+            f"{CALLBACK_KEY}.params.unet_steps=[{','.join(str(s) for s in unet_steps)}]"]
+
+
 def run_main(argv: list[str]) -> Path:
     """Run ``main.py`` in this process and return the new log dir under ``-l``."""
     import main as entry
@@ -103,20 +195,57 @@ def run_main(argv: list[str]) -> Path:
 
 
 def train(m: Method, photos: Path, seed: int, workdir: Path, *, base_ckpt: Path = TOY_MODEL,
-          max_steps: int | None = None, extra: Sequence[str] = ()) -> Path:
-    """Run method ``m``; returns the embedding file (or the DreamBooth model for ``dreambooth``)."""
+          max_steps: int | None = None, save_steps: Sequence[int] = (), class_images: Path | None = None,
+          extra: Sequence[str] = ()) -> Path:
+    """Run method ``m``; returns the embedding file (or the DreamBooth model for DreamBooth cells).
+
+    ``save_steps`` adds saves after those steps (:func:`step_saves` finds them); ``class_images`` is the
+    ``--reg_data_root`` of a cell with prior preservation.
+    """
     config = DREAMBOOTH_CONFIG if not m.embedding else FINETUNE_CONFIG
     argv = ["--base", str(config), "-t", "--actual_resume", str(base_ckpt), "--accelerator", "cpu",
             "--data_root", str(photos), "-s", str(seed), "-l", str(workdir), "-n", f"{m.name}-s{seed}", *m.flags]
     if m.embedding:
         argv += ["--init_word", CLASS_WORD]
+    if m.prior:
+        if class_images is None:
+            raise ValueError(f"{m.name} needs class images (--reg_data_root): make them with "
+                             "scripts/make_class_images.py")
+        argv += ["--reg_data_root", str(class_images)]
     if max_steps is not None:
         argv += ["--max_steps", str(max_steps)]
-    logdir = run_main(argv + QUIET + list(extra))
+    logdir = run_main(argv + QUIET + save_flags(m, save_steps) + list(extra))
     result = logdir / "checkpoints" / ("embeddings.pt" if m.embedding else "model_pruned.safetensors")
-    if not result.is_file():
-        raise RuntimeError(f"{m.name}: the run wrote no {result.name} in {logdir}")
+    missing = [p for p in (result, *step_saves(result, m, save_steps).values()) if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"{m.name}: the run wrote no {missing[0].name} in {logdir}")
     return result
+
+
+def run_clock(result: Path) -> dict[str, float]:
+    """The wall-clock times :class:`BenchmarkProbe` wrote for the run of ``result`` (empty if none)."""
+    path = result.parent.parent / CLOCK_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@contextmanager
+def unet_weights(model, path: Path | None):
+    """``model`` with the UNet weights of ``path`` (a :class:`BenchmarkProbe` save) inside the block.
+
+    The model's own UNet weights are restored afterwards; ``path`` None changes nothing.
+    """
+    if path is None:
+        yield model
+        return
+    from safetensors.torch import load_file
+
+    unet = model.model.diffusion_model
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.load_state_dict(load_file(str(path)))
+    try:
+        yield model
+    finally:
+        unet.load_state_dict(original)
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -175,17 +304,41 @@ def feature_match(verdict: Verdict, subject: Subject | None) -> float:
 
 
 def evaluate(model, judge_model: ToyJudge, phrase: str, subject: Subject | None, *, samples_per_prompt: int,
-             seed: int, embedding: Path | None = None) -> tuple[SuiteScore, torch.Tensor]:
-    """Sample the prompt suite with ``phrase`` (and ``embedding`` attached), judge it."""
+             seed: int, embedding: Path | None = None, strength: float = 1.0) -> tuple[SuiteScore, torch.Tensor]:
+    """Sample the prompt suite with ``phrase`` (and ``embedding`` attached at ``strength``), judge it."""
+    scores, images = judge_settings(model, judge_model, phrase, subject, [(embedding, strength)],
+                                    samples_per_prompt=samples_per_prompt, seed=seed)
+    return scores[0], images
+
+
+@torch.no_grad()
+def judge_settings(model, judge_model: ToyJudge, phrase: str, subject: Subject | None,
+                   settings: Sequence[tuple[Path | None, float]], *, samples_per_prompt: int,
+                   seed: int) -> tuple[list[SuiteScore], torch.Tensor]:
+    """The prompt suite's score with each (embedding or None, strength) of ``settings``, sampled in one batch.
+
+    Each setting's conditioning is encoded with its embedding attached; all settings share the same
+    starting noise (drawn from ``seed``), so their scores differ by the setting alone. Returns the scores
+    and the images [settings x prompts x samples, 3, H, W].
+    """
     from ldm.inference import attach_embedding
 
-    model.embedding_manager = None
-    if embedding is not None:
-        attach_embedding(model, embedding)
     suite = prompt_suite(phrase)
-    images = sample(model, [p for p, _, _ in suite], samples_per_prompt, seed)
+    batch = [p for p, _, _ in suite for _ in range(samples_per_prompt)]
+    conditionings = []
+    for embedding, strength in settings:
+        model.embedding_manager = None
+        if embedding is not None:
+            attach_embedding(model, embedding, strength=strength)
+        conditionings.append(model.get_learned_conditioning(batch))
     model.embedding_manager = None
-    return score_suite(judge(judge_model, images), suite, samples_per_prompt, subject), images
+    shape = (len(batch), model.channels, model.image_size, model.image_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(model.device)
+    images = model.sample_images(batch * len(settings), cond=torch.cat(conditionings),
+                                 x_T=noise.repeat(len(settings), 1, 1, 1), **SAMPLER)
+    verdicts = judge(judge_model, images)
+    chunks = [verdicts[i * len(batch):(i + 1) * len(batch)] for i in range(len(settings))]
+    return [score_suite(chunk, suite, samples_per_prompt, subject) for chunk in chunks], images
 
 
 def prompt_following(model, judge_model: ToyJudge, samples_per_prompt: int = 8, seed: int = 0) -> dict[str, float]:
@@ -222,3 +375,88 @@ def description_probe(model, judge_model: ToyJudge, subjects: Sequence[Subject],
     for i, name in enumerate(IDENTITY_FEATURES):
         result[name] = float(np.mean([v.present and v.answers[name] == s.features()[i] for v, s in zip(verdicts, truth)]))
     return result
+
+
+# ------------------------------------------------------------------------------------- frontier runs
+STEPS = (25, 50, 100, 200)
+STRENGTHS = (0.25, 0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Where each run is scored: after each of ``steps`` and, for embeddings, at each inference strength."""
+
+    steps: tuple[int, ...] = STEPS
+    strengths: tuple[float, ...] = STRENGTHS
+    samples: int = 8  # per prompt
+
+    def settings(self, m: Method) -> list[tuple[int, float]]:
+        """(steps, strength) of each point of a run of ``m``; a model (DreamBooth) has strength 1 only."""
+        strengths = self.strengths if m.embedding else (1.0,)
+        return [(steps, float(s)) for steps in self.steps for s in strengths]
+
+    def fingerprint(self, m: Method) -> dict:
+        """What a stored run result must match to be reused (JSON-normalised)."""
+        return json.loads(json.dumps({"flags": m.flags, "on": m.on, "prior": m.prior, "phrase": m.phrase,
+                                      "settings": self.settings(m), "samples": self.samples, "sampler": SAMPLER,
+                                      "prompts": [p for p, _, _ in prompt_suite("{}")]}))
+
+
+def score_run(model, judge_model: ToyJudge, m: Method, subject: Subject, saves: dict[int, Path], protocol: Protocol,
+              *, seed: int, unet: Path | None = None) -> list[dict]:
+    """Judge the prompt suite at every setting of ``protocol``: one point dict per (steps, strength).
+
+    ``saves`` maps steps to the run's saved embedding (or UNet weights for a DreamBooth cell); ``unet``
+    is the DreamBooth UNet an embedding cell was trained on. The same sampling noise (``seed``) is used at
+    every setting, so the points of a run differ by the setting alone (:func:`judge_settings`).
+    """
+    settings = protocol.settings(m)
+    if m.embedding:  # one UNet: every setting in one sampling batch
+        groups = [(unet, settings)]
+    else:  # a UNet per save
+        groups = [(saves[steps], [(steps, strength)]) for steps, strength in settings]
+    points = []
+    for weights, group in groups:
+        with unet_weights(model, weights):
+            scores, _ = judge_settings(model, judge_model, m.phrase, subject,
+                                       [(saves[steps] if m.embedding else None, strength) for steps, strength in group],
+                                       samples_per_prompt=protocol.samples, seed=seed)
+        points += [{"steps": steps, "strength": strength, "fidelity": score.fidelity, "editability": score.editability,
+                    "features": score.features, "attribute": score.attribute, "per_prompt": score.per_prompt}
+                   for (steps, strength), score in zip(group, scores)]
+    return points
+
+
+def record_path(workdir: Path, cell: str, subject_seed: int, seed: int) -> Path:
+    """Where the result of one run (cell, subject, training seed) is kept for a resumed benchmark."""
+    return workdir / "runs" / cell / f"subject-{subject_seed}-seed-{seed}.json"
+
+
+def save_record(path: Path, record: dict) -> None:
+    """Write a run's result atomically: a benchmark stopped mid-write leaves no partial file."""
+    text = json.dumps(record, indent=1) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def load_record(path: Path, fingerprint: dict) -> dict | None:
+    """A stored run result that can be reused, else None (missing, unreadable, partial or another protocol).
+
+    Reusable means: valid JSON with this ``fingerprint``, one point per setting in order, every figure
+    a number in [0, 1], and the run's result files (needed by cells trained on top of it) still there.
+    """
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        settings = [[p["steps"], p["strength"]] for p in record["points"]]
+        figures = [p[k] for p in record["points"] for k in ("fidelity", "editability", "features", "attribute")]
+        valid = (record["fingerprint"] == fingerprint and settings == fingerprint["settings"]
+                 and all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in figures)
+                 and all(Path(record[k]).is_file() for k in ("result", "unet") if k in record))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("%s is unreadable (%s): the run is redone", path, err)
+        return None
+    if not valid:
+        logger.warning("%s is partial, of another protocol or lost its result file: the run is redone", path)
+        return None
+    return record

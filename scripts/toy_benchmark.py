@@ -1,13 +1,17 @@
-"""TI, momentum TI and DreamBooth on held-out toy subjects: fidelity and editability, judged.
+"""Fidelity-editability frontiers of TI, momentum TI and DreamBooth on held-out toy subjects, judged.
 
-    python scripts/toy_benchmark.py --json toy.json --markdown docs/toy_benchmark.md
+    python scripts/toy_benchmark.py --json docs/toy_benchmark.json --markdown table.md \\
+        --figure docs/toy_frontiers.png                                # the full frontier benchmark
     python scripts/toy_benchmark.py --subject-seed 17 --seeds 1      # another held-out subject
-    python scripts/toy_benchmark.py --quick                          # reduced run for CI (< 10 min)
+    python scripts/toy_benchmark.py --quick                          # ti and momentum_0.1, 1 subject, 1 seed
 
-For every subject (the first ``--subjects`` of the held-out pool, or ``--subject-seed N``) and every
-training seed, each method trains with main.py on the subject's photo folder, then samples the
-prompt suite (the plain prompt and 4 edits); the judge scores every sample. Needs the pretrained
-toy models (``python scripts/toy_pretrain.py``).
+For every subject (the first ``--subjects`` of the held-out pool, or ``--subject-seed N``), training
+seed and cell, one main.py run saves after each of ``--steps``; each save is scored at each inference
+strength of ``--strengths`` (embeddings; e_s = e_p + s (e - e_p)) by sampling the prompt suite (the plain
+prompt and 4 edits) and judging every sample. A method's frontier is the Pareto set of its mean
+(fidelity, editability) points (ldm/frontier.py); intervals are 95% bootstrap intervals over runs.
+Each run's result is kept in WORKDIR/runs/, so a benchmark started again reuses finished runs. Needs
+the pretrained toy models (``python scripts/toy_pretrain.py``).
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ import argparse
 import json
 import logging
 import platform
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,9 +32,12 @@ import torch
 from ldm.cli import run_script
 from ldm.data.toy import write_photo_folder
 from ldm.data.toy_world import CLASS_WORD, HELD_OUT_POOL_SIZE
+from ldm.frontier import BOOTSTRAP_RESAMPLES, summarize_frontier
+from ldm.momentum import check_strength
 from ldm.toy_benchmark import (
-    METHOD_NAMES, TOY_ACCURACY, TOY_JUDGE, evaluate, load_toy_model, method, prompt_following,
-    prompt_suite, require_toy_models, train,
+    FRONTIER_METHODS, INFERENCE_CONFIG, METHOD_NAMES, QUICK_METHODS, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY,
+    TOY_JUDGE, TOY_MODEL, Method, Protocol, evaluate, load_record, load_toy_model, method, prompt_following,
+    prompt_suite, record_path, require_toy_models, run_clock, save_record, score_run, step_saves, train,
 )
 from ldm.toy_judge import load_judge
 from ldm.util import atomic_write
@@ -36,7 +45,22 @@ from ldm.util import atomic_write
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("toy_benchmark")
 
-QUICK_METHODS = ("ti", "momentum_0.1")
+FIDELITY_THRESHOLDS = (0.5, 0.7)
+QUICK_SAMPLES = 2
+CLASS_IMAGES = 48  # class images for prior preservation, drawn once per workdir
+REFERENCES = ("init_word", "full_description")
+FIGURES = ("fidelity", "editability", "features", "attribute")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a benchmark runs, checked before any work starts."""
+
+    cells: list[Method]  # in run order: a DreamBooth cell before the cells trained on its model
+    scored: list[str]  # the cells asked for (a DreamBooth cell may run only as another's base)
+    subjects: list[int]
+    seeds: list[int]
+    protocol: Protocol
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,16 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=5, help="how many held-out subjects (from the pool's start)")
     p.add_argument("--subject-seed", type=int, default=None,
                    help=f"benchmark held-out subject N (0-{HELD_OUT_POOL_SIZE - 1}) alone instead")
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per subject and method")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), help="methods to run (default: all)")
-    p.add_argument("--samples", type=int, default=8, help="samples per prompt")
-    p.add_argument("--max_steps", type=int, default=None, help="training steps (default: the configs')")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per subject and cell")
+    p.add_argument("--methods", nargs="+", default=list(FRONTIER_METHODS),
+                   help=f"cells to run (default: {' '.join(FRONTIER_METHODS)}); also: "
+                        f"{' '.join(n for n in METHOD_NAMES if n not in FRONTIER_METHODS)}")
+    p.add_argument("--samples", type=int, default=None, help=f"samples per prompt (default 8; {QUICK_SAMPLES} with "
+                                                             "--quick)")
+    p.add_argument("--steps", type=int, nargs="+", default=list(STEPS),
+                   help="training lengths scored, all from one run that trains for the largest")
+    p.add_argument("--strengths", type=float, nargs="+", default=list(STRENGTHS),
+                   help="inference strengths s in [0, 4] scored for embeddings: e_s = e_p + s (e - e_p)")
     p.add_argument("--quick", action="store_true",
-                   help=f"reduced run: 1 subject, 1 seed, {' and '.join(QUICK_METHODS)}")
-    p.add_argument("--workdir", type=Path, default=ROOT / "logs" / "toy-benchmark", help="photos and run logs")
+                   help=f"reduced run: 1 subject, 1 seed, {' and '.join(QUICK_METHODS)}, {QUICK_SAMPLES} samples "
+                        "per prompt, no prompt-following probe")
+    p.add_argument("--workdir", type=Path, default=ROOT / "logs" / "toy-benchmark",
+                   help="photos, class images, run logs and the per-run results a restart reuses")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
-    p.add_argument("--markdown", type=Path, default=None, help="write the results table as Markdown")
-    p.add_argument("--figure", type=Path, default=None, help="PNG grid: rows = methods, columns = prompts")
+    p.add_argument("--markdown", type=Path, default=None, help="write the results tables as Markdown")
+    p.add_argument("--figure", type=Path, default=None, help="fidelity-vs-editability plot (PNG)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p
 
@@ -69,125 +101,318 @@ def subject_seeds(args: argparse.Namespace) -> list[int]:
     return list(range(1 if args.quick else args.subjects))
 
 
-def summarize(scores: list) -> dict[str, float]:
-    """Mean and spread (std over subjects and seeds) of each figure."""
+def plan(args: argparse.Namespace) -> Plan:
+    """Check every input (one-line ValueErrors) and order the cells; nothing is run or written."""
+    names = list(QUICK_METHODS) if args.quick else list(dict.fromkeys(args.methods))
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"unknown method '{unknown[0]}': use {', '.join(METHOD_NAMES)}")
+    for strength in args.strengths:
+        try:
+            check_strength(strength)
+        except ValueError as err:
+            raise ValueError(f"--strengths: {err}") from None
+    if any(s < 1 for s in args.steps) or sorted(set(args.steps)) != args.steps:
+        raise ValueError(f"--steps must be increasing positive step counts, got {' '.join(map(str, args.steps))}")
+    samples = args.samples if args.samples is not None else (QUICK_SAMPLES if args.quick else 8)
+    if samples < 1 or args.seeds < 1:
+        raise ValueError("--samples and --seeds must be at least 1")
+    subjects = subject_seeds(args)
+    cells = []
+    for name in names:
+        m = method(name)
+        if m.on is not None and m.on not in [c.name for c in cells]:
+            cells.append(method(m.on))
+        if m not in cells:
+            cells.append(m)
+    protocol = Protocol(tuple(args.steps), tuple(float(s) for s in args.strengths), samples)
+    return Plan(cells, names, subjects, [0] if args.quick else list(range(args.seeds)), protocol)
+
+
+# ------------------------------------------------------------------------------------- runs
+def class_images(workdir: Path, count: int = CLASS_IMAGES) -> Path:
+    """The prior-preservation images of 'a photo of a toy' drawn by the pretrained toy model (made once)."""
+    outdir = workdir / "class_images" / CLASS_WORD
+    command = [sys.executable, str(ROOT / "scripts" / "make_class_images.py"), "--ckpt", str(TOY_MODEL),
+               "--config", str(INFERENCE_CONFIG), "--class_word", CLASS_WORD, "--outdir", str(outdir),
+               "--n_images", str(count), "--batch_size", "16", "--ddim_steps", str(SAMPLER["ddim_steps"]),
+               "--scale", str(SAMPLER["scale"]), "--device", "cpu", "--precision", "full"]
+    subprocess.run(command, check=True)  # it makes only the images the folder lacks
+    return outdir
+
+
+class Runner:
+    """Runs (or reuses) each cell's runs and the references, with the loaded base model and judge."""
+
+    def __init__(self, plan_: Plan, workdir: Path, judge, base, class_dir: Path | None = None):
+        self.plan, self.workdir = plan_, workdir
+        self.judge, self.base, self.class_dir = judge, base, class_dir
+        self.records: dict[tuple[str, int, int], dict] = {}
+
+    def reference(self, name: str, subject_seed: int, subject) -> dict:
+        """The init word's or the full description's score on the pretrained model (one point, stored)."""
+        phrase = CLASS_WORD if name == "init_word" else subject.describe()
+        path = record_path(self.workdir, name, subject_seed, 0)
+        fingerprint = json.loads(json.dumps({"phrase": phrase, "settings": [[0, 1.0]],
+                                             "samples": self.plan.protocol.samples, "sampler": SAMPLER}))
+        record = load_record(path, fingerprint)
+        if record is None:
+            watch = Stopwatch()
+            watch.mark("trained")
+            score, _ = evaluate(self.base, self.judge, phrase, subject, samples_per_prompt=self.plan.protocol.samples,
+                                seed=0)
+            watch.mark("scored")
+            point = {"steps": 0, "strength": 1.0, **{k: getattr(score, k) for k in FIGURES},
+                     "per_prompt": score.per_prompt}
+            record = {"fingerprint": fingerprint, "points": [point], "result": str(TOY_MODEL),
+                      "times": run_times(watch.clock)}
+            save_record(path, record)
+        return record
+
+    def run(self, m: Method, subject_seed: int, seed: int, photos: Path, subject) -> dict:
+        """One run of cell ``m``: its stored result when reusable, else train, score and store it."""
+        base = self.records[(m.on, subject_seed, seed)]["result"] if m.on else str(TOY_MODEL)
+        fingerprint = {**self.plan.protocol.fingerprint(m), "base": base}
+        path = record_path(self.workdir, m.name, subject_seed, seed)
+        record = load_record(path, fingerprint)
+        if record is not None:
+            logger.info("%s subject %d seed %d: reusing %s", m.name, subject_seed, seed, path)
+            return record
+        watch = Stopwatch()
+        watch.mark("start")
+        result = train(m, photos, seed, self.workdir / "logs", base_ckpt=Path(base),
+                       max_steps=max(self.plan.protocol.steps), save_steps=self.plan.protocol.steps,
+                       class_images=self.class_dir)
+        watch.mark("trained")
+        unet = self.records[(m.on, subject_seed, seed)]["unet"] if m.on else None
+        points = score_run(self.base, self.judge, m, subject, step_saves(result, m, self.plan.protocol.steps),
+                           self.plan.protocol, seed=1000 + seed, unet=Path(unet) if unet else None)
+        watch.mark("scored")
+        record = {"fingerprint": fingerprint, "points": points, "result": str(result),
+                  "times": run_times({**watch.clock, **run_clock(result)})}
+        if not m.embedding:
+            record["unet"] = str(step_saves(result, m, self.plan.protocol.steps)[max(self.plan.protocol.steps)])
+        save_record(path, record)
+        final = points[-1] if not m.embedding else next(p for p in points[::-1] if p["strength"] == 1.0)
+        logger.info("%s subject %d seed %d: fidelity %.2f editability %.2f at %d steps (times %s)", m.name,
+                    subject_seed, seed, final["fidelity"], final["editability"], final["steps"],
+                    {k: round(v, 1) for k, v in record["times"].items()})
+        return record
+
+    def run_all(self) -> dict[str, list[dict]]:
+        """Every record, by cell name and reference, over subjects x seeds."""
+        by_cell: dict[str, list[dict]] = {name: [] for name in [*REFERENCES, *(m.name for m in self.plan.cells)]}
+        for subject_seed in self.plan.subjects:
+            photos = self.workdir / "photos" / f"subject-{subject_seed}"
+            subject = write_photo_folder(subject_seed, photos)
+            logger.info("Subject %d: %s (photos in %s)", subject_seed, subject.describe(), photos)
+            for name in REFERENCES:
+                by_cell[name].append(self.reference(name, subject_seed, subject))
+            for seed in self.plan.seeds:
+                for m in self.plan.cells:
+                    record = self.run(m, subject_seed, seed, photos, subject)
+                    self.records[(m.name, subject_seed, seed)] = record
+                    by_cell[m.name].append(record)
+        return by_cell
+
+
+class Stopwatch:
+    """Wall-clock and process CPU time (all threads) at named events, as ``<event>`` and ``<event>_cpu``."""
+
+    def __init__(self):
+        self.clock: dict[str, float] = {}
+
+    def mark(self, event: str) -> None:
+        self.clock.update({event: time.time(), f"{event}_cpu": time.process_time()})
+
+
+def run_times(clock: dict[str, float]) -> dict[str, float]:
+    """Seconds of each part of a run, wall and CPU: main.py's set-up (configure, instantiate, trainer),
+    Lightning's fit set-up, training, what follows fit, and scoring (sampling and judging every setting).
+
+    ``clock`` holds the events start, fit_start, train_start, train_end (:class:`BenchmarkProbe`),
+    trained and scored; CPU time on a machine shared with other jobs is the fairer measure of cost.
+    """
+    parts = {"setup": ("start", "fit_start"), "fit_setup": ("fit_start", "train_start"),
+             "train": ("train_start", "train_end"), "teardown": ("train_end", "trained"),
+             "score": ("trained", "scored")}
+    times = {}
+    for name, (begin, end) in parts.items():
+        if begin in clock and end in clock:
+            times[f"{name}_s"] = clock[end] - clock[begin]
+            times[f"{name}_cpu_s"] = clock[f"{end}_cpu"] - clock[f"{begin}_cpu"]
+    return times
+
+
+# ------------------------------------------------------------------------------------- results
+def final_point(record: dict) -> dict:
+    """The point of the earlier single-point protocol: the last save at strength 1."""
+    return [p for p in record["points"] if p["strength"] == 1.0][-1]
+
+
+def summarize(records: list[dict]) -> dict[str, float]:
+    """Mean and spread (std over subjects and seeds) of each figure at the final point."""
     summary = {}
-    for name in ("fidelity", "editability", "features", "attribute"):
-        values = [getattr(s, name) for s in scores]
+    for name in FIGURES:
+        values = [final_point(r)[name] for r in records]
         summary[name], summary[f"{name}_std"] = float(np.mean(values)), float(np.std(values))
-    return {**summary, "runs": len(scores)}
+    return {**summary, "runs": len(records)}
 
 
-def run_benchmark(args: argparse.Namespace, subjects: list[int]) -> dict:
-    require_toy_models()
-    torch.set_num_threads(args.threads)
-    names = list(QUICK_METHODS) if args.quick else args.methods
-    methods = [method(n) for n in names]
-    seeds = [0] if args.quick else list(range(args.seeds))
-    judge_model = load_judge(TOY_JUDGE)
-    base = load_toy_model()
-    start = time.perf_counter()
-    results = {"methods": {}, "init_word": {}, "runs": [], "figure_rows": {}}
-    init_scores, oracle_scores, per_method = [], [], {m.name: [] for m in methods}
-    for subject_seed in subjects:
-        photos = args.workdir / "photos" / f"subject-{subject_seed}"
-        subject = write_photo_folder(subject_seed, photos)
-        logger.info("Subject %d: %s (photos in %s)", subject_seed, subject.describe(), photos)
-        score, images = evaluate(base, judge_model, CLASS_WORD, subject, samples_per_prompt=args.samples, seed=0)
-        init_scores.append(score)
-        results["figure_rows"].setdefault("init word", images[::args.samples])
-        score, _ = evaluate(base, judge_model, subject.describe(), subject, samples_per_prompt=args.samples, seed=0)
-        oracle_scores.append(score)
-        for seed in seeds:
-            dreambooth_model = None
-            for m in methods:
-                run_start = time.perf_counter()
-                base_ckpt = None
-                if m.dreambooth_first:
-                    dreambooth_model = dreambooth_model or train(method("dreambooth"), photos, seed, args.workdir,
-                                                                 max_steps=args.max_steps)
-                    base_ckpt = dreambooth_model
-                result = train(m, photos, seed, args.workdir, max_steps=args.max_steps,
-                               **({"base_ckpt": base_ckpt} if base_ckpt else {}))
-                train_s = time.perf_counter() - run_start
-                if not m.embedding:
-                    dreambooth_model = result
-                if m.embedding:
-                    model = base if base_ckpt is None else load_toy_model(base_ckpt)
-                else:
-                    model = load_toy_model(result)
-                score, images = evaluate(model, judge_model, m.phrase, subject, samples_per_prompt=args.samples,
-                                         seed=1000 + seed, embedding=result if m.embedding else None)
-                per_method[m.name].append(score)
-                results["figure_rows"].setdefault(m.name, images[::args.samples])
-                results["runs"].append({"method": m.name, "subject_seed": subject_seed, "seed": seed,
-                                        "fidelity": score.fidelity, "editability": score.editability,
-                                        "features": score.features,
-                                        "attribute": score.attribute, "per_prompt": score.per_prompt,
-                                        "train_seconds": round(train_s, 1)})
-                logger.info("%s subject %d seed %d: fidelity %.2f editability %.2f (train %.0f s)", m.name,
-                            subject_seed, seed, score.fidelity, score.editability, train_s)
-    results["methods"] = {name: summarize(scores) for name, scores in per_method.items()}
-    results["init_word"] = summarize(init_scores)
-    results["full_description"] = summarize(oracle_scores)
-    results["prompt_following"] = prompt_following(base, judge_model, samples_per_prompt=args.samples)
-    results["judge_accuracy"] = json.loads(TOY_ACCURACY.read_text()) if TOY_ACCURACY.is_file() else {}
-    results["minutes"] = round((time.perf_counter() - start) / 60, 1)
-    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    results["prompts"] = [p for p, _, _ in prompt_suite("{}")]
-    return results
+def frontier(records: list[dict]) -> dict:
+    """The cell's points with bootstrap intervals, which are on its frontier, and the frontier's figures."""
+    runs = np.array([[[p["fidelity"], p["editability"]] for p in r["points"]] for r in records])
+    summary = summarize_frontier(runs, FIDELITY_THRESHOLDS)
+    points = []
+    for i, p in enumerate(records[0]["points"]):
+        fidelity_ci, editability_ci = summary["point_intervals"][i]
+        points.append({"steps": p["steps"], "strength": p["strength"], "fidelity": summary["points"][i][0],
+                       "editability": summary["points"][i][1], "fidelity_ci": fidelity_ci,
+                       "editability_ci": editability_ci, "on_frontier": i in summary["frontier"]})
+    return {"points": points, "figures": summary["figures"], "intervals": summary["figure_intervals"],
+            "runs": len(records)}
 
 
-def markdown_table(results: dict) -> str:
-    """Mean ± std over subjects and seeds of each figure, one row per method."""
-    lines = ["| method | fidelity | editability | identity features | asked attribute | runs |",
-             "| --- | --- | --- | --- | --- | --- |"]
+def mean_times(by_cell: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Mean seconds of each part of a run, per cell (the runs of this invocation and reused ones alike)."""
+    result = {}
+    for name, records in by_cell.items():
+        keys = sorted({k for r in records for k in r["times"]})
+        result[name] = {k: round(float(np.mean([r["times"][k] for r in records if k in r["times"]])), 1)
+                        for k in keys}
+    return result
+
+
+def results_json(plan_: Plan, by_cell: dict[str, list[dict]], following: dict | None, seconds: float,
+                 cpu_seconds: float) -> dict:
+    """The issue-10 keys (``methods``, ``init_word``, ``full_description``, ``judge_accuracy``) plus ``frontiers``."""
+    frontiers = {name: frontier(by_cell[name]) for name in [*REFERENCES, *plan_.scored]}
+    return {
+        "methods": {name: summarize(by_cell[name]) for name in plan_.scored},
+        "init_word": summarize(by_cell["init_word"]),
+        "full_description": summarize(by_cell["full_description"]),
+        "frontiers": {name: frontiers[name]["points"] for name in plan_.scored},
+        "frontier_figures": {name: {k: v for k, v in f.items() if k != "points"} for name, f in frontiers.items()},
+        "prompt_following": following,
+        "judge_accuracy": json.loads(TOY_ACCURACY.read_text()) if TOY_ACCURACY.is_file() else {},
+        "protocol": {"steps": list(plan_.protocol.steps), "strengths": list(plan_.protocol.strengths),
+                     "samples_per_prompt": plan_.protocol.samples, "subjects": plan_.subjects, "seeds": plan_.seeds,
+                     "sampler": SAMPLER, "interval": f"95% percentile bootstrap over runs, {BOOTSTRAP_RESAMPLES} "
+                                                     "resamples", "prompts": [p for p, _, _ in prompt_suite("{}")]},
+        "runs": {name: [{"points": r["points"], "times": r["times"], "result": r["result"]} for r in records]
+                 for name, records in by_cell.items()},
+        "seconds_per_run": mean_times(by_cell),
+        "minutes": round(seconds / 60, 1),
+        "cpu_minutes": round(cpu_seconds / 60, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+    }
+
+
+def interval(value: float | None, ci) -> str:
+    """``0.42 [0.30, 0.51]``, ``-`` for a missing value; the interval is left out when there is none."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if ci is None else f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def markdown_tables(results: dict) -> str:
+    """The frontier figures per cell, then the earlier protocol's table (the final point) per cell."""
+    keys = [f"best_editability_at_{t:g}" for t in FIDELITY_THRESHOLDS] + ["area"]
+    lines = ["| method | " + " | ".join(f"best editability at fidelity >= {t:g}" for t in FIDELITY_THRESHOLDS)
+             + " | frontier area | runs |", "| --- " * (len(keys) + 2) + "|"]
+    for name, f in results["frontier_figures"].items():
+        cells = " | ".join(interval(f["figures"][k], f["intervals"][k]) for k in keys)
+        lines.append(f"| {name} | {cells} | {f['runs']} |")
+    lines += ["", "| method (last save, strength 1) | fidelity | editability | identity features | asked attribute "
+                  "| runs |", "| --- | --- | --- | --- | --- | --- |"]
     rows = [("init word only (`toy`)", results["init_word"]),
             ("full description (no training)", results["full_description"]), *results["methods"].items()]
     for name, r in rows:
-        cells = " | ".join(f"{r[k]:.2f} ± {r[k + '_std']:.2f}" for k in ("fidelity", "editability", "features",
-                                                                           "attribute"))
+        cells = " | ".join(f"{r[k]:.2f} ± {r[k + '_std']:.2f}" for k in FIGURES)
         lines.append(f"| {name} | {cells} | {r['runs']} |")
     return "\n".join(lines) + "\n"
 
 
-def write_figure(rows: dict[str, torch.Tensor], path: Path) -> None:
-    """A grid with one row per method and one column per prompt of the suite."""
+def write_plot(results: dict, path: Path) -> None:
+    """Fidelity (x) vs editability (y): each cell's points, its frontier as a line with its points labelled
+    ``steps/strength``, and the references as crosses."""
     from PIL import Image, ImageDraw
 
-    label_w, cell = 170, 64
-    names = list(rows)
-    columns = max(t.shape[0] for t in rows.values())
-    canvas = Image.new("RGB", (label_w + columns * cell, len(names) * cell), "white")
+    width, height, margin = 1000, 720, 70
+    frontiers = results["frontiers"]
+    top = max([0.1] + [p["editability"] for points in frontiers.values() for p in points]
+              + [results[r]["editability"] for r in REFERENCES])
+    top = float(np.ceil(top * 10) / 10)
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, name in enumerate(names):
-        draw.text((4, r * cell + cell // 2 - 6), name, fill="black")
-        pixels = ((rows[name].clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        for c, image in enumerate(pixels):
-            canvas.paste(Image.fromarray(image), (label_w + c * cell, r * cell))
+
+    def xy(fidelity: float, editability: float) -> tuple[float, float]:
+        return (margin + fidelity * (width - 2 * margin - 180),
+                height - margin - editability / top * (height - 2 * margin))
+
+    draw.rectangle([xy(0, top), xy(1, 0)], outline="black")
+    for i in range(11):
+        x, y = xy(i / 10, 0)
+        draw.line([(x, y), (x, y + 5)], fill="black")
+        draw.text((x - 8, y + 8), f"{i / 10:.1f}", fill="black")
+    for i in range(int(round(top * 20)) + 1):
+        x, y = xy(0, i / 20)
+        draw.line([(x - 5, y), (x, y)], fill="black")
+        draw.text((x - 40, y - 6), f"{i / 20:.2f}", fill="black")
+    draw.text((xy(0.42, 0)[0], height - 30), "fidelity (plain prompt shows the subject)", fill="black")
+    draw.text((10, 10), "editability (edit shows the subject and the asked attribute); labels: steps/strength",
+              fill="black")
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf", "#000080", "#808000"]
+    for k, (name, points) in enumerate(frontiers.items()):
+        colour = palette[k % len(palette)]
+        for p in points:
+            x, y = xy(p["fidelity"], p["editability"])
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
+        line = sorted((p for p in points if p["on_frontier"]), key=lambda p: p["fidelity"])
+        draw.line([xy(p["fidelity"], p["editability"]) for p in line], fill=colour, width=2)
+        for p in line:
+            x, y = xy(p["fidelity"], p["editability"])
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            draw.text((x + 5, y - 12), f"{p['steps']}/{p['strength']:g}", fill=colour)
+        legend_x, legend_y = width - margin - 160, margin + 18 * k
+        draw.rectangle([legend_x, legend_y + 3, legend_x + 10, legend_y + 13], fill=colour)
+        draw.text((legend_x + 15, legend_y + 2), name, fill=colour)
+    for k, name in enumerate(REFERENCES):
+        x, y = xy(results[name]["fidelity"], results[name]["editability"])
+        draw.line([(x - 5, y - 5), (x + 5, y + 5)], fill="black", width=2)
+        draw.line([(x - 5, y + 5), (x + 5, y - 5)], fill="black", width=2)
+        draw.text((x + 6, y + 2 + 12 * k), name.replace("_", " "), fill="black")
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def body(args: argparse.Namespace) -> int:
-    unknown = [n for n in args.methods if n not in METHOD_NAMES]
-    if unknown:
-        raise ValueError(f"unknown method '{unknown[0]}': use {', '.join(METHOD_NAMES)}")
-    results = run_benchmark(args, subject_seeds(args))
-    figure_rows = results.pop("figure_rows")
+    checked = plan(args)  # every input error before any work
+    require_toy_models()
+    torch.set_num_threads(args.threads)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    class_dir = class_images(args.workdir) if any(m.prior for m in checked.cells) else None
+    runner = Runner(checked, args.workdir, load_judge(TOY_JUDGE), load_toy_model(), class_dir)
+    by_cell = runner.run_all()
+    following = None if args.quick else prompt_following(runner.base, runner.judge,
+                                                         samples_per_prompt=checked.protocol.samples)
+    results = results_json(checked, by_cell, following, time.perf_counter() - start, time.process_time() - cpu_start)
     if args.figure:
-        write_figure(figure_rows, args.figure)
+        write_plot(results, args.figure)
     if args.json:
         text = json.dumps(results, indent=1) + "\n"
         atomic_write(args.json, lambda tmp: tmp.write_text(text))
+    tables = markdown_tables(results)
     if args.markdown:
-        table = markdown_table(results)
-        atomic_write(args.markdown, lambda tmp: tmp.write_text(table))
-    logger.info("Results (%.1f min):\n%s", results["minutes"], markdown_table(results))
+        atomic_write(args.markdown, lambda tmp: tmp.write_text(tables))
+    logger.info("Results (%.1f min, %.1f CPU min; seconds per run by part: %s):\n%s", results["minutes"],
+                results["cpu_minutes"], results["seconds_per_run"], tables)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_script(build_parser(), body, argv, logger=logger, errors=(ValueError, OSError, RuntimeError))
+    return run_script(build_parser(), body, argv, logger=logger,
+                      errors=(ValueError, OSError, RuntimeError, subprocess.CalledProcessError))
 
 
 if __name__ == "__main__":

@@ -581,15 +581,17 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def sample_images(self, prompts: Sequence[str], *, ddim_steps: int = 50, scale: float = 5.0,
                       eta: float = 0.0, generator: torch.Generator | None = None,
-                      x_T: torch.Tensor | None = None, negative_prompt: str = "") -> torch.Tensor:
+                      x_T: torch.Tensor | None = None, negative_prompt: str = "",
+                      cond: torch.Tensor | None = None) -> torch.Tensor:
         """Decoded DDIM samples for ``prompts``, in [-1, 1], shape [B, 3, H, W].
 
         ``x_T`` [B, C, h, w] is the starting noise (drawn from ``generator`` when None); ``negative_prompt``
-        is the unconditional side of classifier-free guidance.
+        is the unconditional side of classifier-free guidance. ``cond`` [B, L, D], when given, is the
+        prompts' conditioning computed beforehand (e.g. each part with another embedding attached).
         """
         from ldm.models.diffusion.ddim import DDIMSampler
 
-        cond = self.get_learned_conditioning(list(prompts))
+        cond = self.get_learned_conditioning(list(prompts)) if cond is None else cond
         uncond = self.fixed_conditioning(negative_prompt, len(prompts)) if scale != 1.0 else None
         shape = (self.channels, self.image_size, self.image_size)
         samples, _ = DDIMSampler(self).sample(

@@ -1,0 +1,121 @@
+"""Fidelity-editability frontiers of personalization methods, and their confidence intervals.
+
+A run of a method is scored at several (training steps, inference strength) settings; each setting
+gives a point (fidelity, editability). A method's points are the means over its runs (subjects x
+seeds). Its **frontier** is the Pareto set of those points: the ones no other point matches or beats
+on both figures (up and to the right in a fidelity-vs-editability plot). From it:
+
+- ``best_editability(points, f)``: the best editability among points with fidelity >= f, i.e. what
+  the method offers a user who needs at least that likeness (None where no point reaches f);
+- ``frontier_area(points)``: the integral over f in [0, 1] of ``best_editability(points, f)`` (0
+  where no point reaches f): the area under the frontier's staircase, which equals the area of the
+  (fidelity, editability) region the points dominate, with (0, 0) as the reference corner.
+
+Intervals are 95% percentile-bootstrap intervals over runs: runs are drawn with replacement, the
+mean points and every figure derived from them are recomputed, and the 2.5th and 97.5th percentiles
+of each figure are the interval. With a single run there is nothing to resample and no interval.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+Point = tuple[float, float]  # (fidelity, editability)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+
+def pareto_frontier(points: Sequence[Point]) -> list[int]:
+    """Indices of the points no other point dominates, by increasing fidelity (ties: the first kept).
+
+    A point dominates another when it is at least as good on both figures and better on one; of
+    identical points only the first is on the frontier.
+    """
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1], i))
+    frontier, best = [], -np.inf
+    for i in order:  # by decreasing fidelity: a point is kept when it beats every more faithful one
+        if points[i][1] > best:
+            frontier.append(i)
+            best = points[i][1]
+    return frontier[::-1]
+
+
+def best_editability(points: Sequence[Point], min_fidelity: float) -> float | None:
+    """The highest editability among points with fidelity >= ``min_fidelity`` (None if there is none)."""
+    eligible = [e for f, e in points if f >= min_fidelity]
+    return max(eligible) if eligible else None
+
+
+def frontier_area(points: Sequence[Point]) -> float:
+    """Area under the frontier's staircase over fidelity in [0, 1] (see the module docstring)."""
+    area, previous = 0.0, 0.0
+    for i in pareto_frontier(points):  # increasing fidelity, decreasing editability
+        fidelity, editability = points[i]
+        fidelity = min(max(fidelity, 0.0), 1.0)
+        area += (fidelity - previous) * editability
+        previous = fidelity
+    return area
+
+
+def frontier_figures(points: Sequence[Point], thresholds: Sequence[float]) -> dict[str, float | None]:
+    """The summary of one set of mean points: best editability at each fidelity threshold, and the area."""
+    figures = {f"best_editability_at_{t:g}": best_editability(points, t) for t in thresholds}
+    return {**figures, "area": frontier_area(points)}
+
+
+def mean_points(runs: np.ndarray) -> list[Point]:
+    """Mean (fidelity, editability) per setting of runs [R, S, 2] (R runs, S settings)."""
+    return [tuple(float(x) for x in row) for row in runs.mean(axis=0)]
+
+
+def bootstrap_intervals(runs: np.ndarray, statistic: Callable[[np.ndarray], dict[str, float | None]], *,
+                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+                        ) -> dict[str, tuple[float, float] | None]:
+    """95% percentile-bootstrap interval of each figure ``statistic`` computes from runs [R, ...].
+
+    A figure is None in some resamples (e.g. no point reaches a fidelity threshold); its interval is
+    then taken over the resamples where it exists when they are at least 95% of them, else None. Fewer
+    than two runs give no intervals (all None).
+    """
+    names = list(statistic(runs))
+    if runs.shape[0] < 2:
+        return {name: None for name in names}
+    rng = np.random.default_rng(seed)
+    draws = {name: [] for name in names}
+    for _ in range(resamples):
+        sample = runs[rng.integers(0, runs.shape[0], runs.shape[0])]
+        for name, value in statistic(sample).items():
+            draws[name].append(value)
+    tail = 100 * (1 - CONFIDENCE) / 2
+    intervals = {}
+    for name, values in draws.items():
+        present = [v for v in values if v is not None]
+        if len(present) < CONFIDENCE * resamples:
+            intervals[name] = None
+            continue
+        low, high = np.percentile(present, [tail, 100 - tail])
+        intervals[name] = (float(low), float(high))
+    return intervals
+
+
+def point_statistic(runs: np.ndarray) -> dict[str, float]:
+    """Mean fidelity and editability of each setting of runs [R, S, 2], as ``f<i>`` and ``e<i>``."""
+    means = runs.mean(axis=0)
+    return {**{f"f{i}": float(m[0]) for i, m in enumerate(means)}, **{f"e{i}": float(m[1]) for i, m in enumerate(means)}}
+
+
+def summarize_frontier(runs: np.ndarray, thresholds: Sequence[float]) -> dict:
+    """Mean points, their intervals, the frontier (indices) and its figures with intervals, of runs [R, S, 2]."""
+    points = mean_points(runs)
+    point_ci = bootstrap_intervals(runs, point_statistic)
+    figures = frontier_figures(points, thresholds)
+    figure_ci = bootstrap_intervals(runs, lambda sample: frontier_figures(mean_points(sample), thresholds))
+    return {
+        "points": points,
+        "point_intervals": [(point_ci[f"f{i}"], point_ci[f"e{i}"]) for i in range(len(points))],
+        "frontier": pareto_frontier(points),
+        "figures": figures,
+        "figure_intervals": figure_ci,
+    }
