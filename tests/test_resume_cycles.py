@@ -7,6 +7,7 @@ The SIGKILLed run is a subprocess; the others run in-process, on one CPU thread.
 from __future__ import annotations
 
 import csv
+import logging
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import ROOT, base_argv, only_run, subprocess_env
+from helpers import ROOT, base_argv, error_lines, only_run, subprocess_env
 
 import main
 
@@ -94,3 +95,12 @@ def test_sigterm_twice_then_sigkill_while_validating_ends_as_the_uninterrupted_r
     assert [step for step, _ in loss_rows(straight)] == steps, "step N holds the N-th step's loss"
     assert loss_rows(run) == loss_rows(straight), "one row per step across the resumes, with the same losses"
     assert tensorboard_losses(run) == tensorboard_losses(straight)
+
+
+def test_a_damaged_resume_point_is_a_one_line_error(tmp_path, caplog) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"\x00 cut short")
+    with caplog.at_level(logging.INFO):
+        assert main.main(["-t", "-r", str(tmp_path)]) == 2
+    (error,) = error_lines(caplog)
+    assert error.startswith(f"cannot resume: {tmp_path / 'checkpoints' / 'last.ckpt'}")
