@@ -86,6 +86,10 @@ def add_adapters(part: AdapterPart, targets: Iterable[str], *, rank: int = 4, al
     if unnamed:
         raise ValueError(f"lora target '{unnamed[0]}' has no name in the kohya/A1111 layout (only layers inside "
                          "attention blocks and the text encoder can be exported); adapt attention layers only")
+    for layer in layers.values():
+        # peft casts every input to the adapters' float32; with half base weights the model runs under autocast
+        # (LatentDiffusion.weights_autocast), which casts it back, so the cast is one wasted copy per layer
+        layer.cast_input_dtype_enabled = False
     logger.info("LoRA: %d layers of %s adapted (rank %d, alpha %g)", len(layers), part.prefix, rank,
                 config.lora_alpha)
     return len(layers)
