@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -86,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="write the results tables as Markdown")
     p.add_argument("--figure", type=Path, default=None, help="fidelity-vs-editability plot (PNG)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a machine shared with other jobs, 2 threads were 18x slower "
+                        "per training step; docs/toy_benchmark.md)")
     return p
 
 
@@ -130,14 +133,16 @@ def plan(args: argparse.Namespace) -> Plan:
 
 
 # ------------------------------------------------------------------------------------- runs
-def class_images(workdir: Path, count: int = CLASS_IMAGES) -> Path:
-    """The prior-preservation images of 'a photo of a toy' drawn by the pretrained toy model (made once)."""
+def class_images(workdir: Path, threads: int, count: int = CLASS_IMAGES) -> Path:
+    """The prior-preservation images of 'a photo of a toy' drawn by the pretrained toy model (made once,
+    by scripts/make_class_images.py with ``threads`` CPU threads)."""
     outdir = workdir / "class_images" / CLASS_WORD
     command = [sys.executable, str(ROOT / "scripts" / "make_class_images.py"), "--ckpt", str(TOY_MODEL),
                "--config", str(INFERENCE_CONFIG), "--class_word", CLASS_WORD, "--outdir", str(outdir),
                "--n_images", str(count), "--batch_size", "16", "--ddim_steps", str(SAMPLER["ddim_steps"]),
                "--scale", str(SAMPLER["scale"]), "--device", "cpu", "--precision", "full"]
-    subprocess.run(command, check=True)  # it makes only the images the folder lacks
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(command, check=True, env=env)  # it makes only the images the folder lacks
     return outdir
 
 
@@ -340,26 +345,28 @@ def write_plot(results: dict, path: Path) -> None:
 
     width, height, margin = 1000, 720, 70
     frontiers = results["frontiers"]
-    top = max([0.1] + [p["editability"] for points in frontiers.values() for p in points]
-              + [results[r]["editability"] for r in REFERENCES])
-    top = float(np.ceil(top * 10) / 10)
+    def axis_end(name: str) -> float:  # the largest value shown, rounded up to a tenth
+        values = [p[name] for points in frontiers.values() for p in points] + [results[r][name] for r in REFERENCES]
+        return float(np.ceil(max([0.1, *values]) * 10) / 10)
+
+    right, top = axis_end("fidelity"), axis_end("editability")
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
 
     def xy(fidelity: float, editability: float) -> tuple[float, float]:
-        return (margin + fidelity * (width - 2 * margin - 180),
+        return (margin + fidelity / right * (width - 2 * margin - 180),
                 height - margin - editability / top * (height - 2 * margin))
 
-    draw.rectangle([xy(0, top), xy(1, 0)], outline="black")
+    draw.rectangle([xy(0, top), xy(right, 0)], outline="black")
     for i in range(11):
-        x, y = xy(i / 10, 0)
+        x, y = xy(i * right / 10, 0)
         draw.line([(x, y), (x, y + 5)], fill="black")
-        draw.text((x - 8, y + 8), f"{i / 10:.1f}", fill="black")
-    for i in range(int(round(top * 20)) + 1):
-        x, y = xy(0, i / 20)
+        draw.text((x - 8, y + 8), f"{i * right / 10:.2f}", fill="black")
+    for i in range(11):
+        x, y = xy(0, i * top / 10)
         draw.line([(x - 5, y), (x, y)], fill="black")
-        draw.text((x - 40, y - 6), f"{i / 20:.2f}", fill="black")
-    draw.text((xy(0.42, 0)[0], height - 30), "fidelity (plain prompt shows the subject)", fill="black")
+        draw.text((x - 40, y - 6), f"{i * top / 10:.2f}", fill="black")
+    draw.text((xy(0.4 * right, 0)[0], height - 30), "fidelity (plain prompt shows the subject)", fill="black")
     draw.text((10, 10), "editability (edit shows the subject and the asked attribute); labels: steps/strength",
               fill="black")
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -391,7 +398,7 @@ def body(args: argparse.Namespace) -> int:
     require_toy_models()
     torch.set_num_threads(args.threads)
     start, cpu_start = time.perf_counter(), time.process_time()
-    class_dir = class_images(args.workdir) if any(m.prior for m in checked.cells) else None
+    class_dir = class_images(args.workdir, args.threads) if any(m.prior for m in checked.cells) else None
     runner = Runner(checked, args.workdir, load_judge(TOY_JUDGE), load_toy_model(), class_dir)
     by_cell = runner.run_all()
     following = None if args.quick else prompt_following(runner.base, runner.judge,

@@ -168,3 +168,16 @@ def test_cells_trained_on_a_dreambooth_model_run_after_it():
     checked = toy_benchmark.plan(args)
     assert [m.name for m in checked.cells] == ["dreambooth_prior", "dreambooth_prior_momentum_0.1", "ti"]
     assert checked.scored == ["dreambooth_prior_momentum_0.1", "ti"]
+
+
+def test_run_times_split_a_run_into_its_parts():
+    from scripts.toy_benchmark import run_times
+
+    events = {"start": 0.0, "fit_start": 4.0, "train_start": 4.5, "train_end": 24.5, "trained": 25.0, "scored": 85.0}
+    clock = {**events, **{f"{k}_cpu": 2 * v for k, v in events.items()}}  # two busy threads
+    times = run_times(clock)
+    assert times["setup_s"] == 4.0 and times["fit_setup_s"] == 0.5 and times["train_s"] == 20.0
+    assert times["teardown_s"] == 0.5 and times["score_s"] == 60.0 and times["train_cpu_s"] == 40.0
+    probe = ("fit_start", "train_start", "train_end")  # the events the run's BenchmarkProbe writes
+    assert run_times({k: v for k, v in clock.items() if not k.startswith(probe)}).keys() == {
+        "score_s", "score_cpu_s"}  # no clock from the run: only scoring is known
