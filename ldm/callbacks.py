@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.compat import drop_ignored_keys
+from ldm.lora import prompt_loras
 from ldm.png_metadata import SampleSettings, model_fields, png_text
 from ldm.sampling_io import save_png, to_grid_image
 from ldm.util import atomic_write
@@ -178,20 +179,31 @@ class ImageLogger(pl.Callback):
         finally:
             pl_module.train(was_training)
 
-    def _png_text(self, pl_module, batch, images: dict[str, torch.Tensor], **details) -> dict[str, str]:
+    def _png_text(self, pl_module, batch, images: dict[str, torch.Tensor], *, step: int, **details) -> dict[str, str]:
         """The grids' text chunks: A1111 ``parameters`` of the sampling, the captions and step in ``momentum_ti``."""
         sampling = {**keyword_defaults(pl_module.log_images), **self.log_images_kwargs}
         captions = [str(c) for c in batch[pl_module.cond_stage_key][: self.max_images]]
-        manager = getattr(pl_module, "embedding_manager", None)
         checkpoint = self.checkpoint_path or getattr(pl_module, "init_checkpoint", None)
         height, width = next(iter(images.values())).shape[-2:]
-        viewer = SampleSettings(
-            prompt=captions[0] if captions else "", negative_prompt="", steps=int(sampling["ddim_steps"]),
-            sampler="DDIM", cfg_scale=float(sampling["unconditional_guidance_scale"]),
+        viewer = run_sample_settings(
+            pl_module, step, prompt=captions[0] if captions else "", negative_prompt="",
+            steps=int(sampling["ddim_steps"]), cfg_scale=float(sampling["unconditional_guidance_scale"]),
             seed=getattr(pl_module, "training_seed", None), width=int(width), height=int(height),
-            **model_fields(checkpoint), embedding=" ".join(manager.placeholders) if manager else None,
-            gamma=manager.gamma if manager else None)
-        return png_text(viewer, {"captions": captions, **details, "checkpoint": checkpoint})
+            checkpoint=checkpoint)
+        return png_text(viewer, {"captions": captions, "step": step, **details, "checkpoint": checkpoint})
+
+
+def run_sample_settings(pl_module, step: int, *, checkpoint: str | Path | None = None,
+                        **sampling: Any) -> SampleSettings:
+    """What a viewer shows for samples a training run draws at ``step`` with ``sampling`` (SampleSettings'
+    prompt, negative_prompt, steps, cfg_scale, seed, width, height; DDIM): the model hash of ``checkpoint``
+    (default: the weights the model loaded), the embedding's placeholders and gamma, and the LoRAs in the
+    model's weights as A1111's ``<lora:name:scale>`` prompt tags (:func:`ldm.lora.prompt_loras`)."""
+    manager = getattr(pl_module, "embedding_manager", None)
+    checkpoint = checkpoint or getattr(pl_module, "init_checkpoint", None)
+    return SampleSettings(**sampling, sampler="DDIM", **model_fields(checkpoint),
+                          embedding=" ".join(manager.placeholders) if manager else None,
+                          gamma=manager.gamma if manager else None, loras=prompt_loras(pl_module, step))
 
 
 def keyword_defaults(function) -> dict[str, object]:

@@ -52,6 +52,7 @@ from ldm.modules.lora import (
     DEFAULT_UNET_TARGETS,
     TRAINED_ADAPTER,
     AdapterPart,
+    adapter_layers,
     add_adapters,
     export_layers,
     fold_adapters,
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 SECTION = "lora"
 FILES_KEY = "lora_files"
+APPLIED_ATTR = "applied_loras"  # on a model: (name, scale) of each LoRA file folded into its base weights
 ADAPTER_KEY_MARKERS = (".lora_A.", ".lora_B.")
 
 
@@ -101,11 +103,27 @@ def apply_lora_files(model: torch.nn.Module, specs: list[str], *, base_checkpoin
         for part in parts:
             fold_adapters(part.module)
         logger.info("LoRA %s applied at scale %g (%d layers folded into the base weights)", path, scale, count)
+    setattr(model, APPLIED_ATTR, (*getattr(model, APPLIED_ATTR, ()), *lora_tags(specs)))
 
 
 def lora_tags(specs: list[str]) -> list[tuple[str, float]]:
     """(name, scale) of each ``FILE[:SCALE]``, as A1111 names a LoRA in prompts (``<lora:name:scale>``)."""
     return [(Path(path).stem, scale) for path, scale in map(parse_lora_spec, specs)]
+
+
+def saved_file_name(step: int) -> str:
+    """The LoRA file a LoRA DreamBooth run writes at save step ``step``."""
+    return f"lora_gs-{step}.safetensors"
+
+
+def prompt_loras(model: torch.nn.Module, step: int) -> tuple[tuple[str, float], ...]:
+    """The LoRAs in ``model``'s weights as A1111 names them in a prompt (``<lora:name:scale>``): the files folded
+    into its base (``--lora``), then its trained adapters at ``step`` as the file a save at that step writes
+    (``lora_gs-N``, scale 1)."""
+    tags = tuple(getattr(model, APPLIED_ATTR, ()))
+    if any(TRAINED_ADAPTER in layer.lora_A for layer in adapter_layers(model).values()):
+        tags += ((Path(saved_file_name(step)).stem, 1.0),)
+    return tags
 
 
 # --------------------------------------------------------------------------------- LoRA DreamBooth
@@ -189,7 +207,7 @@ class LoraCheckpoint(pl.Callback):
         step = pl_module.global_step
         stopped = getattr(pl_module, "stopped_on_nonfinite_loss", False)
         if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and not stopped:
-            self.save(pl_module, f"lora_gs-{step}.safetensors")
+            self.save(pl_module, saved_file_name(step))
 
     def on_train_end(self, trainer, pl_module):
         self.save(pl_module, "lora.safetensors")

@@ -299,6 +299,27 @@ def test_lora_dreambooth_saves_kohya_files_resumes_exactly_and_feeds_momentum_ti
     assert rc == 0 and (next(logdir.glob("*_ti_*")) / "checkpoints" / "embeddings.pt").is_file()
 
 
+def test_training_and_validation_grids_name_the_loras_in_the_png(tiny_ckpt, tmp_path, trained):
+    """A LoRA DreamBooth run on a base with a LoRA folded in: the ImageLogger's grids and the validation grid
+    name both in A1111's prompt tags, the folded file at its scale and the trained adapters as the step's file."""
+    shown = ("lightning.callbacks.image_logger.params.disabled=true", "--no_validation")
+    argv = ["--base", str(TINY_LORA), "-t", "--actual_resume", str(tiny_ckpt), "--lora", f"{trained[1]}:0.5",
+            "--data_root", str(write_photos(tmp_path / "photos", count=2, size=64)), "--class_word", "woman",
+            "--logdir", str(tmp_path / "logs"), "-n", "grids", "--max_steps", "2", "--validation_ddim_steps", "2",
+            "lightning.modelcheckpoint.params.every_n_train_steps=2",
+            "lightning.callbacks.image_logger.params.batch_frequency=2",
+            "lightning.callbacks.image_logger.params.max_images=1",
+            "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=2",
+            *(arg for arg in QUIET if arg not in shown)]
+    assert main.main(argv) == 0
+    images = next((tmp_path / "logs").glob("*_grids_*")) / "images"
+    grids = [*(images / "train").glob("*_gs-000002_*.png"), images / "validation" / "step-2.png"]
+    assert len(grids) > 1
+    for grid in grids:
+        prompt = parse_parameters(read_png_text(grid)["parameters"])["Prompt"]
+        assert prompt.endswith(" <lora:subject:0.5> <lora:lora_gs-2:1>"), (grid.name, prompt)
+
+
 def test_txt2img_samples_with_a_lora_and_names_it_in_the_png(tmp_path, trained):
     files = write_txt2img_files(tmp_path)
     script = load_script("stable_txt2img")

@@ -27,7 +27,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from ldm.callbacks import run_sample_settings
 from ldm.evaluation import IdentityScorer, NoReferenceFaceError
+from ldm.png_metadata import PARAMETERS_KEY, parameters_text
 from ldm.sampling_io import save_png, to_pil_images
 from ldm.validation.best import BestEmbedding, IdentityScore
 from ldm.validation.grid import labelled_grid
@@ -129,12 +131,18 @@ class ValidationSampler(pl.Callback):
         return torch.cat(rows)
 
     def _write_grid(self, trainer, images: torch.Tensor, step: int, ema: bool = False) -> None:
+        """The labelled grid with A1111's ``parameters`` of its first prompt (LoRAs named as ``<lora:name:scale>``)
+        and every setting in text chunks, to ``images/validation`` and TensorBoard."""
         s, suffix = self.settings, EMA_SUFFIX if ema else ""
         grid = labelled_grid(images, s.prompts)
+        height, width = images.shape[-2:]
+        viewer = run_sample_settings(trainer.lightning_module, step, prompt=s.prompts[0],
+                                     negative_prompt=s.negative_prompt, steps=s.ddim_steps, cfg_scale=s.scale,
+                                     seed=s.seed, width=int(width), height=int(height))
         path = save_png(self.grid_path(step, ema), grid, {
-            "prompts": "\n".join(s.prompts), "step": step, "samples_per_prompt": s.samples_per_prompt,
-            "seed": s.seed, "steps": s.ddim_steps, "scale": s.scale, "sampler": "DDIM", "eta": s.eta,
-            "negative_prompt": s.negative_prompt})
+            PARAMETERS_KEY: parameters_text(viewer), "prompts": "\n".join(s.prompts), "step": step,
+            "samples_per_prompt": s.samples_per_prompt, "seed": s.seed, "steps": s.ddim_steps, "scale": s.scale,
+            "sampler": "DDIM", "eta": s.eta, "negative_prompt": s.negative_prompt})
         for experiment in (lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
             experiment.add_image(f"validation/samples{suffix}", np.asarray(grid), step, dataformats="HWC")
         logger.info("Validation samples at step %d%s: %s", step, " (moving average)" if ema else "", path)
