@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 class StepProgressBar(TQDMProgressBar):
     """Training progress as ``step/max_steps``, kept across epochs and resumes; no ``v_num``.
 
-    The bar closes at the last step, so what the run logs afterwards (the final saves, validation,
-    the summary) comes below one complete bar.
+    The bar closes at the last step, or where an exception (Ctrl-C, SIGTERM) stopped the run, so what
+    the run logs afterwards (the final saves, validation, the summary) comes below it, shown once.
     """
 
     def on_train_start(self, trainer, pl_module):
@@ -67,6 +67,13 @@ class StepProgressBar(TQDMProgressBar):
         bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
         if bar.total is not None and bar.n >= bar.total:
             bar.close()  # Lightning's later refresh and close of a closed bar print nothing
+
+    def on_exception(self, trainer, pl_module, exception):
+        try:
+            bar = self.train_progress_bar
+        except TypeError:  # stopped before training started
+            return
+        bar.close()  # now, where it stopped: not again when the process exits
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)

@@ -162,12 +162,13 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, valid
         raise TrainingError("--precision 16-mixed needs a GPU; use 32 or bf16-mixed on the CPU")
     nonfinite_every = int(lightning.get("nonfinite_check_every_n_steps", DEFAULT_EVERY_N_STEPS))
     callbacks = [
-        NonFiniteLossStop(nonfinite_every, save_every_n_train_steps=every),  # first: it decides before any save
+        # the bar first: it is complete (last step) or closed (stopped) before what the other callbacks log
+        *([StepProgressBar()] if trainer_args.get("enable_progress_bar", True) else []),
+        NonFiniteLossStop(nonfinite_every, save_every_n_train_steps=every),  # before any save: it decides
         EmbeddingCheckpoint(paths.ckptdir, every_n_train_steps=every),  # the only writer of last.ckpt
         StepNumbering(),
         *dreambooth_callbacks(config, paths.ckptdir),
         *lora_callbacks(config, paths.ckptdir, every),
-        *([StepProgressBar()] if trainer_args.get("enable_progress_bar", True) else []),
     ]
     try:
         callbacks += [instantiate_from_config(cfg) for cfg in lightning.get("callbacks", {}).values()]

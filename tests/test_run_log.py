@@ -71,16 +71,21 @@ def rendered_lines(text: str) -> list[str]:
     return [line.split("\r")[-1] for line in text.split("\n")]
 
 
-def test_a_run_says_only_what_the_user_can_act_on(tmp_path, photo_dir, tiny_ckpt) -> None:
-    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, *QUICK_RUN)
+@pytest.mark.parametrize("stop,code", [((), 0), (("lightning.callbacks.stop.target=helpers.RaiseAtStep",
+                                                 "lightning.callbacks.stop.params.step=1",
+                                                 "lightning.callbacks.stop.params.action=SIGTERM"), 1)])
+def test_a_run_says_only_what_the_user_can_act_on(tmp_path, photo_dir, tiny_ckpt, stop, code) -> None:
+    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, *QUICK_RUN, *stop)
     proc = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"))  # one stream, as a terminal shows
     output = proc.stdout.decode()  # bytes: text mode would turn the bar's carriage returns into newlines
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == code, output[-3000:]
     assert [n for n in NOISE if n in output] == []
     assert output.count("are in eval mode on purpose") == 1 and "Model parts:" in output
-    finished = [line for line in rendered_lines(output) if line.startswith("Training step: 100%")]
-    assert len(finished) == 1, "the complete bar is shown once, before what the run logs after it"
+    bars = [line for line in rendered_lines(output) if line.startswith("Training step:")
+            and "Received SIGTERM" not in line]  # Lightning's notice, printed where the signal came
+    assert len(bars) == 1, "the bar is shown once, complete or where it stopped, before what the run logs after it"
+    assert bars[0].startswith("Training step: 100%" if code == 0 else "Training step:  50%")
 
 
 def test_verbose_shows_what_is_hidden_by_default(tmp_path, photo_dir, tiny_ckpt, caplog, capfd) -> None:
