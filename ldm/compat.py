@@ -13,7 +13,9 @@ logger = logging.getLogger(__name__)
 
 IGNORED_KEYS: dict[str, dict[str, Any]] = {
     # DDIM/PLMS samplers take their own log_every_t; clipping x0 and positional encodings are not used
-    "DDPM": {"log_every_t": 100, "clip_denoised": True, "use_positional_encodings": False},
+    # (load_only_unet: a checkpoint is always loaded whole, with strict keys)
+    "LatentDiffusion": {"log_every_t": 100, "clip_denoised": True, "use_positional_encodings": False,
+                        "load_only_unet": False},
     # grids are always clamped to [-1, 1] and rescaled to [0, 1]; logging is every batch_frequency global steps
     "ImageLogger": {"clamp": True, "rescale": True, "increase_log_steps": True, "log_on_batch_idx": False},
     # the original VQModel's own training options; here it is only a frozen first stage

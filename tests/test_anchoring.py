@@ -43,7 +43,7 @@ def test_anchor_term_passes_gradcheck() -> None:
     def term(vectors):
         stub = SimpleNamespace(vectors=vectors, effective_vectors=lambda i: mix_vectors(e_p[i], vectors[i], 0.3),
                                anchor_vectors=lambda i: anchor[i])
-        return AnchorLoss(1.0)(stub)
+        return AnchorLoss(1.0, stub).penalty()
 
     assert torch.autograd.gradcheck(term, (v,))
 
@@ -55,7 +55,7 @@ def test_anchor_term_value_and_gradient_match_the_formula(tiny_model, anchor: st
     v, e_p, v0 = manager.vectors[0], manager.base_vectors[0], manager.initial_vectors[0]
     target = e_p if anchor == "e_p" else e_p + gamma * (v0 - e_p)
     e = e_p + gamma * (v.detach() - e_p)
-    term = AnchorLoss(0.5)(manager)
+    term = AnchorLoss(0.5, manager).penalty()
     assert term.item() == pytest.approx((e - target).norm(dim=-1).sum().item(), rel=1e-5)
     (0.5 * term).backward()
     # d/dv of w ||e - a|| = w * gamma * (e - a) / ||e - a||
@@ -65,7 +65,7 @@ def test_anchor_term_value_and_gradient_match_the_formula(tiny_model, anchor: st
 
 def test_anchor_term_has_a_finite_gradient_at_the_start(tiny_model) -> None:
     manager = EmbeddingManager(tiny_model.cond_stage_model, initializer_words=["woman"], gamma=0.1, anchor_weight=1.0)
-    AnchorLoss(1.0)(manager).backward()  # e = e_0: distance 0, where a norm's derivative is undefined
+    AnchorLoss(1.0, manager).penalty().backward()  # e = e_0: distance 0, where a norm's derivative is undefined
     assert torch.equal(manager.vectors[0].grad, torch.zeros_like(manager.vectors[0]))
 
 
@@ -80,11 +80,11 @@ def test_training_loss_adds_the_weighted_term_and_logs_the_norms(tiny_model) -> 
         z, captions = torch.randn(1, 4, 8, 8), ["a photo of a *"]
         torch.manual_seed(1)
         loss, logged = tiny_model(z, captions)
-        tiny_model.anchor_loss = None
+        tiny_model.embedding_terms = []
         torch.manual_seed(1)
         plain, _ = tiny_model(z, captions)
     finally:
-        tiny_model.embedding_manager, tiny_model.anchor_loss = original, None
+        tiny_model.embedding_manager, tiny_model.embedding_terms = original, []
     assert loss.item() == pytest.approx(plain.item() + 0.5 * logged["train/loss_anchor"].item(), rel=1e-6)
     assert {"train/norm_e", "train/norm_e_minus_e_p"} <= set(logged)
 

@@ -12,7 +12,7 @@ from helpers import TINY_FINETUNE, TOKEN_TABLE, WOMAN, base_argv, only_run
 from helpers_diffusers import diffusers_unet, diffusers_vae
 
 import main
-from ldm.models.diffusion.auxiliary import AuxiliaryRows, batched_losses
+from ldm.models.diffusion.loss_terms import Rows, batched_losses
 from ldm.models.diffusion.ddim import DDIMSampler
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -90,8 +90,9 @@ def test_face_rows_loss_and_gradient_match_the_cpu(cpu_model, gpu_model):
     for model in (cpu_model, gpu_model):
         device = model.device
         cond = model.get_learned_conditioning(["a photo of a *"] * 2)
-        rows = AuxiliaryRows("face", 0.5, faces.to(device), cond[1:], t[1:].to(device))
-        loss, _ = batched_losses(model, z.to(device), cond, t.to(device), [rows], "train", noise=noise.to(device))
+        rows = [Rows(z.to(device), cond, t.to(device)), Rows(faces.to(device), cond[1:], t[1:].to(device))]
+        (main, _), (face, _) = batched_losses(model.diffusion, model.apply_model, rows, "train", noise.to(device))
+        loss = main + 0.5 * face
         grads = torch.autograd.grad(loss, list(model.embedding_manager.embedding_parameters()))
         results.append((loss.item(), torch.cat([g.flatten() for g in grads]).cpu()))
     (cpu_loss, cpu_grad), (gpu_loss, gpu_grad) = results

@@ -90,15 +90,15 @@ def test_dataset_pairs_subject_photos_with_class_images(photo_dir, class_dir):
 def test_prior_loss_is_main_plus_weighted_prior_from_one_unet_call(prior_model):
     model, batch = prior_model
     z, captions = model.get_input(batch, "image")
-    prior = model.prior_loss.class_batch(model, batch)
     sizes = []
     hook = model.model.diffusion_model.register_forward_hook(lambda _m, args, _o: sizes.append(args[0].shape[0]))
     with torch.no_grad():
         torch.manual_seed(7)
-        loss, logs = model(z, captions, prior=prior)
-        # The same draws in forward's order: subject timesteps, class timesteps, one noise for all rows.
+        loss, logs = model(z, captions, batch)
+        # The same draws in forward's order: class latents, subject timesteps, class timesteps, one noise.
         torch.manual_seed(7)
-        t, t_class = model.sample_timesteps(2), model.sample_timesteps(2)
+        prior = model.loss_terms[-1].class_batch(batch, model.encode_to_latents, model.device)
+        t, t_class = model.diffusion.sample_timesteps(2), model.diffusion.sample_timesteps(2)
         noise = torch.randn((4, *z.shape[1:]))
         main_term, _ = model.p_losses(z, model.get_learned_conditioning(captions), t, noise[:2])
         prior_term, _ = model.p_losses(prior.latents, model.get_learned_conditioning(prior.captions), t_class,

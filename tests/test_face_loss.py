@@ -19,7 +19,7 @@ pytest.importorskip("dlib", reason="dlib is not installed: pip install dlib-bin"
 import main
 from ldm.data import face
 from ldm.data.personalized import PersonalizedBase
-from ldm.models.diffusion.auxiliary import batched_losses
+from ldm.models.diffusion.loss_terms import Rows, batched_losses
 from ldm.models.diffusion.face_loss import FacialLoss
 from ldm.util import instantiate_from_config
 
@@ -190,16 +190,25 @@ def loss_inputs(model, batch):
     """Image latents, face latents, distinct prompts and timesteps, and explicit noise of a batch."""
     z, _ = model.get_input(batch, model.first_stage_key)
     captions = PROMPTS[: z.shape[0]]  # distinct rows: a face row must take its own photo's prompt
-    faces = model.facial_loss.face_latents(model, batch)
-    t = torch.linspace(5, model.num_timesteps - 5, z.shape[0]).long()
+    faces = FacialLoss().face_latents(batch, model.encode_to_latents, model.device)
+    t = torch.linspace(5, model.diffusion.num_timesteps - 5, z.shape[0]).long()
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn((z.shape[0] + faces.latents.shape[0], *z.shape[1:]), generator=generator)
     return z, captions, faces, t, noise
 
 
 def face_term(model, faces, cond, t, noise_faces):
-    return model.reduce_losses(*model.per_sample_losses(faces.latents, cond[faces.rows], t[faces.rows], noise_faces),
-                               "train")[0]
+    diffusion = model.diffusion
+    return diffusion.reduce_losses(*diffusion.per_sample_losses(model.apply_model, faces.latents, cond[faces.rows],
+                                                                t[faces.rows], noise_faces), "train")[0]
+
+
+def main_and_face(model, z, cond, t, faces, weight, noise):
+    """Image and face terms from one batched call (as the model sums them): ``(total, face term)``."""
+    main = Rows(z, cond, t)
+    rows = [main, FacialLoss(weight).rows(faces, cond, main, model.diffusion)]
+    (main_loss, _), (face_loss, _) = batched_losses(model.diffusion, model.apply_model, rows, "train", noise)
+    return main_loss + weight * face_loss, face_loss
 
 
 def test_one_batched_unet_call_with_face_rows(model, face_data):
@@ -217,12 +226,12 @@ def test_total_is_main_plus_weighted_face_term(model, face_data):
     n = z.shape[0]
     with torch.no_grad():
         cond = model.get_learned_conditioning(captions)
-        total, loss_dict = batched_losses(model, z, cond, t, [FacialLoss(weight=0.7).rows(faces, cond, t)], "train", noise=noise)
+        total, logged_face = main_and_face(model, z, cond, t, faces, 0.7, noise)
         main_term, _ = model.p_losses(z, cond, t, noise[:n])
         face_only = face_term(model, faces, cond, t, noise[n:])
     expected = main_term + 0.7 * face_only
     assert abs(total - expected) <= 1e-5, f"total {total:.7f} != main + 0.7 * face {expected:.7f} (tol 1e-5, fp32)"
-    assert abs(loss_dict["train/loss_face"] - face_only) <= 1e-5, "logged train/loss_face != the face term (1e-5)"
+    assert abs(logged_face - face_only) <= 1e-5, "the batched call's face term != the face term alone (1e-5)"
     assert face_only > 0 and abs(total - main_term) > 1e-3, "the face term must change the total"
 
 
@@ -238,7 +247,7 @@ def test_gradient_reaches_the_embedding_through_the_face_term_alone(model, face_
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
 
     def total_with(weight: float):
-        return lambda cond: batched_losses(model, z, cond, t, [FacialLoss(weight).rows(faces, cond, t)], "train", noise=noise)[0]
+        return lambda cond: main_and_face(model, z, cond, t, faces, weight, noise)[0]
 
     g_face = grads(lambda cond: face_term(model, faces, cond, t, noise[n:]))
     g_main = grads(lambda cond: model.p_losses(z, cond, t, noise[:n])[0])
@@ -269,11 +278,11 @@ def test_batch_without_face_fields_or_faces_has_no_face_term(model, face_data):
     dataset = face_data["dataset"]
     flat = [p.name for p in dataset.image_paths].index("flat.png")
     batch = batch_of(dataset, [flat])
-    assert model.facial_loss.face_latents(model, batch) is None
+    assert FacialLoss().face_latents(batch, model.encode_to_latents, model.device) is None
     _, loss_dict = model.shared_step(batch)
     assert "train/loss_face" not in loss_dict and "train/loss" in loss_dict
     del batch["face"], batch["has_face"]  # a dataset built without face_crops
-    assert model.facial_loss.face_latents(model, batch) is None
+    assert FacialLoss().face_latents(batch, model.encode_to_latents, model.device) is None
 
 
 def test_negative_weight_is_rejected():

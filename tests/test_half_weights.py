@@ -80,7 +80,7 @@ def test_frozen_matmul_weights_are_half_and_the_rest_float32(tiny_model) -> None
             elif own:  # normalisation layers and embedding tables
                 assert all(p.dtype == torch.float32 for p in own), f"{type(layer).__name__} was cast"
     assert all(p.dtype == torch.float32 for p in model.embedding_manager.parameters()), "what trains stays float32"
-    assert model.alphas_cumprod.dtype == torch.float32 and model.logvar.dtype == torch.float32
+    assert model.diffusion.alphas_cumprod.dtype == torch.float32 and model.diffusion.logvar.dtype == torch.float32
 
 
 def test_trained_weights_keep_float32_masters(tiny_model) -> None:

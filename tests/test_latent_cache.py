@@ -6,6 +6,7 @@ import torch
 from helpers import make_batch
 
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
+from ldm.models.diffusion.loss_terms import batch_images
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_batches_without_image_index_encode_every_time(counted) -> None:
 def test_cached_latents_are_samples_of_the_posterior(counted) -> None:
     model, _ = counted
     batch = make_batch(image_index=(0, 1), flipped=(False, False))
-    images = model.batch_images(batch, "image")
+    images = batch_images(batch, "image")
     with torch.no_grad():
         posterior = model.first_stage_model.encode(images)
     model.get_input(batch, "image")  # fills the cache

@@ -47,9 +47,9 @@ def test_offset_noise_adds_one_draw_per_sample_and_channel():
                                        "params": {**params, "noise_offset": 0.5}})
     x = torch.zeros(512, 4, 16, 16)
     torch.manual_seed(0)
-    plain_means = plain.training_noise(x).mean(dim=(2, 3))
+    plain_means = plain.diffusion.training_noise(x).mean(dim=(2, 3))
     torch.manual_seed(0)
-    shifted_means = shifted.training_noise(x).mean(dim=(2, 3))
+    shifted_means = shifted.diffusion.training_noise(x).mean(dim=(2, 3))
     # the mean of 256 N(0, 1) pixels has std 1/16; the offset adds 0.5 N(0, 1) per sample and channel
     assert plain_means.std() == pytest.approx(1 / 16, rel=0.15)
     assert shifted_means.std() == pytest.approx((0.5 ** 2 + 1 / 256) ** 0.5, rel=0.15)

@@ -29,6 +29,11 @@ class FakeEpsModel(torch.nn.Module):
         self.calls = 0
         self.batch_sizes: list[int] = []
 
+    @property
+    def diffusion(self) -> "FakeEpsModel":
+        """The schedule the samplers read (a real model's is its GaussianDiffusion part)."""
+        return self
+
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         self.batch_sizes.append(x.shape[0])

@@ -129,18 +129,18 @@ def test_schedule_buffers_are_sd_v1_values(which: str, request: pytest.FixtureRe
         "posterior_mean_coef2": (1.0 - acp_prev64) * (1.0 - betas64).sqrt() / (1.0 - acp64),
     }
     for name, value in expected.items():
-        buffer = getattr(model, name)
+        buffer = getattr(model.diffusion, name)
         assert buffer.dtype == torch.float32, f"{name} is {buffer.dtype}, SD stores float32"
         torch.testing.assert_close(buffer, value.float(), rtol=1e-6, atol=0, msg=lambda m: f"{name}: {m}")
-    assert torch.equal(model.betas, betas64.float()), "betas must be computed in float64 then stored as float32"
-    assert model.alphas_cumprod[-1].item() == pytest.approx(0.00466, abs=1e-5)  # SD v1 alpha_bar_T
-    assert model.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(1e-20))
+    assert torch.equal(model.diffusion.betas, betas64.float()), "betas must be computed in float64 then stored as float32"
+    assert model.diffusion.alphas_cumprod[-1].item() == pytest.approx(0.00466, abs=1e-5)  # SD v1 alpha_bar_T
+    assert model.diffusion.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(1e-20))
 
     reference = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear")
-    diff = max_diff(model.alphas_cumprod, reference.alphas_cumprod)
+    diff = max_diff(model.diffusion.alphas_cumprod, reference.alphas_cumprod)
     assert diff <= 1e-6, f"alphas_cumprod vs diffusers DDPMScheduler: max abs diff {diff:.2e} > 1e-6"
-    diff = max_diff(model.betas, reference.betas)
+    diff = max_diff(model.diffusion.betas, reference.betas)
     assert diff <= 1e-8, f"betas vs diffusers DDPMScheduler: max abs diff {diff:.2e} > 1e-8"
 
 
@@ -200,7 +200,7 @@ def test_tiny_checkpoint_into_full_config_is_a_clear_error(
     message = str(missing.value)
     assert "\n" not in message and "config does not match" in message
     assert "model.diffusion_model.input_blocks.2.0.in_layers.0.weight" in message  # absent at num_res_blocks 1
-    assert full_model.betas.any(), "nothing may be loaded from a rejected checkpoint"
+    assert full_model.diffusion.betas.any(), "nothing may be loaded from a rejected checkpoint"
 
     # same key set, tiny shapes: the error names the key and both shapes
     state = dict(full_model.state_dict())

@@ -1,4 +1,6 @@
-"""The pull of the effective embedding toward its anchor (``--anchor_weight``, docs/method.md "Anchoring").
+"""The embedding's penalty terms: the pull toward its anchor (``--anchor_weight``, docs/method.md
+"Anchoring") and the older squared regulariser (``embedding_reg_weight``). Both are loss terms
+(:mod:`ldm.models.diffusion.loss_terms`) that need no UNet call.
 
 For each placeholder p with effective vectors e_k = e_p + gamma (v_k - e_p) (k = 1..n) and anchor a_k
 (``init``: the start e_0 = e_p + gamma (v_0 - e_p); ``e_p``: the placeholder's own row),
@@ -17,19 +19,35 @@ from __future__ import annotations
 
 import torch
 
+from ldm.models.diffusion.loss_terms import LossTerm
 from ldm.momentum import check_anchor_weight, vector_norms
 
 
-class AnchorLoss:
-    """Adds ``weight * ||e - anchor||_2`` per vector to the loss (see the module docstring)."""
+class AnchorLoss(LossTerm):
+    """Adds ``weight * ||e - anchor||_2`` per vector of ``manager`` (an embedding manager) to the loss."""
 
     name = "anchor"
 
-    def __init__(self, weight: float):
+    def __init__(self, weight: float, manager):
         self.weight = check_anchor_weight(weight)
+        self.manager = manager
 
-    def __call__(self, manager) -> torch.Tensor:
+    def penalty(self) -> torch.Tensor:
         """The unweighted term: the sum over vectors of ||e - a||, averaged over placeholders (a scalar)."""
+        manager = self.manager
         distances = [vector_norms(manager.effective_vectors(i) - manager.anchor_vectors(i)).sum()
                      for i in range(len(manager.vectors))]
         return torch.stack(distances).mean()
+
+
+class EmbeddingRegulariser(LossTerm):
+    """Adds ``weight * mean_j (v - v_0)_j^2`` of ``manager``'s trained vectors to the loss (module docstring)."""
+
+    name = "embedding_reg"
+
+    def __init__(self, weight: float, manager):
+        self.weight = weight
+        self.manager = manager
+
+    def penalty(self) -> torch.Tensor:
+        return self.manager.embedding_to_coarse_loss()

@@ -46,38 +46,40 @@ class StepOptions:
 class SamplerBase:
     """Shared machinery of the LDM samplers; subclasses define `_step_fn`.
 
-    The model must provide apply_model(x, t, c) -> eps, alphas_cumprod, alphas_cumprod_prev, betas,
-    num_timesteps and parameterization == "eps".
+    The model must provide apply_model(x, t, c) -> eps and its diffusion process as ``diffusion``
+    (:class:`GaussianDiffusion` or alike: alphas_cumprod, alphas_cumprod_prev, betas, num_timesteps and
+    parameterization == "eps").
     """
 
     name = "base"
 
     def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any) -> None:
-        parameterization = getattr(model, "parameterization", "eps")
+        self.diffusion = model.diffusion
+        parameterization = getattr(self.diffusion, "parameterization", "eps")
         if parameterization != "eps":
             raise NotImplementedError(f"{type(self).__name__} supports only parameterization='eps', "
                                       f"got {parameterization!r}")
         self.model = model
         self.schedule = schedule
-        self.ddpm_num_timesteps = int(model.num_timesteps)
+        self.ddpm_num_timesteps = int(self.diffusion.num_timesteps)
         self.step_schedule: StepSchedule | None = None
         self.full_schedule: StepSchedule | None = None
         self.ddim_timesteps = None
 
     @property
     def device(self) -> torch.device:
-        return self.model.betas.device
+        return self.diffusion.betas.device
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
         """Build the sub-sampled step tables (and the full-chain ones for use_original_steps)."""
-        alphas_cumprod = self.model.alphas_cumprod
+        alphas_cumprod = self.diffusion.alphas_cumprod
         if alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
-            raise ValueError(f"model.alphas_cumprod has {alphas_cumprod.shape[0]} entries but num_timesteps is "
+            raise ValueError(f"model.diffusion.alphas_cumprod has {alphas_cumprod.shape[0]} entries but num_timesteps is "
                              f"{self.ddpm_num_timesteps}; fix the model's schedule buffers")
         timesteps = make_ddim_timesteps(ddim_num_steps, self.ddpm_num_timesteps, ddim_discretize)
         self.step_schedule = ddim_schedule(alphas_cumprod, timesteps, ddim_eta).to(self.device)
-        self.full_schedule = original_schedule(alphas_cumprod, self.model.alphas_cumprod_prev,
+        self.full_schedule = original_schedule(alphas_cumprod, self.diffusion.alphas_cumprod_prev,
                                                ddim_eta).to(self.device)
         self.ddim_timesteps = timesteps.numpy()  # numpy like the original attribute
         if verbose:
@@ -163,7 +165,7 @@ class SamplerBase:
         for i, index in enumerate(tqdm(indices, desc=f"{self.name} Sampler", total=num_steps, disable=not verbose)):
             ts = torch.full((batch,), sched.timestep_values[index], device=self.device, dtype=torch.long)
             if mask is not None:
-                alpha_t = self.model.alphas_cumprod.to(self.device).float()[ts].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+                alpha_t = self.diffusion.alphas_cumprod.to(self.device).float()[ts].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
                 known = q_sample(x0.float(), alpha_t, sample_noise(x0.shape, self.device, generator))
                 x = known * mask + (1.0 - mask) * x
             x, pred_x0 = step_fn(x, ts, index)

@@ -1,9 +1,10 @@
-"""Lightning glue for DDPM and Latent Diffusion (Rombach et al. 2022).
+"""Lightning glue for Latent Diffusion (Rombach et al. 2022), assembled from the parts it is handed.
 
-The maths lives elsewhere: the noise schedule in :mod:`schedule`, the losses in :mod:`losses`, the
-latent cache in :mod:`latent_cache`, the facial term in :mod:`face_loss`, the samplers in
-:mod:`ddim`/:mod:`plms`, the conditioning routing in :mod:`wrapper`. These classes assemble the parts
-from a config and run the steps.
+The model names none of its maths: the diffusion process (schedule buffers, ``q_sample``, per-sample
+losses) is :class:`GaussianDiffusion`, the loss is the sum of a list of terms (:mod:`loss_terms`: the
+image, and the face crops, class images and embedding penalties a config adds), the latent cache is
+:mod:`latent_cache`, the samplers are :mod:`ddim`/:mod:`plms`, the conditioning routing is :mod:`wrapper`.
+This class builds the parts from a config and runs the steps.
 """
 from __future__ import annotations
 
@@ -13,18 +14,16 @@ from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
-from einops import rearrange
 from torch import nn
 
 from ldm import precision
 from ldm.compat import drop_ignored_keys
 from ldm.lr_scheduler import lightning_optimizers
-from ldm.models.diffusion.anchor_loss import AnchorLoss
-from ldm.models.diffusion.auxiliary import batched_losses
+from ldm.models.diffusion.anchor_loss import AnchorLoss, EmbeddingRegulariser
 from ldm.models.diffusion.compiled_unet import compile_mode
+from ldm.models.diffusion.gaussian_diffusion import GaussianDiffusion, keep_state_at_top_level
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
-from ldm.models.diffusion.losses import per_sample_loss
-from ldm.models.diffusion.schedule import diffusion_buffers, extract, make_beta_schedule, vlb_weights
+from ldm.models.diffusion.loss_terms import ImageLoss, LossTerm, Step, batch_images, sum_terms
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -35,50 +34,64 @@ logger = logging.getLogger(__name__)
 
 NOTHING_TO_TRAIN = ("nothing to train: every parameter is frozen by this config "
                     "(use a personalization_config, unfreeze_model or a trainable UNet)")
+# GaussianDiffusion's arguments, given at the top of the model's params as in the original configs
+DIFFUSION_KEYS = ("timesteps", "beta_schedule", "linear_start", "linear_end", "cosine_s", "given_betas",
+                  "v_posterior", "parameterization", "loss_type", "l_simple_weight", "original_elbo_weight",
+                  "learn_logvar", "logvar_init", "noise_offset")
 
 
-class DDPM(pl.LightningModule):
-    """Denoising diffusion in pixel space; the base of :class:`LatentDiffusion`."""
+class LatentDiffusion(pl.LightningModule):
+    """Diffusion in the latent space of a frozen autoencoder, conditioned by a text encoder.
+
+    With ``personalization_config`` (textual inversion), every UNet, VAE and text-encoder weight is
+    frozen and only the embedding manager's vectors train, unless ``unfreeze_model`` is set.
+    """
 
     def __init__(
         self,
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any] | str,
         unet_config: Mapping[str, Any],
-        timesteps: int = 1000,
-        beta_schedule: str = "linear",
-        loss_type: str = "l2",
+        num_timesteps_cond: int | None = None,
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        concat_mode: bool = True,
+        cond_stage_forward: str | None = None,
+        conditioning_key: str | None = None,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        personalization_config: Mapping[str, Any] | None = None,
+        embedding_reg_weight: float = 0.0,
+        unfreeze_model: bool = False,
+        model_lr: float = 0.0,
+        facial_loss_config: Mapping[str, Any] | None = None,
+        prior_loss_config: Mapping[str, Any] | None = None,
+        embedding_manager_ckpt: str | None = None,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
-        load_only_unet: bool = False,
         monitor: str = "val/loss",
         use_ema: bool = True,
         first_stage_key: str = "image",
         image_size: int = 256,
         channels: int = 3,
-        linear_start: float = 1e-4,
-        linear_end: float = 2e-2,
-        cosine_s: float = 8e-3,
-        given_betas: Sequence[float] | None = None,
-        original_elbo_weight: float = 0.0,
-        v_posterior: float = 0.0,
-        l_simple_weight: float = 1.0,
-        conditioning_key: str | None = None,
-        parameterization: str = "eps",
         scheduler_config: Mapping[str, Any] | None = None,
-        learn_logvar: bool = False,
-        logvar_init: float = 0.0,
-        noise_offset: float = 0.0,
         compile_unet: bool | str = False,
         learning_rate: float | None = None,
         training_seed: int | None = None,
         trust_pickle: bool = False,
-        **ignored: Any,
+        **kwargs: Any,
     ):
         super().__init__()
-        drop_ignored_keys("DDPM", ignored)
-        if parameterization not in ("eps", "x0"):
-            raise ValueError(f"parameterization '{parameterization}' is not supported: use eps or x0")
-        self.parameterization = parameterization
-        self.cond_stage_model = None
+        drop_ignored_keys("LatentDiffusion", {k: v for k, v in kwargs.items() if k not in DIFFUSION_KEYS})
+        self.diffusion = GaussianDiffusion(**{k: v for k, v in kwargs.items() if k in DIFFUSION_KEYS})
+        keep_state_at_top_level(self, "diffusion")  # SD checkpoints hold betas, alphas_cumprod, ... at the top
+        self.num_timesteps_cond = num_timesteps_cond or 1
+        if self.num_timesteps_cond > self.diffusion.num_timesteps:
+            raise ValueError("num_timesteps_cond cannot exceed timesteps")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
         self.first_stage_key = first_stage_key
         self.image_size = image_size
         self.channels = channels
@@ -89,68 +102,58 @@ class DDPM(pl.LightningModule):
         if use_ema:
             self.model_ema = LitEma(self.model)
         self.scheduler_config = scheduler_config
-        self.v_posterior = v_posterior
-        self.original_elbo_weight = original_elbo_weight
-        self.l_simple_weight = l_simple_weight
-        self.loss_type = loss_type
-        self.noise_offset = noise_offset
         if monitor is not None:
             self.monitor = monitor
-        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-        self.learn_logvar = learn_logvar
         self.learning_rate = learning_rate  # main.py sets it from base_learning_rate (ldm.training)
         self.training_seed = training_seed  # main.py's --seed: see step_rng
         self.init_checkpoint: str | None = None  # the weights file loaded last (its hash goes in PNGs)
         self.stopped_on_nonfinite_loss = False
         self.nonfinite = NonFiniteLossTracker()
-        logvar = torch.full((self.num_timesteps,), float(logvar_init))
-        if learn_logvar:
-            self.logvar = nn.Parameter(logvar, requires_grad=True)
-        else:  # non-persistent: released checkpoints have no logvar key unless it was learned
-            self.register_buffer("logvar", logvar, persistent=False)
-        if ckpt_path:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet,
-                                trust_pickle=trust_pickle)
-
-    def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
-                          linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3) -> None:
-        """Compute the schedule in float64 and register the 12 float32 buffers of an SD checkpoint."""
-        if given_betas is not None:
-            betas = torch.as_tensor(given_betas, dtype=torch.float64)
+        self.scale_by_std = scale_by_std
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_forward = cond_stage_forward
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
-            betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-        self.num_timesteps = int(betas.shape[0])
-        self.linear_start, self.linear_end = linear_start, linear_end
-        for name, value in diffusion_buffers(betas, self.v_posterior).items():
-            self.register_buffer(name, value)
-        self.register_buffer("lvlb_weights", vlb_weights(betas, self.parameterization, self.v_posterior),
-                             persistent=False)
+            self.scale_factor = scale_factor
+        self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
+        self.cond_stage_model = self._build_cond_stage(cond_stage_config)
+        self.latent_cache = LatentCache()
+        self._fixed_conditioning: dict[tuple, torch.Tensor] = {}  # see fixed_conditioning
+        # the loss is the sum of these terms (ldm.models.diffusion.loss_terms): the image, then the config's
+        self.loss_terms: list[LossTerm] = [ImageLoss(), *(instantiate_from_config(c) for c in
+                                                          (facial_loss_config, prior_loss_config) if c is not None)]
+        self.embedding_terms: list[LossTerm] = []  # the embedding's penalties, set by _personalize
+        self.embedding_manager = None
+        self.embedding_reg_weight = embedding_reg_weight
+        self.unfreeze_model = unfreeze_model
+        self.model_lr = model_lr
+        if personalization_config is not None:
+            self._personalize(personalization_config)
+        self.restarted_from_ckpt = False
+        if ckpt_path:
+            self.init_from_ckpt(ckpt_path, ignore_keys, trust_pickle=trust_pickle)
+            self.restarted_from_ckpt = True
+        if embedding_manager_ckpt:
+            if self.embedding_manager is None:
+                raise ValueError("embedding_manager_ckpt needs a config with personalization_config")
+            self.embedding_manager.load(embedding_manager_ckpt)
 
-    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False,
-                       use_ema: bool = False, trust_pickle: bool = False) -> None:
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), use_ema: bool = False,
+                       trust_pickle: bool = False) -> None:
         """Load weights from a checkpoint through the project's checkpoint module (strict keys)."""
         from ldm.checkpoint import load_weights, read_state_dict
 
         state = read_state_dict(path, trust_pickle=trust_pickle)
         state = {k: v for k, v in state.items() if not any(k.startswith(i) for i in ignore_keys)}
-        if only_model:
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-            load_weights(self.model, state)
-        else:
-            load_weights(self, state, use_ema=use_ema, allow_missing_prefixes=self.weights_not_in_checkpoints())
+        load_weights(self, state, use_ema=use_ema, allow_missing_prefixes=self.weights_not_in_checkpoints())
         if self.use_ema and not any(k.startswith("model_ema.") for k in state):
             self.model_ema = LitEma(self.model)  # an exported file has no EMA: it starts at the loaded weights
             logger.info("%s holds no EMA weights: the EMA starts from its model weights", path)
         self.init_checkpoint = str(path)
         self.on_weights_loaded()
         logger.info("Restored weights from %s", path)
-
-    def weights_not_in_checkpoints(self) -> tuple[str, ...]:
-        """State-dict prefixes a base checkpoint may lack (e.g. a new embedding, or EMA weights)."""
-        return ("model_ema.",) if self.use_ema else ()
-
-    def on_weights_loaded(self) -> None:
-        """Hook run after base weights are loaded."""
 
     @contextmanager
     def ema_scope(self, context: str | None = None):
@@ -169,21 +172,6 @@ class DDPM(pl.LightningModule):
             if context is not None:
                 logger.info("%s: restored training weights", context)
 
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None):
-        """Sample x_t ~ q(x_t | x_0) (DDPM eq. 4)."""
-        noise = torch.randn_like(x_start) if noise is None else noise
-        return (extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise)
-
-    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
-        """x_0 from x_t and the predicted noise (inverse of eq. 4)."""
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
-                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * noise)
-
-    def sample_timesteps(self, batch_size: int) -> torch.Tensor:
-        """Uniformly random training timesteps, one per sample."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=self.device).long()
-
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond=None, return_ids: bool = False):
         """Run the denoiser; ``cond`` is a tensor, a list of tensors or a dict of kind -> list."""
         if not isinstance(cond, dict):
@@ -194,10 +182,6 @@ class DDPM(pl.LightningModule):
         with self.weights_autocast():
             output = self.model(x_noisy, t, **cond)
         return output[0] if isinstance(output, tuple) and not return_ids else output
-
-    def frozen_weight_modules(self) -> dict[str, nn.Module | None]:
-        """The parts whose frozen convolution and linear weights may be held in half precision."""
-        return {"UNet": self.model}
 
     def hold_frozen_weights_in_half(self, dtype: torch.dtype) -> int:
         """Hold every frozen conv/linear weight in ``dtype`` (see :mod:`ldm.precision`) and run the parts
@@ -210,65 +194,14 @@ class DDPM(pl.LightningModule):
         """Autocast to the half dtype of the frozen weights, when they are held in one."""
         return precision.weights_autocast(self.device, self.half_weight_dtype)
 
-    def training_noise(self, x_start: torch.Tensor) -> torch.Tensor:
-        """The loss's noise: N(0, I), plus ``noise_offset`` times one N(0, 1) draw per sample and channel.
-
-        Offset noise (Guttenberg 2023): SD's schedule leaves some of the image's mean in x_T, so a model
-        trained on plain noise never learns to choose an image's overall colour from the prompt.
-        """
-        noise = torch.randn_like(x_start)
-        if self.noise_offset:
-            per_channel = torch.randn(*x_start.shape[:2], *([1] * (x_start.ndim - 2)), device=x_start.device,
-                                      dtype=x_start.dtype)  # [B, C, 1, 1]
-            noise = noise + self.noise_offset * per_channel
-        return noise
-
-    def per_sample_losses(self, x_start: torch.Tensor, cond, t: torch.Tensor,
-                          noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Simple and VLB losses of each sample, shape [B] each, from one denoiser call."""
-        noise = self.training_noise(x_start) if noise is None else noise
-        x_noisy = self.q_sample(x_start, t, noise)
-        prediction = self.apply_model(x_noisy, t, cond)
-        target = noise if self.parameterization == "eps" else x_start
-        simple = per_sample_loss(prediction, target, self.loss_type)
-        logvar_t = self.logvar[t]
-        weighted = simple / torch.exp(logvar_t) + logvar_t
-        vlb = self.lvlb_weights[t] * simple
-        return weighted, vlb
-
-    def reduce_losses(self, weighted: torch.Tensor, vlb: torch.Tensor, prefix: str):
-        """Total loss and the logged terms, as in LDM's ``p_losses``."""
-        loss_dict = {f"{prefix}/loss_simple": weighted.mean().detach()}
-        if self.learn_logvar:
-            loss_dict[f"{prefix}/loss_gamma"] = weighted.mean().detach()
-            loss_dict["logvar"] = self.logvar.data.mean()
-        loss = self.l_simple_weight * weighted.mean()
-        loss_dict[f"{prefix}/loss_vlb"] = vlb.mean().detach()
-        loss = loss + self.original_elbo_weight * vlb.mean()
-        return loss, loss_dict
-
     def p_losses(self, x_start: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor | None = None):
-        """The training loss at timesteps ``t``: returns ``(loss, loss_dict)``."""
+        """The image term alone at timesteps ``t`` (conditioning ``cond`` given): ``(loss, loss_dict)``."""
         prefix = "train" if self.training else "val"
-        loss, loss_dict = self.reduce_losses(*self.per_sample_losses(x_start, cond, t, noise), prefix)
+        diffusion = self.diffusion
+        loss, loss_dict = diffusion.reduce_losses(
+            *diffusion.per_sample_losses(self.apply_model, x_start, cond, t, noise), prefix)
         loss_dict[f"{prefix}/loss"] = loss.detach()
         return loss, loss_dict
-
-    def get_input(self, batch: Mapping[str, Any], key: str) -> torch.Tensor:
-        return self.batch_images(batch, key)
-
-    def batch_images(self, batch: Mapping[str, Any], key: str) -> torch.Tensor:
-        """Images of a batch as float [B, C, H, W] (datasets yield channels-last)."""
-        x = torch.as_tensor(batch[key])
-        if x.ndim == 3:
-            x = x[..., None]
-        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
-
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        return self.p_losses(x, None, self.sample_timesteps(x.shape[0]), *args, **kwargs)
-
-    def shared_step(self, batch: Mapping[str, Any]):
-        return self(self.get_input(batch, self.first_stage_key))
 
     @contextmanager
     def step_rng(self):
@@ -313,13 +246,6 @@ class DDPM(pl.LightningModule):
         if self.use_ema:
             self.model_ema(self.model)
 
-    def trainable_parameters(self) -> list[dict[str, Any]]:
-        """Optimizer parameter groups; subclasses choose what trains."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.learn_logvar:
-            params.append(self.logvar)
-        return [{"params": params, "lr": self.learning_rate}]
-
     def configure_optimizers(self):
         groups = [g for g in self.trainable_parameters() if g["params"]]
         if not groups:
@@ -327,78 +253,6 @@ class DDPM(pl.LightningModule):
         # fused: one kernel per step, and it can skip a step on the device (see ldm.nonfinite)
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, fused=supports_fused_optimizer(groups))
         return lightning_optimizers(optimizer, self.scheduler_config)
-
-
-class LatentDiffusion(DDPM):
-    """Diffusion in the latent space of a frozen autoencoder, conditioned by a text encoder.
-
-    With ``personalization_config`` (textual inversion), every UNet, VAE and text-encoder weight is
-    frozen and only the embedding manager's vectors train, unless ``unfreeze_model`` is set.
-    """
-
-    def __init__(
-        self,
-        first_stage_config: Mapping[str, Any],
-        cond_stage_config: Mapping[str, Any] | str,
-        num_timesteps_cond: int | None = None,
-        cond_stage_key: str = "image",
-        cond_stage_trainable: bool = False,
-        concat_mode: bool = True,
-        cond_stage_forward: str | None = None,
-        conditioning_key: str | None = None,
-        scale_factor: float = 1.0,
-        scale_by_std: bool = False,
-        personalization_config: Mapping[str, Any] | None = None,
-        embedding_reg_weight: float = 0.0,
-        unfreeze_model: bool = False,
-        model_lr: float = 0.0,
-        facial_loss_config: Mapping[str, Any] | None = None,
-        prior_loss_config: Mapping[str, Any] | None = None,
-        embedding_manager_ckpt: str | None = None,
-        *args,
-        **kwargs,
-    ):
-        self.num_timesteps_cond = num_timesteps_cond or 1
-        self.scale_by_std = scale_by_std
-        if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
-            raise ValueError("num_timesteps_cond cannot exceed timesteps")
-        if conditioning_key is None:
-            conditioning_key = "concat" if concat_mode else "crossattn"
-        if cond_stage_config == "__is_unconditional__":
-            conditioning_key = None
-        ckpt_path = kwargs.pop("ckpt_path", None)
-        ignore_keys = kwargs.pop("ignore_keys", ())
-        trust_pickle = kwargs.pop("trust_pickle", False)
-        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
-        self.cond_stage_trainable = cond_stage_trainable
-        self.cond_stage_key = cond_stage_key
-        self.cond_stage_forward = cond_stage_forward
-        if scale_by_std:
-            self.register_buffer("scale_factor", torch.tensor(scale_factor))
-        else:
-            self.scale_factor = scale_factor
-        self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
-        self.cond_stage_model = self._build_cond_stage(cond_stage_config)
-        self.latent_cache = LatentCache()
-        self._fixed_conditioning: dict[tuple, torch.Tensor] = {}  # see fixed_conditioning
-        self.embedding_manager = None
-        self.anchor_loss: AnchorLoss | None = None  # set by _personalize when the embedding's anchor_weight > 0
-        self.embedding_reg_weight = embedding_reg_weight
-        self.unfreeze_model = unfreeze_model
-        self.model_lr = model_lr
-        if personalization_config is not None:
-            self._personalize(personalization_config)
-        self.facial_loss = (instantiate_from_config(facial_loss_config)
-                            if facial_loss_config is not None else None)
-        self.prior_loss = instantiate_from_config(prior_loss_config) if prior_loss_config is not None else None
-        self.restarted_from_ckpt = False
-        if ckpt_path:
-            self.init_from_ckpt(ckpt_path, ignore_keys, trust_pickle=trust_pickle)
-            self.restarted_from_ckpt = True
-        if embedding_manager_ckpt:
-            if self.embedding_manager is None:
-                raise ValueError("embedding_manager_ckpt needs a config with personalization_config")
-            self.embedding_manager.load(embedding_manager_ckpt)
 
     @staticmethod
     def _frozen(module: nn.Module) -> nn.Module:
@@ -424,12 +278,15 @@ class LatentDiffusion(DDPM):
         self.strict_loading = False
         for param in self.embedding_manager.embedding_parameters():
             param.requires_grad = True
-        weight = self.embedding_manager.anchor_weight
-        self.anchor_loss = AnchorLoss(weight) if weight > 0 else None
+        manager, weight = self.embedding_manager, self.embedding_manager.anchor_weight
+        self.embedding_terms = ([EmbeddingRegulariser(self.embedding_reg_weight, manager)]
+                                if self.embedding_reg_weight > 0 else [])
+        self.embedding_terms += [AnchorLoss(weight, manager)] if weight > 0 else []
 
     def weights_not_in_checkpoints(self) -> tuple[str, ...]:
-        own = ("embedding_manager.",) if self.embedding_manager is not None else ()
-        return super().weights_not_in_checkpoints() + own
+        """State-dict prefixes a base checkpoint may lack (a new embedding, or EMA weights)."""
+        ema = ("model_ema.",) if self.use_ema else ()
+        return ema + (("embedding_manager.",) if self.embedding_manager is not None else ())
 
     def frozen_weight_modules(self) -> dict[str, nn.Module | None]:
         return {"UNet": self.model, "VAE": self.first_stage_model, "text encoder": self.cond_stage_model}
@@ -506,52 +363,36 @@ class LatentDiffusion(DDPM):
         return self._fixed_conditioning[key].expand(batch_size, -1, -1)
 
     # --- training ----------------------------------------------------------------------------
-    def get_input(self, batch: Mapping[str, Any], key: str, **_) -> list:
+    def get_input(self, batch: Mapping[str, Any], key: str) -> list:
         """Latents and raw conditioning of a batch: ``[z, c]``."""
-        images = self.batch_images(batch, key).to(self.device)
+        images = batch_images(batch, key).to(self.device)
         z = self.encode_to_latents(images, batch_cache_keys(batch, "image"))
         return [z, batch[self.cond_stage_key]]
 
-    def shared_step(self, batch: Mapping[str, Any], **_):
+    def shared_step(self, batch: Mapping[str, Any]):
         z, c = self.get_input(batch, self.first_stage_key)
-        face = self.facial_loss.face_latents(self, batch) if self.facial_loss is not None else None
-        prior = self.prior_loss.class_batch(self, batch) if self.prior_loss is not None else None
-        return self(z, c, face=face, prior=prior)
+        return self(z, c, batch)
 
-    def forward(self, x: torch.Tensor, c, face=None, prior=None, *args, **kwargs):
-        """Loss of latents ``x`` with prompts ``c``, plus the face and prior-preservation rows if given."""
-        t = self.sample_timesteps(x.shape[0])
+    def forward(self, x: torch.Tensor, c, batch: Mapping[str, Any] | None = None,
+                noise: torch.Tensor | None = None):
+        """The loss of latents ``x`` [B, C, h, w] with prompts ``c``: the sum of the loss terms, whose extra
+        rows (face crops, class images) come from ``batch`` (none without one). ``(loss, loss_dict)``."""
         prefix = "train" if self.training else "val"
-        if prior is None:
-            cond = self.get_learned_conditioning(c)
-        else:  # one text-encoder call for the subject and class prompts: [B + P, L, D]
-            cond, class_cond = self.get_learned_conditioning(list(c) + prior.captions).split(
-                [len(c), len(prior.captions)])
-        terms = []
-        if face is not None:
-            terms.append(self.facial_loss.rows(face, cond, t))
-        if prior is not None:
-            terms.append(self.prior_loss.rows(self, prior, class_cond))
-        loss, loss_dict = batched_losses(self, x, cond, t, terms, prefix)
-        if self.embedding_manager is not None and self.embedding_reg_weight > 0:
-            reg = self.embedding_manager.embedding_to_coarse_loss()
-            loss = loss + self.embedding_reg_weight * reg
-            loss_dict[f"{prefix}/loss_embedding_reg"] = reg.detach()
-            loss_dict[f"{prefix}/loss"] = loss.detach()
-        if self.anchor_loss is not None:
-            pull = self.anchor_loss(self.embedding_manager)
-            loss = loss + self.anchor_loss.weight * pull
-            loss_dict.update({f"{prefix}/loss_anchor": pull.detach(), f"{prefix}/loss": loss.detach()})
+        step = Step(latents=x, prompts=list(c), batch=batch, encode=self.encode_to_latents, device=self.device)
+        loss, loss_dict = sum_terms([*self.loss_terms, *self.embedding_terms], step, self.diffusion,
+                                    self.apply_model, self.get_learned_conditioning, prefix, noise)
         if self.embedding_manager is not None:  # the drift CrossInit describes: ||e|| and ||e - e_p||
             loss_dict.update({f"{prefix}/{k}": v for k, v in self.embedding_manager.norm_metrics().items()})
         return loss, loss_dict
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: the embedding (and the unfrozen UNet), else what requires grad."""
         if self.embedding_manager is None:
-            groups = super().trainable_parameters()
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            params += [self.diffusion.logvar] if self.diffusion.learn_logvar else []
             if self.cond_stage_trainable:
-                groups[0]["params"] += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-            return groups
+                params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+            return [{"params": params, "lr": self.learning_rate}]
         groups = [{"params": list(self.embedding_manager.embedding_parameters()), "lr": self.learning_rate}]
         if self.unfreeze_model:
             model_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -566,7 +407,7 @@ class LatentDiffusion(DDPM):
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt:
-            z = self.encode_to_latents(self.batch_images(batch, self.first_stage_key).to(self.device))
+            z = self.encode_to_latents(batch_images(batch, self.first_stage_key).to(self.device))
             self.scale_factor = 1.0 / (z / self.scale_factor).flatten().std()
             logger.info("scale_by_std: scale_factor set to %.5f", float(self.scale_factor))
 
@@ -604,7 +445,7 @@ class LatentDiffusion(DDPM):
     def log_images(self, batch: Mapping[str, Any], N: int = 4, ddim_steps: int = 50,
                    unconditional_guidance_scale: float = 5.0, **_) -> dict[str, torch.Tensor]:
         """Inputs, reconstructions and samples with the batch's prompts, for the image logger."""
-        images = self.batch_images(batch, self.first_stage_key)[:N].to(self.device)
+        images = batch_images(batch, self.first_stage_key)[:N].to(self.device)
         prompts = list(batch[self.cond_stage_key][:N])
         z = self.encode_to_latents(images)
         with self.ema_scope():

@@ -2,7 +2,8 @@
 
 Total loss = L_simple(image) + lambda * L_simple(face crop): the aligned face crop of each training
 photo is encoded (cached like the image latents), noised at the same timestep and denoised with the
-same prompt, in the same batched UNet call as the main term. Photos with no face add no face term.
+same prompt, in the same batched UNet call as the main term (:mod:`ldm.models.diffusion.loss_terms`).
+Photos with no face add no face term.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ldm.models.diffusion.auxiliary import AuxiliaryRows
+from ldm.models.diffusion.gaussian_diffusion import GaussianDiffusion
 from ldm.models.diffusion.latent_cache import batch_cache_keys, host_values
+from ldm.models.diffusion.loss_terms import LatentEncoder, LossTerm, Rows, Step, batch_images
 from ldm.util import to_device_nonblocking
 
 
@@ -24,8 +26,10 @@ class FaceBatch:
     rows: torch.Tensor
 
 
-class FacialLoss:
+class FacialLoss(LossTerm):
     """Adds ``weight * L_simple(face crop)`` to the latent-diffusion loss."""
+
+    name = "face"
 
     def __init__(self, weight: float = 1.0, face_key: str = "face", has_face_key: str = "has_face"):
         if weight < 0:
@@ -34,20 +38,24 @@ class FacialLoss:
         self.face_key = face_key
         self.has_face_key = has_face_key
 
-    def face_latents(self, model, batch: Mapping[str, Any]) -> FaceBatch | None:
+    def face_latents(self, batch: Mapping[str, Any] | None, encode: LatentEncoder,
+                    device: torch.device) -> FaceBatch | None:
         """Cached latents of the batch's face crops, or None when no photo in it has a face."""
-        if self.face_key not in batch:
+        if batch is None or self.face_key not in batch:
             return None
         # flags on the host (ldm.data.datamodule.keep_on_host keeps them there): no GPU read
         rows = [i for i, has_face in enumerate(host_values(batch[self.has_face_key])) if has_face]
         if not rows:
             return None
-        device_rows = to_device_nonblocking(torch.tensor(rows), model.device)
-        crops = model.batch_images(batch, self.face_key).to(model.device)[device_rows]
+        device_rows = to_device_nonblocking(torch.tensor(rows), device)
+        crops = batch_images(batch, self.face_key).to(device)[device_rows]
         keys = batch_cache_keys(batch, "face")
         keys = [keys[i] for i in rows] if keys is not None else None
-        return FaceBatch(latents=model.encode_to_latents(crops, keys), rows=device_rows)
+        return FaceBatch(latents=encode(crops, keys), rows=device_rows)
 
-    def rows(self, face: FaceBatch, cond: torch.Tensor, t: torch.Tensor) -> AuxiliaryRows:
-        """The face rows for the batched UNet call: each crop reuses its photo's prompt and timestep."""
-        return AuxiliaryRows("face", self.weight, face.latents, cond[face.rows], t[face.rows])
+    def prepare(self, step: Step) -> FaceBatch | None:
+        return self.face_latents(step.batch, step.encode, step.device)
+
+    def rows(self, face: FaceBatch, cond: torch.Tensor, main: Rows | None, diffusion: GaussianDiffusion) -> Rows:
+        """The face rows: each crop reuses its photo's prompt and timestep (from the image rows ``main``)."""
+        return Rows(face.latents, main.cond[face.rows], main.t[face.rows])
