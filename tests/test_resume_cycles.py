@@ -1,8 +1,9 @@
-"""Several interruptions in one run: SIGTERM, resume, SIGTERM, resume, SIGKILL while validating right after
-a save, resume to the end. The run ends bit-identical to an uninterrupted one, ``last.ckpt`` is the only
-resume point, and the metrics hold each step once, numbered as the files are.
+"""Several interruptions in one run: SIGTERM; SIGKILL while validating right after a save; SIGKILL two steps
+after a save (a step already logged is then trained and logged again); SIGTERM; each followed by ``-r``, the
+last one to the end. The run ends bit-identical to an uninterrupted one, ``last.ckpt`` is the only resume
+point, and the metrics hold each step once, numbered as the files are.
 
-The SIGKILLed run is a subprocess; the others run in-process, on one CPU thread.
+The SIGKILLed runs are subprocesses; the others run in-process, on one CPU thread.
 """
 from __future__ import annotations
 
@@ -49,34 +50,44 @@ def tensorboard_losses(run: Path) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars("train/loss")]
 
 
-def test_sigterm_twice_then_sigkill_while_validating_ends_as_the_uninterrupted_run(
-        tmp_path, photo_dir, tiny_ckpt, one_thread, capfd) -> None:
+def killed(run: Path, *overrides: str) -> None:
+    """``main.py -t -r run`` in a subprocess that a test hook SIGKILLs."""
+    proc = subprocess.run([sys.executable, "main.py", "-t", "-r", str(run), "--max_steps", str(MAX_STEPS), *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_four_interruptions_end_as_the_uninterrupted_run(tmp_path, photo_dir, tiny_ckpt, one_thread, capfd) -> None:
     logs = tmp_path / "logs"
     common = base_argv(logs, photo_dir, tiny_ckpt, *FLAGS)
     assert main.main([*common, "-n", "straight"]) == 0
     straight = only_run(logs, "straight")
 
-    # SIGTERM at step 2, resume; SIGTERM at step 4 (saves every 3 steps: neither is a save step)
+    # SIGTERM at step 2 (saves every 3 steps)
     assert main.main([*common, "-n", "chain", *SIGTERM_AT, "lightning.callbacks.interrupt.params.step=2"]) == 1
     run = only_run(logs, "chain")
     ckpts = run / "checkpoints"
     assert saved_step(ckpts / "last.ckpt") == 2
-    assert resume(run, "lightning.callbacks.interrupt.params.step=4") == 1
-    assert saved_step(ckpts / "last.ckpt") == 4, "the SIGTERM save replaces last.ckpt"
 
-    # SIGKILL while the validation of the save at step 6 samples: last.ckpt of step 6 is already on disk
-    killed = subprocess.run([sys.executable, "main.py", "-t", "-r", str(run), "--max_steps", str(MAX_STEPS),
-                             "lightning.callbacks.interrupt.params.step=0",
-                             "lightning.callbacks.kill.target=helpers.KillWhileSampling",
-                             "lightning.callbacks.kill.params.step=6"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=subprocess_env(OMP_NUM_THREADS="1"))
-    assert killed.returncode == -signal.SIGKILL, (killed.stdout + killed.stderr)[-3000:]
-    assert saved_step(ckpts / "last.ckpt") == 6
-    assert not (run / "images" / "validation" / "step-6.png").exists(), "killed before the grid was written"
+    # SIGKILL while the validation of the save at step 3 samples: last.ckpt of step 3 is already on disk
+    killed(run, "lightning.callbacks.interrupt.params.step=0", "lightning.callbacks.kill.target=helpers.KillWhileSampling",
+           "lightning.callbacks.kill.params.step=3")
+    assert saved_step(ckpts / "last.ckpt") == 3
+    assert not (run / "images" / "validation" / "step-3.png").exists(), "killed before the grid was written"
+
+    # SIGKILL at the end of step 5: step 4 is logged (step 5 would be after the hook), then trained and logged
+    # again from step 3
+    killed(run, "lightning.callbacks.kill.params.step=0", "lightning.callbacks.halt.target=helpers.KillAtStep",
+           "lightning.callbacks.halt.params.step=5")
+    assert saved_step(ckpts / "last.ckpt") == 3
+    assert [step for step, _ in loss_rows(run)][-1] == 4
+
+    # SIGTERM at step 7, after the save at step 6
+    assert resume(run, "lightning.callbacks.halt.params.step=0", "lightning.callbacks.interrupt.params.step=7") == 1
+    assert saved_step(ckpts / "last.ckpt") == 7, "the SIGTERM save replaces last.ckpt"
 
     capfd.readouterr()
-    assert resume(run, "lightning.callbacks.kill.params.step=0") == 0
+    assert resume(run, "lightning.callbacks.interrupt.params.step=0") == 0
     shown = capfd.readouterr()
     assert re.search(rf"Training step: 100%\|[^|]*\| {MAX_STEPS}/{MAX_STEPS} \[", shown.out + shown.err), \
         "after -r the bar counts steps up to max_steps"
