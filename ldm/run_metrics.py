@@ -58,8 +58,8 @@ def tensorboard_resume_kwargs(resume_step: int | None) -> dict[str, int]:
     return {} if resume_step is None else {"purge_step": resume_step + 1}
 
 
-def continue_csv_metrics(csv_logger: CSVLogger, resume_step: int) -> int:
-    """Start ``csv_logger``'s ``metrics.csv`` with the earlier rows up to ``resume_step``; returns how many.
+def continue_csv_metrics(csv_logger: CSVLogger, resume_step: int) -> None:
+    """Start ``csv_logger``'s ``metrics.csv`` with the earlier rows up to ``resume_step``.
 
     Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts: the rows are read first,
     then written back through the logger (the file is whole again before training starts).
@@ -74,7 +74,6 @@ def continue_csv_metrics(csv_logger: CSVLogger, resume_step: int) -> int:
     csv_logger.save()
     if rows:
         logger.info("%s continues: %d rows up to step %d kept", path, len(rows), resume_step)
-    return len(rows)
 
 
 def read_rows(path: Path, *, up_to_step: int) -> list[tuple[int, dict[str, float]]]:
