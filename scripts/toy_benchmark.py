@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, default=None, help="write the results tables as Markdown")
     p.add_argument("--figure", type=Path, default=None, help="fidelity-vs-editability plot (PNG)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: on a machine shared with other jobs, 2 threads were 18x slower "
+                   help="torch CPU threads (1: on a machine shared with other jobs, 2 threads were 20x slower "
                         "per training step; docs/toy_benchmark.md)")
     return p
 
@@ -381,7 +381,7 @@ def write_plot(results: dict, path: Path) -> None:
         for p in line:
             x, y = xy(p["fidelity"], p["editability"])
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-            draw.text((x + 5, y - 12), f"{p['steps']}/{p['strength']:g}", fill=colour)
+            draw.text((x + 5, y - 12 + 11 * k), f"{p['steps']}/{p['strength']:g}", fill=colour)  # cells apart
         legend_x, legend_y = width - margin - 160, margin + 18 * k
         draw.rectangle([legend_x, legend_y + 3, legend_x + 10, legend_y + 13], fill=colour)
         draw.text((legend_x + 15, legend_y + 2), name, fill=colour)
