@@ -103,7 +103,8 @@ def bootstrap_intervals(runs: np.ndarray, statistic: Callable[[np.ndarray], dict
 def point_statistic(runs: np.ndarray) -> dict[str, float]:
     """Mean fidelity and editability of each setting of runs [R, S, 2], as ``f<i>`` and ``e<i>``."""
     means = runs.mean(axis=0)
-    return {**{f"f{i}": float(m[0]) for i, m in enumerate(means)}, **{f"e{i}": float(m[1]) for i, m in enumerate(means)}}
+    fidelity = {f"f{i}": float(m[0]) for i, m in enumerate(means)}
+    return {**fidelity, **{f"e{i}": float(m[1]) for i, m in enumerate(means)}}
 
 
 def summarize_frontier(runs: np.ndarray, thresholds: Sequence[float]) -> dict:

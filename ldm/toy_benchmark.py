@@ -2,8 +2,10 @@
 
 Each method is a ``main.py`` run on a held-out subject's photo folder, with the flags a user would
 pass; its samples of a fixed prompt suite are judged for identity (fidelity: the plain prompt shows
-the subject) and for identity plus the asked attribute (editability: edit prompts). ``docs/toy_benchmark.md``
-describes the protocol and the results.
+the subject) and for identity plus the asked attribute (editability: edit prompts). A run is scored
+after each of several saves and, for embeddings, at several inference strengths (:class:`Protocol`);
+its result is stored so that a restarted benchmark reuses it (:func:`load_record`). The frontiers of
+those points are in :mod:`ldm.frontier`; ``docs/toy_benchmark.md`` describes the protocol and results.
 """
 from __future__ import annotations
 
@@ -61,11 +63,7 @@ class Method:
     on: str | None = None  # starts from the final model of this DreamBooth cell (same subject and seed)
     embedding: bool = True  # False: the run's result is a model (DreamBooth), not an embedding
     prior: bool = False  # DreamBooth with prior preservation on class images of the pretrained model
-    note: str = ""  # what the cell is for
-
-    @property
-    def dreambooth_first(self) -> bool:
-        return self.on is not None
+    note: str = ""  # what the cell is for (in the benchmark's JSON)
 
 
 MOMENTUM_PROMPTS = ("--class_word", CLASS_WORD, "--descriptive_p", "0.1", "--use_random_prompt")
@@ -130,8 +128,9 @@ class BenchmarkProbe(pl.Callback):
     """Added to benchmark runs through ``lightning.callbacks``: the run's clock, and UNet saves.
 
     Writes ``benchmark_clock.json`` in the log dir (wall-clock and process CPU times of fit start, train
-    start and train end: ``<event>`` and ``<event>_cpu``) and, for each step in ``unet_steps``, ``checkpoints/unet_gs-N.safetensors``: the UNet's weights
-    after N steps (a DreamBooth run's saves; its full pruned export is written at the end only).
+    start and train end: ``<event>`` and ``<event>_cpu``) and, for each step in ``unet_steps``,
+    ``checkpoints/unet_gs-N.safetensors``: the UNet's weights after N steps (a DreamBooth run's saves;
+    its full pruned export is written at the end only).
     """
 
     def __init__(self, unet_steps: Sequence[int] = ()):
@@ -149,7 +148,8 @@ class BenchmarkProbe(pl.Callback):
         if step in self.unet_steps:
             from safetensors.torch import save_file
 
-            state = {k: v.detach().float().contiguous() for k, v in pl_module.model.diffusion_model.state_dict().items()}
+            unet = pl_module.model.diffusion_model
+            state = {k: v.detach().float().contiguous() for k, v in unet.state_dict().items()}
             path = unet_save(Path(trainer.default_root_dir) / "checkpoints", step)
             atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 

@@ -300,6 +300,7 @@ def results_json(plan_: Plan, by_cell: dict[str, list[dict]], following: dict | 
         "frontier_figures": {name: {k: v for k, v in f.items() if k != "points"} for name, f in frontiers.items()},
         "prompt_following": following,
         "judge_accuracy": json.loads(TOY_ACCURACY.read_text()) if TOY_ACCURACY.is_file() else {},
+        "cells": {m.name: {"flags": list(m.flags), "on": m.on, "prior": m.prior, "note": m.note} for m in plan_.cells},
         "protocol": {"steps": list(plan_.protocol.steps), "strengths": list(plan_.protocol.strengths),
                      "samples_per_prompt": plan_.protocol.samples, "subjects": plan_.subjects, "seeds": plan_.seeds,
                      "sampler": SAMPLER, "interval": f"95% percentile bootstrap over runs, {BOOTSTRAP_RESAMPLES} "
