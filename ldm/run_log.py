@@ -94,7 +94,8 @@ class SamplingCommand:
 
     ``config`` is the run's merged config (it loads for sampling as it is), ``ckpt`` the weights the
     run started from, ``prompt`` the training prompt (e.g. ``a photo of a * woman``), ``size`` the
-    training image size (None: the script's default) and ``outdir`` where the samples go.
+    training image size (None: the script's default), ``outdir`` where the samples go and
+    ``latent_factor`` the autoencoder's downsampling (named only when it is not SD's 8).
     """
 
     config: Path
@@ -102,6 +103,7 @@ class SamplingCommand:
     prompt: str
     size: int | None
     outdir: Path
+    latent_factor: int | None = None
 
     def line(self, embedding: Path | None) -> str:
         """The shell command line, with ``--embedding_path embedding`` when one is given."""
@@ -111,6 +113,8 @@ class SamplingCommand:
         args += ["--prompt", self.prompt]
         if self.size is not None:
             args += ["--H", str(self.size), "--W", str(self.size)]
+        if self.latent_factor not in (None, 8):
+            args += ["--f", str(self.latent_factor)]
         return shlex.join([*args, "--outdir", str(self.outdir)])
 
 

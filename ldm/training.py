@@ -196,10 +196,11 @@ def saved_step(resume_ckpt: Path) -> int:
         raise TrainingError(f"cannot resume: {one_line(err)}") from err
 
 
-def sampling_command(config: DictConfig, config_file: Path, data, *, outdir: Path) -> SamplingCommand | None:
+def sampling_command(config: DictConfig, config_file: Path, data, model, *, outdir: Path) -> SamplingCommand | None:
     """How to sample this run's embedding with ``stable_txt2img.py``; None for runs that train no embedding
     alone (DreamBooth, LoRA, pretraining) or start from no checkpoint."""
     from ldm.data.prompts import DEFAULT_TEMPLATE
+    from ldm.inference import latent_downsampling
     from ldm.run_log import SamplingCommand
 
     ckpt = OmegaConf.select(config, "model.params.ckpt_path")
@@ -210,7 +211,8 @@ def sampling_command(config: DictConfig, config_file: Path, data, *, outdir: Pat
     if not (ckpt and prompts is not None and embedding_only):
         return None
     return SamplingCommand(config=config_file, ckpt=str(ckpt), prompt=DEFAULT_TEMPLATE.format(prompts.subject),
-                           size=getattr(train, "size", None), outdir=outdir)
+                           size=getattr(train, "size", None), outdir=outdir,
+                           latent_factor=latent_downsampling(model))
 
 
 def before_fit(trainer, model, resume_step: int | None) -> None:
@@ -265,7 +267,7 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     if not any(group["params"] for group in model.trainable_parameters()):
         raise TrainingError(NOTHING_TO_TRAIN)
     summary = RunSummary(validation, sampling=sampling_command(config, paths.cfgdir / f"{now}-project.yaml", data,
-                                                               outdir=Path("outputs") / paths.logdir.name),
+                                                               model, outdir=Path("outputs") / paths.logdir.name),
                          final_embedding=paths.ckptdir / "embeddings.pt")
     trainer = build_trainer(config, paths, {**trainer_args, **device_args}, validation, resume_step=resume_step,
                             summary=summary, verbose=opt.verbose)

@@ -17,7 +17,7 @@ from PIL import Image
 import main
 from ldm.data.images import DataRootError
 from ldm.data.personalized import PersonalizedBase
-from ldm.run_log import format_duration
+from ldm.run_log import SamplingCommand, format_duration
 from ldm.training import configure, load_config
 
 TINY = "configs/tiny/v1-finetune.yaml"
@@ -60,6 +60,17 @@ def test_a_3_step_run_has_its_metrics_on_disk_and_a_summary(tmp_path, photo_dir,
     quick = ["--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2", "--device", "cpu"]
     assert load_script("stable_txt2img").main([*command[2:], *quick]) == 0, "the command runs as printed"
     assert list((tmp_path / "outputs" / run.name / "samples").glob("*.png"))
+
+
+@pytest.mark.parametrize("factor,named", [(4, True), (8, False), (None, False)])
+def test_the_sampling_command_names_an_autoencoder_factor_other_than_sd_s(factor, named) -> None:
+    """The toy model's autoencoder downsamples by 4: stable_txt2img.py's default --f 8 would refuse it."""
+    command = SamplingCommand(config=Path("run.yaml"), ckpt="toy.safetensors", prompt="a photo of a *", size=64,
+                              outdir=Path("outputs/run"), latent_factor=factor).line(Path("e.pt"))
+    args = shlex.split(command)
+    assert ("--f" in args) == named
+    if named:
+        assert args[args.index("--f") + 1] == str(factor)
 
 
 NOISE = ("💡 Tip", "litlogger", "FLOPs", "in eval mode at the start of training", "deprecated")
