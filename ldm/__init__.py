@@ -9,11 +9,18 @@ higher one, and no chain of imports between ldm modules comes back to where it s
     modules     ldm.modules: nn building blocks, the CLIP text encoder and tokenizer, the embedding manager
     data        ldm.data: datasets, prompts, face crops
     models      ldm.models: autoencoder, latent diffusion and its loss terms, samplers
-    app         every other ldm module (training, dreambooth, inference, export, validation, evaluation, ...)
+    app         every ldm module no layer names: inference, export, LoRA, evaluation, the embedding scripts' inputs
+    train       ldm.train: the training wing, what main.py runs (flags, settled config, trainer, callbacks, validation)
+    toy         ldm.toy: the toy world, its datasets, judge and benchmark (the benchmark runs the training wing)
+
+app, train and toy are the application tier: sampling, export and evaluation need no training code,
+and training needs no toy world. Nothing in ldm imports ``main`` or ``scripts``. The toy datasets that
+configs name (ldm.toy.scenes) import only the data layer and below, and ldm.toy.world.
 """
 
 # (layer, modules and packages) from low to high. A module belongs to the layer that names it or its
-# innermost package; this file (data only) is base, and an ldm module no layer names is app.
+# innermost package; this file (data only) is base, and an ldm module no layer names is app (the one
+# layer that names nothing).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("ldm.util", "ldm.momentum", "ldm.precision", "ldm.nonfinite", "ldm.png_metadata",
               "ldm.sampling_io", "ldm.cli", "ldm.lr_scheduler", "ldm.compat")),
@@ -22,4 +29,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data", ("ldm.data",)),
     ("models", ("ldm.models",)),
     ("app", ()),
+    ("train", ("ldm.train",)),
+    ("toy", ("ldm.toy",)),
 )

@@ -1,6 +1,6 @@
 """LoRA in ``main.py`` and the scripts: LoRA DreamBooth, ``--lora FILE[:SCALE]`` and the merged export.
 
-LoRA DreamBooth is a DreamBooth config (``dreambooth`` section, see :mod:`ldm.dreambooth`) with a ``lora``
+LoRA DreamBooth is a DreamBooth config (``dreambooth`` section, see :mod:`ldm.train.dreambooth`) with a ``lora``
 section (``configs/stable-diffusion/v1-finetune_lora.yaml``)::
 
     lora:

@@ -11,19 +11,52 @@ from typing import Any, Callable, Mapping
 # Config targets that name another place than where the class lives: the original code's configs
 # name classes defined in its main.py, and configs saved by older runs name modules since moved.
 TARGET_ALIASES = {
-    "main.ImageLogger": "ldm.callbacks.ImageLogger",
+    "main.ImageLogger": "ldm.train.callbacks.ImageLogger",
     "main.DataModuleFromConfig": "ldm.data.datamodule.DataModuleFromConfig",
     "ldm.modules.face_loss.FacialLoss": "ldm.models.diffusion.face_loss.FacialLoss",
     "ldm.modules.prior_loss.PriorPreservationLoss": "ldm.models.diffusion.prior_loss.PriorPreservationLoss",
 }
 
+# Modules moved whole: a target ``old.Name`` resolves to ``new.Name``. The training wing went under
+# ldm/train/ and the toy world under ldm/toy/; configs saved before the move name the old modules.
+MODULE_ALIASES = {
+    "ldm.callbacks": "ldm.train.callbacks",
+    "ldm.dreambooth": "ldm.train.dreambooth",
+    "ldm.flags": "ldm.train.flags",
+    "ldm.run_config": "ldm.train.run_config",
+    "ldm.run_log": "ldm.train.run_log",
+    "ldm.run_metrics": "ldm.train.run_metrics",
+    "ldm.trainer_args": "ldm.train.trainer_args",
+    "ldm.training": "ldm.train.training",
+    "ldm.validation.best": "ldm.train.validation.best",
+    "ldm.validation.callback": "ldm.train.validation.callback",
+    "ldm.validation.grid": "ldm.train.validation.grid",
+    "ldm.validation.settings": "ldm.train.validation.settings",
+    "ldm.validation.setup": "ldm.train.validation.setup",
+    "ldm.data.toy": "ldm.toy.scenes",
+    "ldm.data.toy_world": "ldm.toy.world",
+    "ldm.toy_judge": "ldm.toy.judge",
+    "ldm.toy_benchmark": "ldm.toy.benchmark",
+    "ldm.frontier": "ldm.toy.frontier",
+}
+
+
+def resolve_target(path: str) -> str:
+    """Where a config target lives now: :data:`TARGET_ALIASES` first, then :data:`MODULE_ALIASES`."""
+    if path in TARGET_ALIASES:
+        return TARGET_ALIASES[path]
+    module_name, _, attr = path.rpartition(".")
+    if module_name in MODULE_ALIASES:
+        return f"{MODULE_ALIASES[module_name]}.{attr}"
+    return path
+
 
 def get_obj_from_str(path: str) -> Any:
     """Return the object named by a dotted path such as ``ldm.models.autoencoder.AutoencoderKL``.
 
-    Paths in :data:`TARGET_ALIASES` resolve to where the class lives now.
+    Paths that :func:`resolve_target` knows as moved resolve to where the class lives now.
     """
-    path = TARGET_ALIASES.get(path, path)
+    path = resolve_target(path)
     module_name, _, attr = path.rpartition(".")
     if not module_name:
         raise ValueError(f"'{path}' is not a dotted path of the form package.module.Name")

@@ -32,7 +32,7 @@ def slug(text: str) -> str:
 def sample_prompt(prompt: str, outdir: Path, ckpt: Path, embedding: Path | None, samples: int) -> Path:
     """Samples of one prompt with stable_txt2img.py; returns their folder."""
     import stable_txt2img  # scripts/stable_txt2img.py, next to this script
-    from ldm.toy_benchmark import INFERENCE_CONFIG, SAMPLER
+    from ldm.toy.benchmark import INFERENCE_CONFIG, SAMPLER
 
     argv = ["--config", str(INFERENCE_CONFIG), "--ckpt", str(ckpt), "--prompt", prompt, "--H", "64", "--W", "64",
             "--f", "4", "--ddim_steps", str(SAMPLER["ddim_steps"]), "--scale", str(SAMPLER["scale"]),
@@ -50,7 +50,7 @@ def judge_folder(folder: Path, judge_model):
     import numpy as np
     from PIL import Image
 
-    from ldm.toy_judge import judge, to_tensor
+    from ldm.toy.judge import judge, to_tensor
 
     files = sorted(folder.glob("*.png"))
     return judge(judge_model, to_tensor([np.asarray(Image.open(f).convert("RGB")) for f in files]))
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from ldm.data.toy import write_photo_folder
-    from ldm.toy_benchmark import TOY_JUDGE, TOY_MODEL, method, prompt_suite, require_toy_models, score_suite, train
-    from ldm.toy_judge import load_judge
+    from ldm.toy.scenes import write_photo_folder
+    from ldm.toy.benchmark import TOY_JUDGE, TOY_MODEL, method, prompt_suite, require_toy_models, score_suite, train
+    from ldm.toy.judge import load_judge
 
     try:
         require_toy_models()

@@ -9,7 +9,7 @@ For every subject (the first ``--subjects`` of the held-out pool, or ``--subject
 seed and cell, one main.py run saves after each of ``--steps``; each save is scored at each inference
 strength of ``--strengths`` (embeddings; e_s = e_p + s (e - e_p)) by sampling the prompt suite (the plain
 prompt and 4 edits) and judging every sample. A method's frontier is the Pareto set of its mean
-(fidelity, editability) points (ldm/frontier.py); intervals are 95% bootstrap intervals over runs.
+(fidelity, editability) points (ldm/toy/frontier.py); intervals are 95% bootstrap intervals over runs.
 Each run's result is kept in WORKDIR/runs/, so a benchmark started again reuses finished runs. Needs
 the pretrained toy models (``python scripts/toy_pretrain.py``).
 """
@@ -31,16 +31,16 @@ import numpy as np
 import torch
 
 from ldm.cli import run_script
-from ldm.data.toy import write_photo_folder
-from ldm.data.toy_world import CLASS_WORD, HELD_OUT_POOL_SIZE
-from ldm.frontier import BOOTSTRAP_RESAMPLES, summarize_frontier
+from ldm.toy.scenes import write_photo_folder
+from ldm.toy.world import CLASS_WORD, HELD_OUT_POOL_SIZE
+from ldm.toy.frontier import BOOTSTRAP_RESAMPLES, summarize_frontier
 from ldm.momentum import check_strength
-from ldm.toy_benchmark import (
+from ldm.toy.benchmark import (
     FRONTIER_METHODS, INFERENCE_CONFIG, METHOD_NAMES, QUICK_METHODS, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY,
     TOY_JUDGE, TOY_MODEL, Method, Protocol, evaluate, load_record, load_toy_model, method, prompt_following,
     prompt_suite, record_path, require_toy_models, run_clock, save_record, score_run, step_saves, train,
 )
-from ldm.toy_judge import load_judge
+from ldm.toy.judge import load_judge
 from ldm.util import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ldm.cli import run_script
-from ldm.toy_benchmark import run_main
+from ldm.toy.benchmark import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("toy_pretrain")
@@ -79,8 +79,8 @@ def train_diffusion(workdir: Path, out: Path) -> Path:
 def train_judge_stage(out: Path) -> Path:
     from safetensors.torch import save_file
 
-    from ldm.data.toy_world import held_out_pool
-    from ldm.toy_judge import accuracy, train_judge
+    from ldm.toy.world import held_out_pool
+    from ldm.toy.judge import accuracy, train_judge
     from ldm.util import atomic_write
 
     model = train_judge(seed=SEED)
@@ -95,9 +95,9 @@ def train_judge_stage(out: Path) -> Path:
 
 def probe(ckpt: Path, out: Path) -> dict:
     """Full-description fidelity and per-feature accuracy of ``ckpt`` on held-out and seen subjects."""
-    from ldm.data.toy_world import held_out_pool, pretraining_subjects
-    from ldm.toy_benchmark import description_probe, load_toy_model
-    from ldm.toy_judge import load_judge
+    from ldm.toy.world import held_out_pool, pretraining_subjects
+    from ldm.toy.benchmark import description_probe, load_toy_model
+    from ldm.toy.judge import load_judge
 
     model, judge_model = load_toy_model(ckpt), load_judge(out / JUDGE_FILE)
     groups = {"held_out": held_out_pool()[:PROBE_SUBJECTS], "seen": pretraining_subjects()[:PROBE_SUBJECTS]}

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 import main
 from ldm.checkpoint import load_embeddings
-from ldm.data import toy_world
-from ldm.flags import FlagError, apply_flags
+from ldm.toy import world as toy_world
+from ldm.train.flags import FlagError, apply_flags
 from ldm.models.diffusion.anchor_loss import AnchorLoss
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.modules.init_words import read_word_list, resolve_init_words
@@ -236,7 +236,7 @@ def test_a_run_with_every_option_saves_ema_files_and_records_the_options(tmp_pat
 
 def test_validation_samples_and_scores_the_moving_average_and_may_keep_it_as_best(tmp_path, photo_dir, tiny_ckpt,
                                                                                  monkeypatch) -> None:
-    from ldm.validation import callback as validation_callback
+    from ldm.train.validation import callback as validation_callback
 
     # per save: the trained embedding's score, then the moving average's; the average at step 2 is the best
     script = [(1.0, 0.6, 0.5), (1.0, 0.5, 1.0), (1.0, 0.6, 0.5), (1.0, 0.6, 0.75)]

@@ -18,7 +18,7 @@ import torch
 import main
 from ldm.models.diffusion import compiled_unet
 from ldm.models.diffusion.compiled_unet import CompiledUNet, compile_mode
-from ldm.flags import apply_flags
+from ldm.train.flags import apply_flags
 
 
 class FakeCompile:

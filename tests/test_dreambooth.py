@@ -13,10 +13,10 @@ from torch.utils.data import default_collate
 import main
 from ldm.checkpoint import load_weights, read_state_dict
 from ldm.data.dreambooth import DreamBoothDataset
-from ldm.dreambooth import prepare_dreambooth_model
+from ldm.train.dreambooth import prepare_dreambooth_model
 from ldm.export import export_pruned, pruned_state_dict
 from ldm.inference import load_model
-from ldm.training import configure
+from ldm.train.training import configure
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]

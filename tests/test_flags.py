@@ -1,4 +1,4 @@
-"""main.py's flag table (ldm/flags.py) and the ignored compatibility keys (ldm/compat.py)."""
+"""main.py's flag table (ldm/train/flags.py) and the ignored compatibility keys (ldm/compat.py)."""
 from __future__ import annotations
 
 import logging
@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 import main
 from ldm import compat
 from ldm.compat import IGNORED_KEYS, drop_ignored_keys
-from ldm.flags import FACIAL_LOSS, FACIAL_LOSS_TARGET, FLAGS, FlagError, apply_flags
-from ldm.run_config import configure
-from ldm.training import RunPaths, add_run_settings, load_config
+from ldm.train.flags import FACIAL_LOSS, FACIAL_LOSS_TARGET, FLAGS, FlagError, apply_flags
+from ldm.train.run_config import configure
+from ldm.train.training import RunPaths, add_run_settings, load_config
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def test_a_given_gamma_wins_over_the_starting_embeddings(tiny_model, tmp_path) -
 
 
 def test_a_flag_for_a_missing_part_is_ignored_with_one_line(caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="ldm.flags"):
+    with caplog.at_level(logging.INFO, logger="ldm.train.flags"):
         settled(DREAMBOOTH_CONFIG, ["--gamma", "0.5", "--face_detector", "hog"], [])
     assert "--gamma is ignored: the config has no model.params.personalization_config" in caplog.text
     assert "--face_detector is ignored without --use_facial_loss" in caplog.text

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.checkpoint import load_embeddings
 from ldm.precision import MATMUL_LAYERS, weights_autocast
-from ldm.training import hold_frozen_weights_in_half
+from ldm.train.training import hold_frozen_weights_in_half
 
 BF16 = torch.bfloat16
 SIZE = 128

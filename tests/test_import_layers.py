@@ -15,6 +15,7 @@ from ldm import LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "ldm"
+APP = next(index for index, (_, members) in enumerate(LAYERS) if not members)  # the layer of unnamed modules
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def layer_of(module: str) -> int:
         if module in names:
             return names[module]
         module = module.rpartition(".")[0]
-    return len(LAYERS) - 1  # app
+    return APP
 
 
 def upward_imports(imports: list[Import]) -> list[str]:

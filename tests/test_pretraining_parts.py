@@ -24,7 +24,7 @@ def test_autoencoder_training_lowers_its_loss_and_saves_first_stage_keys():
     torch.manual_seed(0)
     module = instantiate_from_config(config)
     module.learning_rate = 1e-3
-    scenes = instantiate_from_config({"target": "ldm.data.toy.ToyScenes", "params": {"size": 32, "num_scenes": 4}})
+    scenes = instantiate_from_config({"target": "ldm.toy.scenes.ToyScenes", "params": {"size": 32, "num_scenes": 4}})
     images = torch.stack([torch.from_numpy(scenes.image(i)) for i in range(4)]).permute(0, 3, 1, 2)  # [4, 3, 32, 32]
     optimizer = module.configure_optimizers()[0][0]
     first, _ = module.losses(images)
@@ -71,7 +71,7 @@ def test_ema_weights_export_as_the_model(tmp_path):
 
 
 def test_a_data_config_without_validation_gives_no_validation_batches():
-    data = DataModuleFromConfig(batch_size=2, train={"target": "ldm.data.toy.ToyScenes",
+    data = DataModuleFromConfig(batch_size=2, train={"target": "ldm.toy.scenes.ToyScenes",
                                                      "params": {"size": 32, "num_scenes": 4}}, num_workers=0)
     data.setup("fit")
     assert data.val_dataloader() == []

@@ -1,4 +1,4 @@
-"""The settled config's checks (ldm/run_config.py) and the issue's mistakes through main.py: exit 2, one line."""
+"""The settled config's checks (ldm/train/run_config.py) and the issue's mistakes through main.py: exit 2, one line."""
 from __future__ import annotations
 
 import logging
@@ -9,8 +9,8 @@ from helpers import ROOT, TINY, base_argv, error_lines
 from omegaconf import OmegaConf
 
 import main
-from ldm.run_config import check_config, sections
-from ldm.training import load_config
+from ldm.train.run_config import check_config, sections
+from ldm.train.training import load_config
 
 TINY_UNFROZEN = "configs/tiny/v1-finetune_unfrozen.yaml"
 EMBEDDING = "model.params.personalization_config.params"
@@ -107,9 +107,9 @@ def test_an_unknown_key_in_any_built_section_is_one_line_naming_it(tmp_path, pho
 
 @pytest.mark.parametrize("section", ["model.params.facial_loss_config", "model.params.prior_loss_config"])
 def test_the_loss_terms_name_an_unknown_key(section) -> None:
-    from ldm.dreambooth import PRIOR_LOSS_TARGET
-    from ldm.flags import FACIAL_LOSS_TARGET
-    from ldm.run_config import error_line
+    from ldm.train.dreambooth import PRIOR_LOSS_TARGET
+    from ldm.train.flags import FACIAL_LOSS_TARGET
+    from ldm.train.run_config import error_line
     from ldm.util import instantiate_from_config
 
     target = FACIAL_LOSS_TARGET if "facial" in section else PRIOR_LOSS_TARGET

@@ -17,8 +17,8 @@ from PIL import Image
 import main
 from ldm.data.images import DataRootError
 from ldm.data.personalized import PersonalizedBase
-from ldm.run_log import SamplingCommand, format_duration
-from ldm.training import configure, load_config
+from ldm.train.run_log import SamplingCommand, format_duration
+from ldm.train.training import configure, load_config
 
 TINY = "configs/tiny/v1-finetune.yaml"
 

@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from ldm.frontier import (
+from ldm.toy.frontier import (
     best_editability, bootstrap_intervals, frontier_area, mean_points, pareto_frontier, summarize_frontier,
 )
-from ldm.toy_benchmark import Protocol, load_record, method, record_path, save_record
+from ldm.toy.benchmark import Protocol, load_record, method, record_path, save_record
 
 # (fidelity, editability): 0, 1 and 3 are the frontier; 2 is dominated by 1, 4 repeats 1, 5 is below 3
 POINTS = [(0.2, 0.9), (0.5, 0.5), (0.4, 0.4), (0.8, 0.1), (0.5, 0.5), (0.8, 0.05)]
@@ -131,7 +131,7 @@ def stand_in_runner(tmp_path, monkeypatch):
 
 
 def test_a_finished_run_is_not_trained_again_and_a_corrupt_one_is(tmp_path, stand_in_runner):
-    from ldm.data.toy_world import held_out_subject
+    from ldm.toy.world import held_out_subject
 
     make_runner, trained = stand_in_runner
     subject, photos, ti = held_out_subject(0), tmp_path / "photos", method("ti")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-from ldm.data.toy import write_photo_folder
-from ldm.data.toy_world import CLASS_WORD, held_out_pool
-from ldm.toy_benchmark import (
+from ldm.toy.scenes import write_photo_folder
+from ldm.toy.world import CLASS_WORD, held_out_pool
+from ldm.toy.benchmark import (
     TOY_JUDGE, TOY_MODEL, evaluate, load_toy_model, method, prompt_following, require_toy_models, train,
 )
-from ldm.toy_judge import accuracy, load_judge
+from ldm.toy.judge import accuracy, load_judge
 
 SUBJECT_SEED = 0
 SAMPLES = 8

@@ -8,14 +8,14 @@ import pytest
 from helpers import ROOT
 from omegaconf import OmegaConf
 
-from ldm.data.toy import PHOTO_BACKGROUNDS, PHOTO_RESOLUTION, ToyScenes, write_photo_folder
-from ldm.data.toy_world import (
+from ldm.toy.scenes import PHOTO_BACKGROUNDS, PHOTO_RESOLUTION, ToyScenes, write_photo_folder
+from ldm.toy.world import (
     BACKGROUNDS, BODY_COLOURS, CLASS_WORD, HELD_OUT_POOL_SIZE, PATTERNS, POSITIONS, SHAPES, SIZES,
     Pose, Scene, Subject, caption, held_out_pool, held_out_subject, pretraining_subjects, random_pose, render,
 )
 from ldm.modules.encoders.tokenizer import CLIPBPETokenizer
-from ldm.toy_benchmark import prompt_suite, score_suite
-from ldm.toy_judge import UnknownQuestionError, Verdict, check_question
+from ldm.toy.benchmark import prompt_suite, score_suite
+from ldm.toy.judge import UnknownQuestionError, Verdict, check_question
 
 CENTRED = Pose("large", "center", 0.0, False, (0.0, 0.0, 0.0))
 
@@ -158,7 +158,7 @@ def test_benchmark_refuses_bad_input_in_one_line(argv, message, tmp_path, caplog
 
 
 def test_a_missing_toy_model_names_the_command_that_builds_it(tmp_path, monkeypatch):
-    import ldm.toy_benchmark as toy
+    import ldm.toy.benchmark as toy
 
     monkeypatch.setattr(toy, "TOY_MODEL", toy.ROOT / "models/toy/missing.safetensors")
     with pytest.raises(FileNotFoundError, match="python scripts/toy_pretrain.py"):

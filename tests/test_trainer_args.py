@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from helpers import base_argv, error_lines
 
 import main
-from ldm import training
-from ldm.flags import FlagError, apply_flags
-from ldm.trainer_args import TrainerArgumentError, device_kwargs, trainer_kwargs
+from ldm.train import training
+from ldm.train.flags import FlagError, apply_flags
+from ldm.train.trainer_args import TrainerArgumentError, device_kwargs, trainer_kwargs
 
 
 def flags(**given) -> argparse.Namespace:

@@ -205,7 +205,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, photo_dir, t
 def test_embedding_with_nan_never_overwrites_the_last_good_file(tmp_path, tiny_model, caplog) -> None:
     from types import SimpleNamespace
 
-    from ldm.callbacks import EmbeddingCheckpoint
+    from ldm.train.callbacks import EmbeddingCheckpoint
     from ldm.modules.embedding_manager import EmbeddingManager
 
     manager = EmbeddingManager(tiny_model.cond_stage_model, gamma=0.1)

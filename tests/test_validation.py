@@ -15,10 +15,10 @@ from PIL import Image
 
 import main
 from ldm.sampling_io import read_png_text
-from ldm.validation import callback as validation_callback
-from ldm.validation.best import BestEmbedding, IdentityScore
-from ldm.validation.callback import ValidationSampler
-from ldm.validation.settings import ValidationSettings, default_prompts
+from ldm.train.validation import callback as validation_callback
+from ldm.train.validation.best import BestEmbedding, IdentityScore
+from ldm.train.validation.callback import ValidationSampler
+from ldm.train.validation.settings import ValidationSettings, default_prompts
 
 QUICK = ("lightning.callbacks.image_logger.params.disabled=true",
          "lightning.modelcheckpoint.params.every_n_train_steps=2", "--validation_ddim_steps", "2")

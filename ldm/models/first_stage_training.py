@@ -31,7 +31,7 @@ class FirstStageTraining(pl.LightningModule):
         self.l2_weight = l2_weight
         self.image_key = image_key
         self.scheduler_config = scheduler_config
-        self.learning_rate = learning_rate  # main.py sets it from base_learning_rate (ldm.training)
+        self.learning_rate = learning_rate  # main.py sets it from base_learning_rate (ldm.train.training)
         self.training_seed = training_seed
 
     def losses(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

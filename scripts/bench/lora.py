@@ -2,7 +2,7 @@
 
 Both models are built from their own configs (``v1-finetune_unfrozen.yaml`` and ``v1-finetune_lora.yaml``
 beside it) with prior preservation; the LoRA model holds its frozen base in the half dtype under mixed
-precision, as ``main.py`` does (``ldm.training.hold_frozen_weights_in_half``). The note gives the size of
+precision, as ``main.py`` does (``ldm.train.training.hold_frozen_weights_in_half``). The note gives the size of
 the LoRA file (rank 4, the config's default) against the pruned full checkpoint DreamBooth writes.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Benchmark rows of in-run validation: what sampling at a save adds to a run, and what scoring costs.
 
 - ``validation_save``: one validation (the default prompts and sampler settings of
-  :mod:`ldm.validation`, at the benchmark's ``--size``) against the training between two saves
+  :mod:`ldm.train.validation`, at the benchmark's ``--size``) against the training between two saves
   (``every_n_train_steps`` of the config's momentum-TI steps at batch 1): the time ratio is the
   fraction validation adds to a default run's wall time. The note adds the same ratio in CPU
   seconds of this process, which other processes' load does not change (use ``--threads 1``).
@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 from ldm.data.images import load_rgb
 from ldm.precision import precision_autocast
-from ldm.validation.callback import ValidationSampler, starting_noise
-from ldm.validation.settings import ValidationSettings, default_prompts
+from ldm.train.validation.callback import ValidationSampler, starting_noise
+from ldm.train.validation.settings import ValidationSettings, default_prompts
 from .measure import Measurement, measure, measure_pair
 from .table import Row
 

@@ -104,7 +104,7 @@ class LatentDiffusion(pl.LightningModule):
         self.scheduler_config = scheduler_config
         if monitor is not None:
             self.monitor = monitor
-        self.learning_rate = learning_rate  # main.py sets it from base_learning_rate (ldm.training)
+        self.learning_rate = learning_rate  # main.py sets it from base_learning_rate (ldm.train.training)
         self.training_seed = training_seed  # main.py's --seed: see step_rng
         self.init_checkpoint: str | None = None  # the weights file loaded last (its hash goes in PNGs)
         self.stopped_on_nonfinite_loss = False
@@ -226,7 +226,7 @@ class LatentDiffusion(pl.LightningModule):
         # on_before_optimizer_step, and the ranks agree on stopping every N steps (ldm.nonfinite)
         self.nonfinite.record(loss, self.global_step)
         self.log_dict(loss_dict, prog_bar=True, on_step=True, on_epoch=False, batch_size=self._batch_size(batch))
-        return loss  # the step's number is logged by ldm.run_metrics.StepNumbering (1 for the first step)
+        return loss  # the step's number is logged by ldm.train.run_metrics.StepNumbering (1 for the first step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.nonfinite.skip_update_if_bad(optimizer)

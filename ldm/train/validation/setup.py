@@ -7,9 +7,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.momentum import DEFAULT_PLACEHOLDER
-from ldm.run_config import run_placeholder
-from ldm.validation.callback import ValidationSampler
-from ldm.validation.settings import ValidationSettings
+from ldm.train.run_config import run_placeholder
+from ldm.train.validation.callback import ValidationSampler
+from ldm.train.validation.settings import ValidationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def build_validation(config: DictConfig, data, model, *, images_dir: Path, ckptd
 
     By default validation runs for personalization data (a train dataset with training prompts) on a
     model that samples (``sample_images``); ValueError for bad ``lightning.validation`` settings. The
-    placeholder of given prompts comes from the config (:func:`ldm.run_config.run_placeholder`).
+    placeholder of given prompts comes from the config (:func:`ldm.train.run_config.run_placeholder`).
     """
     node = OmegaConf.to_container(config.get("lightning", {}).get("validation") or OmegaConf.create(), resolve=True)
     enabled = node.get("enabled")

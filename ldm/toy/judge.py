@@ -1,6 +1,6 @@
 """The toy world's judge: a small CNN that reads every ground-truth question off an image.
 
-It is trained on fresh renders of the generator (:mod:`ldm.data.toy_world`), never on diffusion
+It is trained on fresh renders of the generator (:mod:`ldm.toy.world`), never on diffusion
 samples, with blur, noise and colour jitter so that it tolerates what a small autoencoder's decoder
 does to edges and colours. Besides one head per question (shape, colour, pattern, accessory,
 background, size, position) it has a presence head trained on subject-free images, so a sample
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.data.toy_world import (
+from ldm.toy.world import (
     BACKGROUNDS, IDENTITY_FEATURES, QUESTIONS, Scene, Subject, all_subjects, random_pose, render,
 )
 

@@ -16,7 +16,7 @@ Key patterns:
   config lacks (e.g. ``--gamma`` without ``personalization_config``) is ignored, as in the original code.
 
 Run options that are not config keys (``--base``, ``--resume``, ``--seed``, ``--gpus``, ...) stay in
-``main.py``; what a run adds to the config itself (log paths, seeds, learning rate) is in ``ldm.training``.
+``main.py``; what a run adds to the config itself (log paths, seeds, learning rate) is in ``ldm.train.training``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from ldm.lora import check_lora_specs
 from ldm.models.diffusion.compiled_unet import COMPILE_MODES
 from ldm.momentum import (ANCHORS, DEFAULT_GAMMA, DEFAULT_IDENTIFIER, DEFAULT_PLACEHOLDER, check_anchor_weight,
                           check_ema_decay, check_gamma)
-from ldm.trainer_args import PRECISIONS
+from ldm.train.trainer_args import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ FLAGS: tuple[Flag, ...] = (
          ("lora.rank",), type=int, minimum=1, requires=LORA_ONLY),
     Flag("lora_alpha", "LoRA DreamBooth: alpha of the adapters, which scale by alpha / rank (default: the rank)",
          ("lora.alpha",), type=float, requires=LORA_ONLY),
-    # ---- Lightning's Trainer (see ldm.trainer_args)
+    # ---- Lightning's Trainer (see ldm.train.trainer_args)
     Flag("max_steps", "stop after this many steps", ("lightning.trainer.max_steps",), type=int, minimum=-1),
     Flag("max_epochs", "stop after this many epochs", ("lightning.trainer.max_epochs",), type=int, minimum=-1),
     Flag("precision", "training precision (default 32)",
@@ -183,7 +183,7 @@ FLAGS: tuple[Flag, ...] = (
          type=int, minimum=1),
     Flag("num_nodes", "machines in a multi-node DDP run (each sets MASTER_ADDR, MASTER_PORT, NODE_RANK; see "
          "README)", ("lightning.trainer.num_nodes",), type=int, minimum=1),
-    # ---- validation samples at saves (see ldm.validation.settings)
+    # ---- validation samples at saves (see ldm.train.validation.settings)
     Flag("validation_prompts", "validation prompts, one per line ('*' is the placeholder; default: the training "
          "prompt and 3 edits)", ("lightning.validation.prompts_file",), type=str, metavar="FILE"),
     Flag("validation_ddim_steps", "DDIM steps of the validation samples (default 10)",

@@ -7,7 +7,7 @@ from starting noise drawn once from ``seed``: every save starts from the same no
 compare across steps. A grid goes to ``images/validation/step-N.png`` (prompts written to the left
 and in the PNG's text chunks) and to TensorBoard. With ``identity`` on, the samples are scored
 against the training photos (:class:`ldm.evaluation.IdentityScorer`) and the best save is kept
-(:mod:`ldm.validation.best`). With the embedding's moving average on (``ema_decay``), the average is
+(:mod:`ldm.train.validation.best`). With the embedding's moving average on (``ema_decay``), the average is
 sampled and scored too (``step-N_ema.png``, ``val/*_ema``), and it may become the best embedding.
 
 The validation of step N runs when the next batch starts, with the weights of step N: after step N's
@@ -27,13 +27,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from ldm.callbacks import run_sample_settings
+from ldm.train.callbacks import run_sample_settings
 from ldm.evaluation import IdentityScorer, NoReferenceFaceError
 from ldm.png_metadata import PARAMETERS_KEY, parameters_text
 from ldm.sampling_io import save_png, to_pil_images
-from ldm.validation.best import BestEmbedding, IdentityScore
-from ldm.validation.grid import labelled_grid
-from ldm.validation.settings import ValidationSettings
+from ldm.train.validation.best import BestEmbedding, IdentityScore
+from ldm.train.validation.grid import labelled_grid
+from ldm.train.validation.settings import ValidationSettings
 
 logger = logging.getLogger(__name__)
 

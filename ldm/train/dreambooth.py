@@ -11,9 +11,9 @@ identifier, prior preservation, which parts train and the pruned export written 
     export_half: false         # --export_half
     export_ema: false          # keep model_ema.* in the export (needs use_ema)
 
-The flags reach the section through :mod:`ldm.flags`; the identifier reaches the captions through
-:func:`ldm.run_config.settle_placeholder`. A key the section does not know, and other bad input, raise
-``ValueError`` with a one-line message; ``ldm.training`` reports it and exits 2.
+The flags reach the section through :mod:`ldm.train.flags`; the identifier reaches the captions through
+:func:`ldm.train.run_config.settle_placeholder`. A key the section does not know, and other bad input, raise
+``ValueError`` with a one-line message; ``ldm.train.training`` reports it and exits 2.
 """
 from __future__ import annotations
 

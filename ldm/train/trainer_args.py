@@ -4,7 +4,7 @@ Every ``lightning.trainer.*`` key (in a config or a ``lightning.trainer.key=valu
 takes effect or is a one-line error naming the flag to use:
 
 - ``precision``, ``accumulate_grad_batches``, ``num_nodes``, ``max_steps``, ``max_epochs``: the config
-  value, which the flag of the same name overwrites (:mod:`ldm.flags`), so one value reaches the Trainer;
+  value, which the flag of the same name overwrites (:mod:`ldm.train.flags`), so one value reaches the Trainer;
 - ``accelerator``, ``devices``, ``strategy``, ``gpus``: set by ``--gpus`` / ``--accelerator`` / ``--devices``;
 - ``callbacks``, ``logger``, ``default_root_dir``: set by main.py (``lightning.callbacks``, ``--logdir``);
 - any other argument of Lightning's Trainer passes through; a key the Trainer does not have is an error.

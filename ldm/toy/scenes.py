@@ -1,4 +1,4 @@
-"""Datasets and photo folders of the toy world (:mod:`ldm.data.toy_world`).
+"""Datasets and photo folders of the toy world (:mod:`ldm.toy.world`).
 
 ``ToyScenes`` is the pretraining set: a fixed list of random scenes of the non-held-out subjects,
 captioned anew at every draw (a random subset of the scene's words, random TI templates, and empty
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.prompts import IMAGENET_TEMPLATES_SMALL
 from ldm.data.resumable import ItemRandom
-from ldm.data.toy_world import (
+from ldm.toy.world import (
     Scene, Subject, caption, held_out_subject, pretraining_subjects, random_pose, render, BACKGROUNDS,
 )
 

@@ -5,14 +5,14 @@ over the config files, and the config wins over what a loaded file stores (e.g. 
 gamma). What nothing sets is the default of the part that reads it (its signature, or a constant of
 ``ldm.momentum``). A conflict the run cannot honour is a one-line ``ValueError``.
 
-:func:`configure` writes the flags (:func:`ldm.flags.apply_flags`), then runs the owners of the
+:func:`configure` writes the flags (:func:`ldm.train.flags.apply_flags`), then runs the owners of the
 features that write several sections, in this order:
 
 1. :func:`settle_placeholder`: the subject's word (DreamBooth's identifier, else the embedding's first
    placeholder) into each dataset's ``placeholder_token``, where the captions and the validation read it;
 2. :func:`settle_facial_loss`: with ``facial_loss_config``, face crops in each dataset and identity
    scores in the validation;
-3. :func:`ldm.dreambooth.derive_dreambooth`: prior preservation and the text encoder.
+3. :func:`ldm.train.dreambooth.derive_dreambooth`: prior preservation and the text encoder.
 
 An owner fills in only what the config leaves out: it never overwrites a key a config file or the
 command line sets. :func:`check_config` then refuses, before anything is built, a key no part takes,
@@ -27,8 +27,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.dreambooth import SECTION as DREAMBOOTH, derive_dreambooth, identifier_of
-from ldm.flags import DATASET_SPLITS, FACIAL_LOSS, FLAGS, PERSONALIZATION, apply_flags
+from ldm.train.dreambooth import SECTION as DREAMBOOTH, derive_dreambooth, identifier_of
+from ldm.train.flags import DATASET_SPLITS, FACIAL_LOSS, FLAGS, PERSONALIZATION, apply_flags
 from ldm.momentum import DEFAULT_PLACEHOLDER
 
 logger = logging.getLogger(__name__)

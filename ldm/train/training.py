@@ -13,18 +13,18 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoint import CheckpointError, read_checkpoint_meta
 from ldm.cli import one_line
 from ldm.data.images import DataRootError
-from ldm.dreambooth import dreambooth_callbacks, prepare_dreambooth_model
-from ldm.flags import DATASET_SPLITS
+from ldm.train.dreambooth import dreambooth_callbacks, prepare_dreambooth_model
+from ldm.train.flags import DATASET_SPLITS
 from ldm.lora import lora_callbacks, prepare_lora_model
 from ldm.models.diffusion.ddpm import NOTHING_TO_TRAIN
 from ldm.precision import half_dtype
-from ldm.run_config import check_config, configure, error_line
-from ldm.trainer_args import device_kwargs, trainer_kwargs
+from ldm.train.run_config import check_config, configure, error_line
+from ldm.train.trainer_args import device_kwargs, trainer_kwargs
 from ldm.util import instantiate_from_config
-from ldm.validation.setup import build_validation
+from ldm.train.validation.setup import build_validation
 
 if TYPE_CHECKING:
-    from ldm.run_log import RunSummary, SamplingCommand
+    from ldm.train.run_log import RunSummary, SamplingCommand
 
 logger = logging.getLogger(__name__)
 
@@ -145,16 +145,16 @@ def build_trainer(config: DictConfig, paths: RunPaths, trainer_args: dict, valid
 
     ``resume_step``: the step of the checkpoint ``-r`` resumes (TensorBoard hides what was logged
     after it). ``summary``: the end-of-run callback (a plain one by default). ``verbose`` keeps
-    Lightning's own model summary (with its FLOPs column) instead of :class:`ldm.run_log.PartsSummary`.
+    Lightning's own model summary (with its FLOPs column) instead of :class:`ldm.train.run_log.PartsSummary`.
     """
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    from ldm.callbacks import EmbeddingCheckpoint
+    from ldm.train.callbacks import EmbeddingCheckpoint
     from ldm.nonfinite import DEFAULT_EVERY_N_STEPS, NonFiniteLossStop
-    from ldm.run_log import PartsSummary, RunSummary, StepProgressBar
-    from ldm.run_metrics import StepNumbering, tensorboard_resume_kwargs
+    from ldm.train.run_log import PartsSummary, RunSummary, StepProgressBar
+    from ldm.train.run_metrics import StepNumbering, tensorboard_resume_kwargs
 
     lightning = config.get("lightning", OmegaConf.create())
     every = save_every_n_steps(config)
@@ -201,7 +201,7 @@ def sampling_command(config: DictConfig, config_file: Path, data, model, *, outd
     alone (DreamBooth, LoRA, pretraining) or start from no checkpoint."""
     from ldm.data.prompts import DEFAULT_TEMPLATE
     from ldm.inference import latent_downsampling
-    from ldm.run_log import SamplingCommand
+    from ldm.train.run_log import SamplingCommand
 
     ckpt = OmegaConf.select(config, "model.params.ckpt_path")
     train = getattr(data, "datasets", {}).get("train")
@@ -219,8 +219,8 @@ def before_fit(trainer, model, resume_step: int | None) -> None:
     """Say that the frozen parts are in eval mode on purpose; on ``-r``, keep the earlier runs' metrics."""
     from pytorch_lightning.loggers import CSVLogger
 
-    from ldm.run_log import frozen_parts_note
-    from ldm.run_metrics import continue_csv_metrics
+    from ldm.train.run_log import frozen_parts_note
+    from ldm.train.run_metrics import continue_csv_metrics
 
     if trainer.is_global_zero and (note := frozen_parts_note(model)):
         logger.info("%s", note)
@@ -234,7 +234,7 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from ldm.run_log import RunSummary, quiet_libraries, show_everything
+    from ldm.train.run_log import RunSummary, quiet_libraries, show_everything
 
     if opt.verbose:
         show_everything()

@@ -1,4 +1,4 @@
-"""TI vs momentum TI vs DreamBooth in the toy world, judged by :mod:`ldm.toy_judge`.
+"""TI vs momentum TI vs DreamBooth in the toy world, judged by :mod:`ldm.toy.judge`.
 
 Each method is a ``main.py`` run on a held-out subject's photo folder, with the flags a user would
 pass; its samples of a fixed prompt suite are judged for identity (fidelity: the plain prompt shows
@@ -22,13 +22,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ldm.data.toy_world import CLASS_WORD, IDENTITY_FEATURES, Subject
-from ldm.toy_judge import ToyJudge, Verdict, check_question, judge
+from ldm.toy.world import CLASS_WORD, IDENTITY_FEATURES, Subject
+from ldm.toy.judge import ToyJudge, Verdict, check_question, judge
 from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY_MODEL = ROOT / "models" / "toy" / "toy-v1.safetensors"
 TOY_JUDGE = ROOT / "models" / "toy" / "toy-judge.safetensors"
 TOY_ACCURACY = ROOT / "models" / "toy" / "judge_accuracy.json"
@@ -180,12 +180,12 @@ def save_flags(m: Method, steps: Sequence[int]) -> list[str]:
 
 
 def run_main(argv: list[str]) -> Path:
-    """Run ``main.py`` in this process and return the new log dir under ``-l``."""
-    import main as entry
+    """Run ``main.py`` in this process (:func:`ldm.train.cli.main`) and return the new log dir under ``-l``."""
+    from ldm.train.cli import main
 
     root = Path(argv[argv.index("-l") + 1])
     before = set(root.glob("*")) if root.exists() else set()
-    code = entry.main(argv)
+    code = main(argv)
     if code != 0:
         raise RuntimeError(f"main.py {' '.join(argv)} exited with {code}")
     created = sorted(set(root.glob("*")) - before)
@@ -343,7 +343,7 @@ def judge_settings(model, judge_model: ToyJudge, phrase: str, subject: Subject |
 
 def prompt_following(model, judge_model: ToyJudge, samples_per_prompt: int = 8, seed: int = 0) -> dict[str, float]:
     """How often the pretrained model draws the asked background / size / colour for the class word."""
-    from ldm.data.toy_world import BACKGROUNDS, BODY_COLOURS, SIZES
+    from ldm.toy.world import BACKGROUNDS, BODY_COLOURS, SIZES
 
     asks = ([(f"a photo of a {CLASS_WORD} on a {b} background", "background", b) for b in BACKGROUNDS]
             + [(f"a photo of a {s} {CLASS_WORD}", "size", s) for s in SIZES]

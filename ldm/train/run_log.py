@@ -13,7 +13,7 @@
 - :func:`quiet_libraries`: hides Lightning's advert, its warning about the frozen parts' eval mode
   and a deprecation warning from inside Lightning (``main.py --verbose`` leaves them).
 
-Steps are numbered as in :mod:`ldm.run_metrics`: step N is the state after N optimizer steps.
+Steps are numbered as in :mod:`ldm.train.run_metrics`: step N is the state after N optimizer steps.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities.model_summary import get_human_readable_count
 
 if TYPE_CHECKING:
-    from ldm.validation.callback import ValidationSampler
+    from ldm.train.validation.callback import ValidationSampler
 
 logger = logging.getLogger(__name__)
 
