@@ -28,36 +28,32 @@ precision and its trained UNet in float32, ``StableDiffusionPipeline`` everythin
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.precision import precision_autocast, precision_dtype
 from ldm.util import instantiate_from_config, randomize_zero_weights
 from bench import reference
 from bench.anchoring import anchoring_rows
-from bench.flops import count_flops, dense_half_peak_tflops
+from bench.context import CONFIGS, PROMPT, Bench
+from bench.flops import dense_half_peak_tflops
 from bench.lora import lora_rows
 from bench.measure import (
     Measurement,
-    measure,
-    measure_pair,
     peak_memory,
     saved_activation_bytes,
     tensor_bytes,
     timed,
     with_state,
 )
-from bench.ours import OursStep, dreambooth_batch, ti_batch
+from bench.ours import OursStep, dreambooth_batch
 from bench.speed_rows import compiled_rows, sample_rows
 from bench.table import Row, markdown_table, plain_table
 from bench.validation import validation_rows
@@ -65,8 +61,6 @@ from bench.validation import validation_rows
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("benchmark")
 
-CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune.yaml",
-           "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune.yaml"}
 DREAMBOOTH_CONFIGS = {"tiny": ROOT / "configs" / "tiny" / "v1-finetune_unfrozen.yaml",
                       "sd-v1": ROOT / "configs" / "stable-diffusion" / "v1-finetune_unfrozen.yaml"}
 GROUPS = ("unet", "vae", "ddim", "sample", "ti", "ti_parts", "face", "anchoring", "dreambooth", "lora", "face_prep",
@@ -77,8 +71,6 @@ TI_BATCHES = {"cpu": (1, 2), "cuda": (1, 2, 8)}
 DDIM_STEPS = 20
 SAMPLE_STEPS = 50
 GUIDANCE = 7.5
-PROMPT = "a photo of a *"
-FACIAL_LOSS = {"target": "ldm.models.diffusion.face_loss.FacialLoss", "params": {"weight": 1.0}}
 DREAMBOOTH_PROMPT, CLASS_PROMPT = "a photo of a sks woman", "a photo of a woman"
 PRIOR_LOSS_WEIGHT = 1.0
 DREAMBOOTH_WEIGHT_DECAY = 1e-2
@@ -119,95 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for but torch sees no CUDA device; use --device cpu")
     return args
-
-
-class Bench:
-    """Our model (built once from the finetune config) and the diffusers models made from its weights."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.device = torch.device(args.device)
-        config = OmegaConf.load(CONFIGS[args.config])
-        config.model.params.facial_loss_config = FACIAL_LOSS
-        self.config = config
-        self.original_config = OmegaConf.to_container(config, resolve=True)
-        logger.info("building our LatentDiffusion from %s", CONFIGS[args.config])
-        self.ours = instantiate_from_config(config.model).to(self.device).eval()
-        self.weight_dtype = precision_dtype(self.device, args.precision)  # None: float32
-        self.checkpoint  # the float32 weights the diffusers models are made from, read before ours are cast
-        if self.weight_dtype is not None:
-            self.ours.hold_frozen_weights_in_half(self.weight_dtype)
-        ddconfig = config.model.params.first_stage_config.params.ddconfig
-        factor = 2 ** (len(ddconfig.ch_mult) - 1)
-        self.latent_shape = (int(config.model.params.channels), args.size // factor, args.size // factor)
-        self.context_shape = (self.ours.cond_stage_model.max_length,
-                              self.ours.cond_stage_model.text_model.config.hidden_size)
-        self.lr = float(config.model.base_learning_rate)
-
-    @functools.cached_property
-    def checkpoint(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.ours.state_dict().items()}
-
-    @property
-    def half_or_float32(self) -> torch.dtype:
-        return self.weight_dtype or torch.float32
-
-    def placed(self, module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """``module`` on the device, cast to ``dtype`` when one is given (diffusers warns about any cast)."""
-        return module.to(self.device) if dtype is None else module.to(self.device, dtype)
-
-    @functools.cached_property
-    def unet(self):
-        """diffusers' UNet in the recipes' weight dtype (half under mixed precision)."""
-        return self.placed(reference.unet(self.original_config, self.checkpoint), self.weight_dtype)
-
-    @functools.cached_property
-    def vae(self):
-        return self.placed(reference.vae(self.original_config, self.checkpoint), self.weight_dtype)
-
-    @functools.cached_property
-    def text_model(self):
-        """The text encoder in float32: the TI recipe trains its token table."""
-        return reference.text_encoder(self.ours.cond_stage_model.text_model.config, self.checkpoint).to(self.device)
-
-    def randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device=self.device)
-
-    def under_precision(self, fn: Callable[[], Any]) -> Callable[[], Any]:
-        """``fn`` run under the chosen precision (autocast for bf16/fp16)."""
-        def run():
-            with precision_autocast(self.device, self.args.precision):
-                return fn()
-        return run
-
-    def pair(self, ours: Callable[[], Any], ref: Callable[[], Any]) -> tuple[Measurement, Measurement]:
-        """Measure both callables under the chosen precision, alternating."""
-        return measure_pair(self.under_precision(ours), self.under_precision(ref), self.device, self.args.repeats)
-
-    def measure(self, fn: Callable[[], Any]) -> Measurement:
-        """Measure one callable under the chosen precision."""
-        return measure(self.under_precision(fn), self.device, self.args.repeats)
-
-    def flops(self, fn: Callable[[], Any]) -> int:
-        """FLOPs of one call under the chosen precision."""
-        return count_flops(self.under_precision(fn))
-
-    @property
-    def latent_numel(self) -> int:
-        return self.latent_shape[0] * self.latent_shape[1] * self.latent_shape[2]
-
-    def ti_step(self, n: int, face: bool = False) -> OursStep:
-        """Our TI step at batch ``n`` (on the shared model)."""
-        self.ours.learning_rate = self.lr
-        return OursStep(self.ours, ti_batch(n, self.args.size, PROMPT, face), self.latent_numel)
-
-    def reference_ti_step(self, ours: OursStep, unet=None) -> reference.TextualInversionStep:
-        """diffusers' TI recipe on the images of ``ours`` (``unet``: e.g. a compiled one; default ``self.unet``)."""
-        pixels = ours.batch["image"].permute(0, 3, 1, 2).contiguous()  # [B, 3, H, W]
-        ids = self.ours.cond_stage_model.tokenize(ours.batch["caption"])
-        return reference.TextualInversionStep(self.unet if unet is None else unet, self.vae, self.text_model, ids,
-                                              self.ours.embedding_manager.token_ids[0], pixels,
-                                              self.ours.scale_factor, lr=self.lr, weight_dtype=self.half_or_float32)
 
 
 # --- inference rows --------------------------------------------------------------------------------
@@ -373,7 +276,7 @@ def dreambooth_rows(b: Bench) -> list[Row]:
     original_config = OmegaConf.to_container(config, resolve=True)
     checkpoint = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # train_dreambooth.py holds the frozen VAE and text encoder in the mixed-precision dtype; ours keeps
-    # them in float32 for its export (ldm.training.hold_frozen_weights_in_half)
+    # them in float32 for its export (ldm.train.training.hold_frozen_weights_in_half)
     frozen_dtype = b.weight_dtype
     text_model = b.placed(reference.text_encoder(model.cond_stage_model.text_model.config, checkpoint), frozen_dtype)
     images = torch.cat([ours.batch["image"], ours.batch["class_image"]])  # [2, H, W, 3]: subject, class

@@ -25,7 +25,7 @@ from .measure import measure_pair, tensor_bytes, timed, with_state
 from .table import Row
 
 if TYPE_CHECKING:
-    from scripts.benchmark import Bench
+    from .context import Bench
 
 GUIDANCE = 7.5
 PROMPT = "a photo of a * woman"

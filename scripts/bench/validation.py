@@ -30,7 +30,7 @@ IDENTITY_SIDE = 512  # the samples of an SD v1 run
 STEPS_PER_TIMING = 10  # TI steps per timed call (scaled to the save interval)
 
 if TYPE_CHECKING:
-    from scripts.benchmark import Bench
+    from .context import Bench
 
 
 def with_cpu_time(fn, record: list[float]):
