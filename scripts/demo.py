@@ -6,7 +6,8 @@ on procedurally drawn "toys", and a judge that reads identity and attributes off
 1. Writes the photo folder of a held-out subject (one the model never saw) to inputs/toy/subject-N/.
 2. Runs the original code's recipe with main.py: DreamBooth on the photos (identifier ``sks``), then
    a momentum embedding (gamma 0.1, class word, descriptive words) anchored on ``sks``.
-3. Samples the subject in new contexts with scripts/stable_txt2img.py into outputs/toy-demo/.
+3. Samples the subject in new contexts as the toy benchmark does (ldm/toy/benchmark.py: its prompt
+   suite, sampler settings and fixed noise) and writes the samples into outputs/toy-demo/.
 4. Judges the samples and prints, per prompt, how many show the subject and the asked attribute,
    next to the init word alone on the pretrained model.
 
@@ -29,31 +30,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def sample_prompt(prompt: str, outdir: Path, ckpt: Path, embedding: Path | None, samples: int) -> Path:
-    """Samples of one prompt with stable_txt2img.py; returns their folder."""
-    import stable_txt2img  # scripts/stable_txt2img.py, next to this script
-    from ldm.toy.benchmark import INFERENCE_CONFIG, SAMPLER
+def save_samples(images, folder: Path, prompt: str) -> None:
+    """Numbered PNGs of ``images`` [N, 3, H, W] in [-1, 1] in ``folder``, after the ones already there."""
+    from ldm.sampling_io import next_free_index, save_png, to_pil_images
 
-    argv = ["--config", str(INFERENCE_CONFIG), "--ckpt", str(ckpt), "--prompt", prompt, "--H", "64", "--W", "64",
-            "--f", "4", "--ddim_steps", str(SAMPLER["ddim_steps"]), "--scale", str(SAMPLER["scale"]),
-            "--n_samples", str(samples), "--n_iter", "1", "--seed", "0", "--precision", "full", "--device", "cpu",
-            "--negative_prompt", "", "--outdir", str(outdir)]
-    if embedding is not None:
-        argv += ["--embedding_path", str(embedding)]
-    if stable_txt2img.main(argv) != 0:
-        raise RuntimeError(f"stable_txt2img.py failed for '{prompt}'")
-    return outdir / "samples"
-
-
-def judge_folder(folder: Path, judge_model):
-    """Verdicts for the newest PNGs of a samples folder."""
-    import numpy as np
-    from PIL import Image
-
-    from ldm.toy.judge import judge, to_tensor
-
-    files = sorted(folder.glob("*.png"))
-    return judge(judge_model, to_tensor([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    start = next_free_index(folder)
+    for offset, image in enumerate(to_pil_images(images)):
+        save_png(folder / f"{start + offset:05d}.png", image, {"parameters": prompt})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from ldm.toy.scenes import write_photo_folder
-    from ldm.toy.benchmark import TOY_JUDGE, TOY_MODEL, method, prompt_suite, require_toy_models, score_suite, train
+    from ldm.toy.benchmark import (
+        TOY_JUDGE,
+        TOY_MODEL,
+        evaluate,
+        load_toy_model,
+        method,
+        prompt_suite,
+        require_toy_models,
+        train,
+    )
     from ldm.toy.judge import load_judge
+    from ldm.toy.scenes import write_photo_folder
 
     try:
         require_toy_models()
@@ -89,12 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = (("init word", "toy", TOY_MODEL, None),
             ("DreamBooth + momentum TI", recipe.phrase, dreambooth_model, embedding))
     for label, phrase, ckpt, emb in runs:
-        suite = prompt_suite(phrase)
-        verdicts = []
-        for prompt, _, _ in suite:
-            folder = sample_prompt(prompt, args.outdir / slug(label) / slug(prompt), ckpt, emb, args.samples)
-            verdicts += judge_folder(folder, judge_model)[-args.samples:]
-        score = score_suite(verdicts, suite, args.samples, subject)
+        score, images = evaluate(load_toy_model(ckpt), judge_model, phrase, subject,
+                                 samples_per_prompt=args.samples, seed=0, embedding=emb)
+        for (prompt, _, _), chunk in zip(prompt_suite(phrase), images.split(args.samples)):
+            save_samples(chunk, args.outdir / slug(label) / slug(prompt), prompt)
         report["prompts"][label] = score.per_prompt
         logger.info("%s: fidelity %.2f, editability %.2f", label, score.fidelity, score.editability)
         for prompt, value in score.per_prompt.items():
