@@ -1,7 +1,9 @@
 """ldm imports downwards only and without cycles: the layers of ``ldm.LAYERS`` (see ldm/__init__.py).
 
 Every module's source is parsed with ``ast`` (nothing is imported), imports inside functions and under
-``if TYPE_CHECKING`` included. ``from ldm.pkg import name`` is an import of the submodule ``ldm.pkg.name``
+``if TYPE_CHECKING`` included. ldm imports neither ``main`` nor a script, and no script imports another
+(the benchmark's own helper package aside, which never imports the benchmark script back). Config
+targets that name a module since moved still resolve (``ldm.util.resolve_target``). ``from ldm.pkg import name`` is an import of the submodule ``ldm.pkg.name``
 when there is one, else of the package ``ldm.pkg`` (its ``__init__``, whose own imports count as the
 package's). Cycles are between modules, within a layer or not.
 """
@@ -11,10 +13,14 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from ldm import LAYERS
+from ldm.util import MODULE_ALIASES, TARGET_ALIASES, get_obj_from_str, instantiate_from_config, resolve_target
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "ldm"
+SCRIPTS = ROOT / "scripts"
 APP = next(index for index, (_, members) in enumerate(LAYERS) if not members)  # the layer of unnamed modules
 
 
@@ -175,6 +181,115 @@ def test_layers_name_existing_modules() -> None:
     modules = read_package()
     missing = [name for _, members in LAYERS for name in members if name not in modules]
     assert not missing, f"ldm.LAYERS names modules that do not exist: {missing}"
+
+
+def test_toy_datasets_need_nothing_above_the_data_layer() -> None:
+    """A config naming a toy dataset (ldm.toy.scenes) loads the data layer and the toy world, not the app tier."""
+    imports = find_imports(read_package())
+    reached, todo = set(), ["ldm.toy.scenes"]
+    while todo:
+        module = todo.pop()
+        for imp in imports:
+            if imp.source == module and imp.target not in reached:
+                reached.add(imp.target)
+                todo.append(imp.target)
+    data = next(index for index, (name, _) in enumerate(LAYERS) if name == "data")
+    above = sorted(m for m in reached if layer_of(m) > data and m not in {"ldm.toy", "ldm.toy.world"})
+    assert not above, f"ldm.toy.scenes imports, directly or through others, modules above the data layer: {above}"
+
+
+# ------------------------------------------------------------------------------------ main.py and scripts
+
+
+def script_names() -> set[str]:
+    """The names the scripts import each other by (their folder is first on the import path): each
+    scripts/*.py and each package in scripts/."""
+    return ({path.stem for path in SCRIPTS.glob("*.py")}
+            | {path.parent.name for path in SCRIPTS.glob("*/__init__.py")})
+
+
+def absolute_imports(file: str, source: str) -> list[tuple[str, str]]:
+    """(top-level name, where) of each absolute import in ``source``, and of each
+    ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=file)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                   or (isinstance(node.func, ast.Name) and node.func.id == "__import__"))):
+            names = [node.args[0].value]
+        found += [(name.partition(".")[0], f"{file}:{node.lineno}") for name in names]
+    return found
+
+
+def test_ldm_imports_neither_main_nor_scripts() -> None:
+    forbidden = {"main", "scripts"} | script_names()
+    found = [f"{where}: imports '{name}'" for file, source in read_package().values()
+             for name, where in absolute_imports(file, source) if name in forbidden]
+    assert not found, "ldm imports main.py or a script (move what they share into ldm):\n" + "\n".join(found)
+
+
+# A script may import its own helper package; the package never imports the script back.
+HELPER_PACKAGES = {"benchmark": "bench"}
+
+
+def test_no_script_imports_another_script() -> None:
+    names = script_names()
+    found = []
+    for path in sorted(SCRIPTS.rglob("*.py")):
+        file = str(path.relative_to(ROOT))
+        owner = path.stem if path.parent == SCRIPTS else path.relative_to(SCRIPTS).parts[0]
+        allowed = {owner, HELPER_PACKAGES.get(owner)}
+        for name, where in absolute_imports(file, path.read_text(encoding="utf-8")):
+            if name == "scripts" or (name in names and name not in allowed):
+                found.append(f"{where}: imports '{name}'")
+    assert not found, "a script imports another script (move what they share into ldm):\n" + "\n".join(found)
+
+
+def test_checker_finds_script_imports() -> None:
+    source = ("import stable_txt2img\nfrom scripts.benchmark import Bench\nimport importlib\n"
+              "def f():\n    return importlib.import_module('main.sub')\nfrom . import sibling\n")
+    assert [name for name, _ in absolute_imports("x.py", source)] == ["stable_txt2img", "scripts", "importlib",
+                                                                        "main"]
+
+
+# -------------------------------------------------------------------------------------- old config targets
+
+MOVED_TARGETS = {
+    "main.ImageLogger": "ldm.train.callbacks.ImageLogger",
+    "ldm.callbacks.ImageLogger": "ldm.train.callbacks.ImageLogger",
+    "ldm.callbacks.EmbeddingCheckpoint": "ldm.train.callbacks.EmbeddingCheckpoint",
+    "ldm.run_log.RunSummary": "ldm.train.run_log.RunSummary",
+    "ldm.run_metrics.StepNumbering": "ldm.train.run_metrics.StepNumbering",
+    "ldm.validation.callback.ValidationSampler": "ldm.train.validation.callback.ValidationSampler",
+    "ldm.data.toy.ToyScenes": "ldm.toy.scenes.ToyScenes",
+    "ldm.toy_benchmark.BenchmarkProbe": "ldm.toy.benchmark.BenchmarkProbe",
+}
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_TARGETS))
+def test_old_config_target_resolves_to_the_moved_class(old: str) -> None:
+    assert resolve_target(old) == MOVED_TARGETS[old]
+    assert get_obj_from_str(old) is get_obj_from_str(MOVED_TARGETS[old])
+
+
+def test_old_toy_dataset_target_builds_the_dataset() -> None:
+    scenes = instantiate_from_config({"target": "ldm.data.toy.ToyScenes", "params": {"size": 32, "num_scenes": 2}})
+    assert type(scenes).__module__ == "ldm.toy.scenes" and len(scenes) == 2
+
+
+def test_aliases_point_from_gone_modules_to_existing_ones() -> None:
+    modules = read_package()
+    shadowed = [old for old in MODULE_ALIASES if old in modules]
+    assert not shadowed, f"MODULE_ALIASES names modules that still exist (the alias would hide them): {shadowed}"
+    missing = [new for new in MODULE_ALIASES.values() if new not in modules]
+    missing += [new for new in TARGET_ALIASES.values() if new.rpartition(".")[0] not in modules]
+    assert not missing, f"aliases point to modules that do not exist: {missing}"
 
 
 # ------------------------------------------------------------------------------------------ the checker
