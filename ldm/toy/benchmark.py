@@ -5,7 +5,7 @@ pass; its samples of a fixed prompt suite are judged for identity (fidelity: the
 the subject) and for identity plus the asked attribute (editability: edit prompts). A run is scored
 after each of several saves and, for embeddings, at several inference strengths (:class:`Protocol`);
 its result is stored so that a restarted benchmark reuses it (:func:`load_record`). The frontiers of
-those points are in :mod:`ldm.frontier`; ``docs/toy_benchmark.md`` describes the protocol and results.
+those points are in :mod:`ldm.toy.frontier`; ``docs/toy_benchmark.md`` describes the protocol and results.
 """
 from __future__ import annotations
 
