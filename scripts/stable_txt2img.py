@@ -117,20 +117,16 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--scale must be > 0 (1 = no guidance, e.g. 7.5), got {args.scale}")
     if args.plms and args.ddim_eta != 0:
         raise UsageError(f"--plms is deterministic and needs --ddim_eta 0, got {args.ddim_eta}; drop --plms for eta > 0")
-    if args.gamma is not None:
+    for flag, value, check, what in (("--gamma", args.gamma, check_gamma, "re-mixes"),
+                                     ("--strength", args.strength, check_strength, "scales")):
+        if value is None:
+            continue
         if args.embedding_path is None:
-            raise UsageError("--gamma re-mixes an embedding: pass --embedding_path too")
+            raise UsageError(f"{flag} {what} an embedding: pass --embedding_path too")
         try:
-            check_gamma(args.gamma)
+            check(value)
         except ValueError as err:
-            raise UsageError(f"--gamma: {err}") from None
-    if args.strength is not None:
-        if args.embedding_path is None:
-            raise UsageError("--strength scales an embedding: pass --embedding_path too")
-        try:
-            check_strength(args.strength)
-        except ValueError as err:
-            raise UsageError(f"--strength: {err}") from None
+            raise UsageError(f"{flag}: {err}") from None
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
