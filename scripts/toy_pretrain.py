@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build(args: argparse.Namespace) -> None:
+    if args.chunk < 1 or args.continue_steps < 0:
+        raise ValueError(f"--chunk must be at least 1 and --continue-steps at least 0, got {args.chunk} and "
+                         f"{args.continue_steps}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for stage in args.stages:

@@ -5,7 +5,7 @@ import random
 
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, load_script
 from omegaconf import OmegaConf
 
 from ldm.toy.scenes import PHOTO_BACKGROUNDS, PHOTO_RESOLUTION, ToyScenes, write_photo_folder
@@ -163,3 +163,11 @@ def test_a_missing_toy_model_names_the_command_that_builds_it(tmp_path, monkeypa
     monkeypatch.setattr(toy, "TOY_MODEL", toy.ROOT / "models/toy/missing.safetensors")
     with pytest.raises(FileNotFoundError, match="python scripts/toy_pretrain.py"):
         toy.require_toy_models()
+
+
+@pytest.mark.parametrize("argv", [["--chunk", "0"], ["--continue-steps", "-1"]])
+def test_the_continue_stage_refuses_bad_step_counts_in_one_line(argv, tmp_path, caplog):
+    code = load_script("toy_pretrain").main(["--stages", "continue", "--out", str(tmp_path), *argv])
+    assert code == 2
+    assert "--chunk must be at least 1 and --continue-steps at least 0" in caplog.text
+    assert not list(tmp_path.iterdir()), "nothing is written before the arguments are checked"
