@@ -80,11 +80,11 @@ def test_training_loss_adds_the_weighted_term_and_logs_the_norms(tiny_model) -> 
         z, captions = torch.randn(1, 4, 8, 8), ["a photo of a *"]
         torch.manual_seed(1)
         loss, logged = tiny_model(z, captions)
-        tiny_model.embedding_terms = []
+        tiny_model.personalization.loss_terms = []
         torch.manual_seed(1)
         plain, _ = tiny_model(z, captions)
     finally:
-        tiny_model.embedding_manager, tiny_model.embedding_terms = original, []
+        tiny_model.embedding_manager, tiny_model.personalization.loss_terms = original, []
     assert loss.item() == pytest.approx(plain.item() + 0.5 * logged["train/loss_anchor"].item(), rel=1e-6)
     assert {"train/norm_e", "train/norm_e_minus_e_p"} <= set(logged)
 

@@ -2,8 +2,9 @@
 
 The model names none of its maths: the diffusion process (schedule buffers, ``q_sample``, per-sample
 losses) is :class:`GaussianDiffusion`, the loss is the sum of a list of terms (:mod:`loss_terms`: the
-image, and the face crops, class images and embedding penalties a config adds), the latent cache is
-:mod:`latent_cache`, the samplers are :mod:`ddim`/:mod:`plms`, the conditioning routing is :mod:`wrapper`.
+image, and the face crops, class images and embedding penalties a config adds), the embedding manager's
+training rules are :class:`Personalization`, the latent cache is :mod:`latent_cache`, the samplers are
+:mod:`ddim`/:mod:`plms`, the conditioning routing is :mod:`wrapper`.
 This class builds the parts from a config and runs the steps.
 """
 from __future__ import annotations
@@ -19,11 +20,11 @@ from torch import nn
 from ldm import precision
 from ldm.compat import drop_ignored_keys
 from ldm.lr_scheduler import lightning_optimizers
-from ldm.models.diffusion.anchor_loss import AnchorLoss, EmbeddingRegulariser
 from ldm.models.diffusion.compiled_unet import compile_mode
 from ldm.models.diffusion.gaussian_diffusion import GaussianDiffusion, keep_state_at_top_level
 from ldm.models.diffusion.latent_cache import LatentCache, batch_cache_keys
 from ldm.models.diffusion.loss_terms import ImageLoss, LossTerm, Step, batch_images, sum_terms
+from ldm.models.diffusion.personalization import Personalization
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -124,11 +125,8 @@ class LatentDiffusion(pl.LightningModule):
         # the loss is the sum of these terms (ldm.models.diffusion.loss_terms): the image, then the config's
         self.loss_terms: list[LossTerm] = [ImageLoss(), *(instantiate_from_config(c) for c in
                                                           (facial_loss_config, prior_loss_config) if c is not None)]
-        self.embedding_terms: list[LossTerm] = []  # the embedding's penalties, set by _personalize
+        self.personalization = Personalization(embedding_reg_weight, unfreeze_model, model_lr)
         self.embedding_manager = None
-        self.embedding_reg_weight = embedding_reg_weight
-        self.unfreeze_model = unfreeze_model
-        self.model_lr = model_lr
         if personalization_config is not None:
             self._personalize(personalization_config)
         self.restarted_from_ckpt = False
@@ -270,31 +268,22 @@ class LatentDiffusion(pl.LightningModule):
         return model if self.cond_stage_trainable else self._frozen(model)
 
     def _personalize(self, config: Mapping[str, Any]) -> None:
-        self.embedding_manager = instantiate_from_config(config, embedder=self.cond_stage_model)
-        if not self.unfreeze_model:
-            self._frozen(self.model)
-            self._frozen(self.cond_stage_model)
-        # Only the embedding (and, when unfrozen, the UNet) is saved in training checkpoints.
-        self.strict_loading = False
-        for param in self.embedding_manager.embedding_parameters():
-            param.requires_grad = True
-        manager, weight = self.embedding_manager, self.embedding_manager.anchor_weight
-        self.embedding_terms = ([EmbeddingRegulariser(self.embedding_reg_weight, manager)]
-                                if self.embedding_reg_weight > 0 else [])
-        self.embedding_terms += [AnchorLoss(weight, manager)] if weight > 0 else []
+        for part in self.personalization.frozen_parts(self.model, self.cond_stage_model):
+            self._frozen(part)
+        self.embedding_manager = self.personalization.build_manager(config, self.cond_stage_model)
+        self.strict_loading = False  # training checkpoints may keep only the embedding (see on_save_checkpoint)
 
     def weights_not_in_checkpoints(self) -> tuple[str, ...]:
         """State-dict prefixes a base checkpoint may lack (a new embedding, or EMA weights)."""
         ema = ("model_ema.",) if self.use_ema else ()
-        return ema + (("embedding_manager.",) if self.embedding_manager is not None else ())
+        return ema + self.personalization.prefixes_not_in_checkpoints(self.embedding_manager)
 
     def frozen_weight_modules(self) -> dict[str, nn.Module | None]:
         return {"UNet": self.model, "VAE": self.first_stage_model, "text encoder": self.cond_stage_model}
 
     def on_weights_loaded(self) -> None:
         """Re-read e_p and the init words from the freshly loaded text encoder."""
-        if self.embedding_manager is not None:
-            self.embedding_manager.initialize_from_embedder()
+        self.personalization.on_weights_loaded(self.embedding_manager)
 
     def train(self, mode: bool = True):
         """Switch modes, keeping frozen parts in eval mode (the original patched ``train``)."""
@@ -379,31 +368,25 @@ class LatentDiffusion(pl.LightningModule):
         rows (face crops, class images) come from ``batch`` (none without one). ``(loss, loss_dict)``."""
         prefix = "train" if self.training else "val"
         step = Step(latents=x, prompts=list(c), batch=batch, encode=self.encode_to_latents, device=self.device)
-        loss, loss_dict = sum_terms([*self.loss_terms, *self.embedding_terms], step, self.diffusion,
+        loss, loss_dict = sum_terms([*self.loss_terms, *self.personalization.loss_terms], step, self.diffusion,
                                     self.apply_model, self.get_learned_conditioning, prefix, noise)
-        if self.embedding_manager is not None:  # the drift CrossInit describes: ||e|| and ||e - e_p||
-            loss_dict.update({f"{prefix}/{k}": v for k, v in self.embedding_manager.norm_metrics().items()})
+        loss_dict.update(self.personalization.metrics(self.embedding_manager, prefix))
         return loss, loss_dict
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups: the embedding (and the unfrozen UNet), else what requires grad."""
-        if self.embedding_manager is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            params += [self.diffusion.logvar] if self.diffusion.learn_logvar else []
-            if self.cond_stage_trainable:
-                params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-            return [{"params": params, "lr": self.learning_rate}]
-        groups = [{"params": list(self.embedding_manager.embedding_parameters()), "lr": self.learning_rate}]
-        if self.unfreeze_model:
-            model_params = [p for p in self.model.parameters() if p.requires_grad]
-            groups.append({"params": model_params, "lr": self.model_lr})
-        return groups
+        if self.embedding_manager is not None:
+            return self.personalization.parameter_groups(self.embedding_manager, self.model, self.learning_rate)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        params += [self.diffusion.logvar] if self.diffusion.learn_logvar else []
+        if self.cond_stage_trainable:
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": self.learning_rate}]
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """Lightning's step, then the embedding's norm bound and moving average (after every update of v)."""
         super().optimizer_step(*args, **kwargs)
-        if self.embedding_manager is not None:
-            self.embedding_manager.after_optimizer_step()
+        self.personalization.after_optimizer_step(self.embedding_manager)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt:
@@ -413,10 +396,8 @@ class LatentDiffusion(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Textual inversion keeps only trainable weights in training checkpoints (no 4 GB copies)."""
-        if self.embedding_manager is None or self.unfreeze_model:
-            return
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if k.startswith("embedding_manager.")}
+        checkpoint["state_dict"] = self.personalization.checkpoint_state(self.embedding_manager,
+                                                                         checkpoint["state_dict"])
 
     # --- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
