@@ -33,13 +33,14 @@ from ldm.toy.benchmark import run_main
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("toy_pretrain")
 
-STAGES = ("autoencoder", "diffusion", "judge", "continue")
+STAGES = ("autoencoder", "diffusion", "judge", "grow", "continue")
 TOY_DIR = ROOT / "models" / "toy"
 AUTOENCODER_FILE = "toy-autoencoder.safetensors"
 MODEL_FILE = "toy-v1.safetensors"
 JUDGE_FILE = "toy-judge.safetensors"
 ACCURACY_FILE = "judge_accuracy.json"
 CURVE_FILE = "description_curve.json"
+GROWN_FILE = "toy-v1-grown.safetensors"
 PROBE_SUBJECTS = 8  # per group (held-out, seen) in the full-description probe
 SEED = 23
 
@@ -93,23 +94,59 @@ def train_judge_stage(out: Path) -> Path:
     return path
 
 
-def probe(ckpt: Path, out: Path) -> dict:
+def grow_checkpoint(source: Path, target: Path, overlay: Path) -> Path:
+    """``source``'s weights in the larger model of ``v1-inference.yaml`` + ``overlay``.
+
+    Blocks the source lacks keep their initialisation; a spatial transformer's output projection starts
+    at zero, so the grown model draws exactly what ``source`` draws until training moves them.
+    """
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import read_state_dict, save_checkpoint
+    from ldm.checkpoint.weights import is_ignorable_extra
+    from ldm.util import instantiate_from_config
+
+    config = OmegaConf.merge(OmegaConf.load(ROOT / "configs/toy/v1-inference.yaml"), OmegaConf.load(overlay))
+    torch.manual_seed(SEED)
+    model = instantiate_from_config(config.model)
+    grown = model.state_dict()
+    old = {k: v for k, v in read_state_dict(source).items() if not is_ignorable_extra(k)}
+    unknown = sorted(set(old) - set(grown))
+    if unknown:
+        raise RuntimeError(f"{source} holds {unknown[0]}, which {overlay} does not have: it must only add blocks")
+    mismatched = [k for k in old if old[k].shape != grown[k].shape]
+    if mismatched:
+        raise RuntimeError(f"{mismatched[0]} changes shape in {overlay}: it must only add blocks")
+    added = sorted(set(grown) - set(old))
+    logger.info("Grew %s by %d tensors (%s ...)", source.name, len(added), ", ".join(added[:2]))
+    state = {k: (old[k] if k in old else v).float() for k, v in grown.items() if not k.startswith("model_ema.")}
+    return save_checkpoint(target, state)
+
+
+def probe(ckpt: Path, out: Path, config: Path) -> dict:
     """Full-description fidelity and per-feature accuracy of ``ckpt`` on held-out and seen subjects."""
+    from ldm.inference import load_model
     from ldm.toy.world import held_out_pool, pretraining_subjects
-    from ldm.toy.benchmark import description_probe, load_toy_model
+    from ldm.toy.benchmark import description_probe
     from ldm.toy.judge import load_judge
 
-    model, judge_model = load_toy_model(ckpt), load_judge(out / JUDGE_FILE)
+    model, judge_model = load_model(config, ckpt, device="cpu"), load_judge(out / JUDGE_FILE)
     groups = {"held_out": held_out_pool()[:PROBE_SUBJECTS], "seen": pretraining_subjects()[:PROBE_SUBJECTS]}
     return {name: description_probe(model, judge_model, subjects) for name, subjects in groups.items()}
 
 
-def continue_diffusion(workdir: Path, out: Path, steps: int, chunk: int) -> Path:
-    """More pretraining of ``out/toy-v1.safetensors`` with full captions, in resumable chunks.
+def continue_diffusion(workdir: Path, out: Path, steps: int, chunk: int, start: Path, overlays: Sequence[Path] = (),
+                       overrides: Sequence[str] = ()) -> Path:
+    """More pretraining of ``start`` with full captions, in resumable chunks.
+
+    ``overlays`` are configs merged over ``v1-inference.yaml`` (the architecture), ``overrides`` are
+    main.py ``key=value`` settings of the runs.
 
     Each chunk starts from the previous chunk's export (EMA weights; a fresh optimizer) and is probed;
     the curve goes to ``out/description_curve.json``. Finished chunks are reused when run again.
     """
+    from omegaconf import OmegaConf
+
     from ldm.export import export_checkpoint
     from ldm.util import atomic_write
 
@@ -117,19 +154,22 @@ def continue_diffusion(workdir: Path, out: Path, steps: int, chunk: int) -> Path
     chunk_dir.mkdir(parents=True, exist_ok=True)
     curve_path = out / CURVE_FILE
     curve = json.loads(curve_path.read_text()) if curve_path.is_file() else {}
-    previous = out / MODEL_FILE
+    model_config = chunk_dir / "inference.yaml"
+    merged = OmegaConf.merge(*(OmegaConf.load(p) for p in (ROOT / "configs/toy/v1-inference.yaml", *overlays)))
+    atomic_write(model_config, lambda tmp: OmegaConf.save(merged, tmp))
+    previous = start
     for done in range(0, steps + 1, chunk):
         ckpt = previous if done == 0 else chunk_dir / f"toy-v1-continued-{done}.safetensors"
         if not ckpt.is_file():
-            configs = [str(ROOT / f"configs/toy/{name}.yaml") for name in ("v1-inference", "pretrain", "pretrain_continue")]
+            configs = [str(model_config), *(str(ROOT / f"configs/toy/{name}.yaml") for name in ("pretrain", "pretrain_continue"))]
             logdir = run_main(["--base", *configs, "-t", "-n", f"toy-continue-{done}", "--accelerator", "cpu",
                                "-l", str(workdir), "-s", str(SEED + done), "--actual_resume", str(previous),
-                               "--max_steps", str(chunk), "lightning.trainer.enable_progress_bar=false"])
+                               "--max_steps", str(chunk), "lightning.trainer.enable_progress_bar=false", *overrides])
             export_checkpoint(logdir / "checkpoints" / "last.ckpt", ckpt, half=True, ema_weights=True,
                               trust_pickle=True)
         if str(done) not in curve:
             start = time.perf_counter()
-            curve[str(done)] = probe(ckpt, out)
+            curve[str(done)] = probe(ckpt, out, model_config)
             logger.info("After %d more steps: %s (probe %.0f s)", done, curve[str(done)], time.perf_counter() - start)
             text = json.dumps(curve, indent=1) + "\n"
             atomic_write(curve_path, lambda tmp: tmp.write_text(text))
@@ -156,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue-steps", type=int, default=3000,
                    help="stage continue: extra pretraining steps with full captions (default 3000)")
     p.add_argument("--chunk", type=int, default=500, help="stage continue: steps per resumable chunk (default 500)")
+    p.add_argument("--overlay", type=Path, action="append", default=[],
+                   help="stages grow and continue: a config merged over v1-inference.yaml (the larger model)")
+    p.add_argument("--start", type=Path, help="stage continue: the checkpoint to continue (default: --out's model, "
+                   "or the grown one after --stages grow)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="stage continue: a main.py setting of every chunk (e.g. a learning-rate factor)")
     return p
 
 
@@ -175,8 +221,13 @@ def build(args: argparse.Namespace) -> None:
             train_diffusion(args.workdir, args.out)
         elif stage == "judge":
             train_judge_stage(args.out)
+        elif stage == "grow":
+            if not args.overlay:
+                raise ValueError("--stages grow needs --overlay CONFIG: the architecture to grow into")
+            args.start = grow_checkpoint(args.out / MODEL_FILE, args.workdir / GROWN_FILE, args.overlay[-1])
         else:
-            continue_diffusion(args.workdir, args.out, args.continue_steps, args.chunk)
+            continue_diffusion(args.workdir, args.out, args.continue_steps, args.chunk, args.start or args.out / MODEL_FILE,
+                               args.overlay, args.overrides)
         logger.info("Stage %s took %.1f min", stage, (time.perf_counter() - start) / 60)
     write_checksums(args.out)
 
