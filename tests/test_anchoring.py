@@ -1,7 +1,9 @@
 """The anchoring options of issue 19: the pull toward the anchor, the norm bound, the class-mean start
-(init_words) and the moving average of the embedding, each checked against a hand computation."""
+(init_words) and Cross Initialization's start from the text encoder's output (init_from_encoder), and the
+moving average of the embedding, each checked against a hand computation."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from types import SimpleNamespace
@@ -154,6 +156,88 @@ def test_shipped_lists_are_known_words_and_the_toys_are_its_feature_words(tiny_m
     features, _ = read_word_list(str(INIT_WORDS / "toy_features.txt"))
     expected = {*toy_world.SHAPES, *toy_world.BODY_COLOURS, *toy_world.PATTERNS, *toy_world.ACCESSORIES} - {"none"}
     assert sorted(features) == sorted(expected)
+
+
+def text_model_output_with_row(embedder, placeholder: str, row: torch.Tensor) -> torch.Tensor:
+    """transformers' CLIP text model on the prompt ``placeholder`` with the placeholder's table row set to ``row``:
+    the last hidden state (after the final layer norm) at the placeholder, [D] (a reference not using our encoder)."""
+    text_model = copy.deepcopy(embedder.text_model)
+    token_id = embedder.tokenizer.encode(placeholder)[0]
+    with torch.no_grad():
+        text_model.embeddings.token_embedding.weight[token_id] = row
+    tokens = embedder.tokenize(placeholder)  # [1, L]
+    pos = int((tokens[0] == token_id).nonzero()[0])
+    with torch.no_grad():
+        return text_model(input_ids=tokens).last_hidden_state[0, pos]
+
+
+@pytest.mark.parametrize("start_from", ["init_word", "init_words"])
+def test_init_from_encoder_start_is_the_encoders_output_at_the_placeholder(tiny_model, start_from: str) -> None:
+    embedder = tiny_model.cond_stage_model
+    tokenizer, table = embedder.tokenizer, embedder.token_embedding.weight.detach()
+    words = ["anna", "elizabeth", "bartholomew"]
+    options = {"init_words": ",".join(words)} if start_from == "init_words" else {}
+    mean = (torch.stack([table[tokenizer.encode(w)].mean(0) for w in words]).mean(0) if options
+            else table[tokenizer.encode("woman")[0]])
+    plain = EmbeddingManager(embedder, initializer_words=["woman"], gamma=0.1, **options)
+    crossed = EmbeddingManager(embedder, initializer_words=["woman"], gamma=0.1, init_from_encoder=True, **options)
+    torch.testing.assert_close(plain.vectors[0].detach()[0], mean)
+    expected = text_model_output_with_row(embedder, "*", mean)
+    torch.testing.assert_close(crossed.vectors[0].detach()[0], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, mean, atol=1e-2), "the encoder's output is not the mean itself"
+    # the start is v_0 everywhere: the buffer of the anchor and the older regulariser, and e_0 = e_p + gamma (v_0 - e_p)
+    torch.testing.assert_close(crossed.initial_vectors[0], crossed.vectors[0].detach())
+    e_0 = mix_vectors(crossed.base_vectors[0], expected[None], 0.1)
+    torch.testing.assert_close(crossed.effective_vectors(0).detach(), e_0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(crossed.anchor_vectors(0), e_0, rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_encoder_gives_each_vector_its_own_positions_output(tiny_model) -> None:
+    embedder = tiny_model.cond_stage_model
+    n = 3
+    crossed = EmbeddingManager(embedder, initializer_words=["woman"], gamma=0.1, num_vectors_per_token=n,
+                               init_from_encoder=True)
+    # reference: plain TI (gamma 1) with every v_k = the woman row, spliced in by the manager's own forward
+    spliced = EmbeddingManager(embedder, initializer_words=["woman"], gamma=1.0, num_vectors_per_token=n)
+    with torch.no_grad():
+        expected = embedder.encode("*", embedding_manager=spliced)[0, 1:1 + n]  # <bos> v_1 v_2 v_3 <eos> ...
+    start = crossed.vectors[0].detach()
+    torch.testing.assert_close(start, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(start[0], start[1], atol=1e-3), "each position has its own output"
+
+
+def test_init_from_encoder_is_recorded_in_the_embedding_file(tiny_model, tmp_path) -> None:
+    embedder = tiny_model.cond_stage_model
+    crossed = EmbeddingManager(embedder, initializer_words=["woman"], gamma=0.1, init_words="anna,maria",
+                               init_from_encoder=True)
+    for suffix in (".pt", ".safetensors"):
+        saved = load_embeddings(crossed.save(tmp_path / f"embeddings{suffix}", step=0))
+        assert saved.training["init_from_encoder"] is True and saved.training["init_words"]["words"] == ["anna", "maria"]
+        torch.testing.assert_close(saved.params["*"], crossed.vectors[0].detach())
+    plain = EmbeddingManager(embedder, initializer_words=["woman"], gamma=0.1)
+    assert plain.to_file().training["init_from_encoder"] is False
+
+
+def test_init_from_encoder_flag_writes_its_config_key() -> None:
+    config = OmegaConf.load(TI_CONFIG)
+    apply_flags(config, main.build_parser().parse_args(["--init_from_encoder"]))
+    assert config.model.params.personalization_config.params.init_from_encoder is True
+
+
+def test_init_from_encoder_without_init_word_or_words_is_one_line_naming_it(tiny_model) -> None:
+    with pytest.raises(ValueError) as err:
+        EmbeddingManager(tiny_model.cond_stage_model, gamma=0.1, init_from_encoder=True)
+    assert str(err.value).startswith("--init_from_encoder needs") and "\n" not in str(err.value)
+
+
+def test_init_from_encoder_without_init_word_or_words_exits_2_naming_it(tmp_path, photo_dir, tiny_ckpt,
+                                                                         caplog) -> None:
+    argv = base_argv(tmp_path / "logs", photo_dir, tiny_ckpt, "--init_from_encoder",
+                     "model.params.personalization_config.params.initializer_words=[]")
+    with caplog.at_level(logging.INFO):
+        assert main.main(argv) == 2
+    errors = error_lines(caplog)
+    assert len(errors) == 1 and "--init_from_encoder" in errors[0], errors
 
 
 # --------------------------------------------------------------------------------- 4. the moving average

@@ -10,8 +10,8 @@ frozen model untouched. Prompts without a placeholder pass through unchanged.
 
 The anchoring options (docs/method.md, "Anchoring") live here too, since they act on v: the anchor
 (``init``: the start e_0, or ``e_p``) that the pull of :mod:`ldm.models.diffusion.anchor_loss` and the
-norm bound refer to, the class-mean start of ``init_words`` (:mod:`ldm.modules.init_words`) and the
-moving average of v (so of e, which is affine in v), saved as ``embeddings_ema*`` files.
+norm bound refer to, the class-mean start of ``init_words`` and Cross Initialization's start from the
+text encoder's output (``init_from_encoder``; both :mod:`ldm.modules.init_words`) and the moving average of v (so of e, which is affine in v), saved as ``embeddings_ema*`` files.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from ldm import checkpoint
 from ldm.checkpoint import EmbeddingFile, save_embeddings, tensor_fingerprint
 from ldm.checkpoint.embeddings import check_encoder_fit
 from ldm.modules.encoders.tokenizer import default_tokenizer
-from ldm.modules.init_words import InitWords, resolve_init_words
+from ldm.modules.init_words import InitWords, encoder_output_start, resolve_init_words
 from ldm.momentum import (
     DEFAULT_GAMMA,
     DEFAULT_PLACEHOLDER,
@@ -83,6 +83,7 @@ class EmbeddingManager(nn.Module):
         norm_bound: bool = False,
         init_words: str | Sequence[str] | None = None,
         ema_decay: float = 0.0,
+        init_from_encoder: bool = False,
     ):
         super().__init__()
         if num_vectors_per_token < 1:
@@ -113,6 +114,13 @@ class EmbeddingManager(nn.Module):
         self.init_words: InitWords | None = (resolve_init_words(init_words, tokenizer, table_size)
                                              if init_words else None)
         self.named_count = len(placeholder_strings)  # the placeholders init_words starts (not per-image ones)
+        # which placeholders start from words (init_words, or an init word of their own) rather than their own row
+        self.starts_from_words = [(self.init_words is not None and i < self.named_count)
+                                  or (i < len(words) and bool(words[i])) for i in range(len(placeholders))]
+        self.init_from_encoder = bool(init_from_encoder)
+        if self.init_from_encoder and not any(self.starts_from_words):
+            raise ValueError("--init_from_encoder needs a start to encode: give --init_word W or --init_words "
+                             "FILE_OR_LIST (config: initializer_words or init_words)")
         dim = embedder.token_embedding.weight.shape[1]
         count = len(placeholders)
         self.vectors = nn.ParameterList(
@@ -132,7 +140,8 @@ class EmbeddingManager(nn.Module):
 
     @torch.no_grad()
     def initialize_from_embedder(self) -> None:
-        """Read e_p and the init words from the text encoder's current table (after loading weights)."""
+        """Read e_p and the init words from the text encoder's current table (after loading weights); with
+        ``init_from_encoder``, a start from words is the encoder's output for it (Cross Initialization)."""
         table = self.embedder.token_embedding.weight.detach()
         self.fingerprint = tensor_fingerprint(table)
         n = self.num_vectors_per_token
@@ -140,7 +149,10 @@ class EmbeddingManager(nn.Module):
         for i, (token_id, init_id) in enumerate(zip(self.token_ids, self.init_token_ids)):
             self.base_vectors[i] = table[token_id].float().expand(n, -1)
             start = class_mean if class_mean is not None and i < self.named_count else table[init_id].float()
-            self.initial_vectors[i] = start.expand(n, -1)
+            start = start.expand(n, -1)  # [n, D]
+            if self.init_from_encoder and self.starts_from_words[i]:
+                start = encoder_output_start(self.embedder, self.placeholders[i], token_id, start)
+            self.initial_vectors[i] = start
             self.vectors[i].data.copy_(self.initial_vectors[i])
         self.restart_ema()
 
@@ -243,7 +255,7 @@ class EmbeddingManager(nn.Module):
         """The anchoring options of this run, as its embedding files record them."""
         return {"anchor_weight": self.anchor_weight, "anchor": self.anchor, "norm_bound": self.norm_bound,
                 "init_words": self.init_words.describe() if self.init_words is not None else None,
-                "ema_decay": self.ema_decay}
+                "init_from_encoder": self.init_from_encoder, "ema_decay": self.ema_decay}
 
     # --- files -------------------------------------------------------------------------------
     def to_file(self, step: int | None = None, ema: bool = False) -> EmbeddingFile:

@@ -10,6 +10,11 @@ A list is a text file with one word a line (blank lines and ``#`` comments skipp
 string. A word is unknown when it gives no token, or a token the table lacks or that only stands for
 unknown text (the tokenizer's BOS/EOS ids, which a transformers tokenizer returns for unknown text):
 it is skipped and counted in the log.
+
+With ``init_from_encoder`` the start goes through the frozen text encoder once, as Cross Initialization
+does: the start [n, D] (the mean above, or one init word's row, repeated for the n vectors) stands in
+for the placeholder in the prompt that is the placeholder alone (``<bos> v_1 .. v_n <eos> ...``), and
+the encoder's output (final layer norm) at those n positions is the start instead (:func:`encoder_output_start`).
 """
 from __future__ import annotations
 
@@ -78,3 +83,24 @@ def resolve_init_words(value: str | Sequence[str], tokenizer, vocab_size: int) -
     logger.info("init_words: the start is the mean of %d words from %s (%d unknown skipped%s)", len(known),
                 source, len(skipped), f": {', '.join(skipped[:10])}" if skipped else "")
     return InitWords(source, tuple(known), tuple(ids), tuple(skipped))
+
+
+@torch.no_grad()
+def encoder_output_start(embedder, placeholder: str, token_id: int, start: torch.Tensor) -> torch.Tensor:
+    """Cross Initialization's start: ``embedder``'s output at the placeholder's positions of the prompt
+    ``placeholder`` when ``start`` [n, D] stands there (``<bos> v_1 .. v_n <eos> ...``): [n, D] in float32."""
+    tokens = embedder.tokenize(placeholder)  # [1, L]
+    hits = (tokens[0] == token_id).nonzero().flatten()
+    if len(hits) != 1:
+        raise ValueError(f"init_from_encoder: the placeholder '{placeholder}' is not one token of its own prompt")
+    pos, n = int(hits[0]), start.shape[0]
+    if pos + n > tokens.shape[1]:
+        raise ValueError(f"init_from_encoder: {n} vectors do not fit the encoder's {tokens.shape[1]} positions")
+
+    def place(_tokens: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """``start`` at positions pos .. pos+n-1 of ``embeds`` [1, L, D], the rest shifted right (length L)."""
+        vectors = start.to(embeds)[None]  # [1, n, D]
+        return torch.cat([embeds[:, :pos], vectors, embeds[:, pos + 1:]], dim=1)[:, :embeds.shape[1]]
+
+    hidden = embedder.encode_from_tokens(tokens, embedding_manager=place)  # [1, L, D]
+    return hidden[0, pos:pos + n].float()

@@ -137,6 +137,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("init_words", "start v from the mean embedding of these words: a file with one word a line, or a "
          "comma-separated list (e.g. inputs/init_words/given_names.txt)", (f"{PERSONALIZATION}.params.init_words",),
          type=str, metavar="FILE_OR_LIST"),
+    Flag("init_from_encoder", "Cross Initialization: start v from the text encoder's output for the init word's row "
+         "(or the --init_words mean) standing at the placeholder, computed once at setup",
+         ((f"{PERSONALIZATION}.params.init_from_encoder", True),)),
     Flag("ema_decay", "keep a moving average of e with this decay in [0, 1) (e.g. 0.99), saved as "
          "embeddings_ema*.pt (default 0: off)", (f"{PERSONALIZATION}.params.ema_decay",), type=float,
          check=check_ema_decay),
