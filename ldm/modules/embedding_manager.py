@@ -11,7 +11,8 @@ frozen model untouched. Prompts without a placeholder pass through unchanged.
 The anchoring options (docs/method.md, "Anchoring") live here too, since they act on v: the anchor
 (``init``: the start e_0, or ``e_p``) that the pull of :mod:`ldm.models.diffusion.anchor_loss` and the
 norm bound refer to, the class-mean start of ``init_words`` and Cross Initialization's start from the
-text encoder's output (``init_from_encoder``; both :mod:`ldm.modules.init_words`) and the moving average of v (so of e, which is affine in v), saved as ``embeddings_ema*`` files.
+text encoder's output (``init_from_encoder``; both :mod:`ldm.modules.init_words`), and the moving
+average of v (so of e, which is affine in v), saved as ``embeddings_ema*`` files.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A class-mean start for the placeholder vectors: the mean embedding of several words (``--init_words``).
+"""Starts for the placeholder vectors from words: the mean embedding of several words (``--init_words``),
+and its text encoder output (``--init_from_encoder``).
 
 Cross Initialization (Pang et al., CVPR 2024) starts a face's embedding from the mean of celebrity names'
 embeddings instead of one class word. Here ``v_0`` is the mean, over the known words of a list, of each
@@ -14,7 +15,8 @@ it is skipped and counted in the log.
 With ``init_from_encoder`` the start goes through the frozen text encoder once, as Cross Initialization
 does: the start [n, D] (the mean above, or one init word's row, repeated for the n vectors) stands in
 for the placeholder in the prompt that is the placeholder alone (``<bos> v_1 .. v_n <eos> ...``), and
-the encoder's output (final layer norm) at those n positions is the start instead (:func:`encoder_output_start`).
+the encoder's output (after its final layer norm) at those n positions is the start instead
+(:func:`encoder_output_start`; one vector per position).
 """
 from __future__ import annotations
 
