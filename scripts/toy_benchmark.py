@@ -37,7 +37,7 @@ from ldm.toy.frontier import BOOTSTRAP_RESAMPLES, summarize_frontier
 from ldm.momentum import check_strength
 from ldm.toy.benchmark import (
     FRONTIER_METHODS, INFERENCE_CONFIG, METHOD_NAMES, QUICK_METHODS, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY,
-    TOY_JUDGE, TOY_MODEL, Method, Protocol, evaluate, load_record, load_toy_model, method, prompt_following,
+    TOY_JUDGE, TOY_MODEL, Method, Protocol, base_files, evaluate, load_record, load_toy_model, method, prompt_following,
     prompt_suite, record_path, require_toy_models, run_clock, save_record, score_run, step_saves, train,
 )
 from ldm.toy.judge import load_judge
@@ -176,7 +176,8 @@ class Runner:
 
     def run(self, m: Method, subject_seed: int, seed: int, photos: Path, subject) -> dict:
         """One run of cell ``m``: its stored result when reusable, else train, score and store it."""
-        base = self.records[(m.on, subject_seed, seed)]["result"] if m.on else str(TOY_MODEL)
+        base_record = self.records[(m.on, subject_seed, seed)] if m.on else None
+        base = base_record["result"] if base_record else str(TOY_MODEL)
         fingerprint = {**self.plan.protocol.fingerprint(m), "base": base}
         path = record_path(self.workdir, m.name, subject_seed, seed)
         record = load_record(path, fingerprint)
@@ -185,17 +186,17 @@ class Runner:
             return record
         watch = Stopwatch()
         watch.mark("start")
-        result = train(m, photos, seed, self.workdir / "logs", base_ckpt=Path(base),
+        start = base_files(m, base_record)
+        result = train(m, photos, seed, self.workdir / "logs", base_ckpt=start["ckpt"], lora=start["lora"],
                        max_steps=max(self.plan.protocol.steps), save_steps=self.plan.protocol.steps,
                        class_images=self.class_dir)
         watch.mark("trained")
-        unet = self.records[(m.on, subject_seed, seed)]["unet"] if m.on else None
         points = score_run(self.base, self.judge, m, subject, step_saves(result, m, self.plan.protocol.steps),
-                           self.plan.protocol, seed=1000 + seed, unet=Path(unet) if unet else None)
+                           self.plan.protocol, seed=1000 + seed, unet=start["unet"], lora=start["lora"])
         watch.mark("scored")
         record = {"fingerprint": fingerprint, "points": points, "result": str(result),
                   "times": run_times({**watch.clock, **run_clock(result)})}
-        if not m.embedding:
+        if m.saves_unet:
             record["unet"] = str(step_saves(result, m, self.plan.protocol.steps)[max(self.plan.protocol.steps)])
         save_record(path, record)
         final = points[-1] if not m.embedding else next(p for p in points[::-1] if p["strength"] == 1.0)

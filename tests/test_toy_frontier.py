@@ -1,19 +1,26 @@
-"""The toy benchmark's frontier maths, its reuse of finished runs, and its refusal of bad input.
+"""The toy benchmark's frontier maths, its reuse of finished runs, its refusal of bad input, and its cells.
 
 Nothing here trains: the runs are stand-ins (scripts/toy_benchmark.py's Runner with train and scoring
-replaced), so the tests check the bookkeeping, not learning (tests/test_toy_learning.py does that).
+replaced), so the tests check the bookkeeping, not learning (tests/test_toy_learning.py does that). Every
+cell's command line passes main.py's flag and config checks; the LoRA cells' scoring is checked on the tiny model.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from ldm.toy.frontier import (
     best_editability, bootstrap_intervals, frontier_area, mean_points, pareto_frontier, summarize_frontier,
 )
-from ldm.toy.benchmark import Protocol, load_record, method, record_path, save_record
+from ldm.toy.benchmark import (
+    ANCHORING_CELLS, ANCHORING_OPTIONS, LORA_CELLS, METHODS, NO_SAVES, STEPS, TOY_INIT_WORDS, TOY_MODEL, Protocol,
+    load_record, main_argv, method, record_path, result_name, save_flags, save_record, step_saves,
+)
 
 # (fidelity, editability): 0, 1 and 3 are the frontier; 2 is dominated by 1, 4 repeats 1, 5 is below 3
 POINTS = [(0.2, 0.9), (0.5, 0.5), (0.4, 0.4), (0.8, 0.1), (0.5, 0.5), (0.8, 0.05)]
@@ -110,30 +117,35 @@ def stand_in_runner(tmp_path, monkeypatch):
     """scripts/toy_benchmark.py's Runner with training and scoring replaced by stand-ins that count calls."""
     from scripts import toy_benchmark as script
 
-    trained = []
+    trained, calls = [], []  # cell names; (cell, what train got, what score_run got)
 
     def fake_train(m, photos, seed, workdir, **kwargs):
         trained.append(m.name)
-        result = workdir / f"{m.name}-{len(trained)}" / "checkpoints" / "embeddings.pt"
+        result = workdir / f"{m.name}-{len(trained)}" / "checkpoints" / result_name(m)
         result.parent.mkdir(parents=True)
         result.write_bytes(b"x")
+        calls.append((m.name, kwargs, None))
         return result
 
-    def fake_score(model, judge, m, subject, saves, protocol, *, seed, unet=None):
+    def fake_score(model, judge, m, subject, saves, protocol, *, seed, **kwargs):
+        calls[-1] = (*calls[-1][:2], kwargs)
         return [point(s, t, 0.25) for s, t in protocol.settings(m)]
 
     monkeypatch.setattr(script, "train", fake_train)
     monkeypatch.setattr(script, "score_run", fake_score)
-    args = script.build_parser().parse_args(["--methods", "ti", "--subjects", "1", "--seeds", "1", "--steps", "2",
-                                             "4", "--strengths", "0.5", "1", "--samples", "1"])
-    checked = script.plan(args)
-    return lambda: script.Runner(checked, tmp_path, judge=None, base=None), trained
+
+    def make_runner(*methods: str):
+        args = script.build_parser().parse_args(["--methods", *(methods or ["ti"]), "--subjects", "1", "--seeds",
+                                                 "1", "--steps", "2", "4", "--strengths", "0.5", "1", "--samples", "1"])
+        return script.Runner(script.plan(args), tmp_path, judge=None, base=None)
+
+    return make_runner, trained, calls
 
 
 def test_a_finished_run_is_not_trained_again_and_a_corrupt_one_is(tmp_path, stand_in_runner):
     from ldm.toy.world import held_out_subject
 
-    make_runner, trained = stand_in_runner
+    make_runner, trained, _ = stand_in_runner
     subject, photos, ti = held_out_subject(0), tmp_path / "photos", method("ti")
     first = make_runner().run(ti, 0, 0, photos, subject)
     assert trained == ["ti"] and [p["fidelity"] for p in first["points"]] == [0.25] * 4
@@ -181,3 +193,212 @@ def test_run_times_split_a_run_into_its_parts():
     probe = ("fit_start", "train_start", "train_end")  # the events the run's BenchmarkProbe writes
     assert run_times({k: v for k, v in clock.items() if not k.startswith(probe)}).keys() == {
         "score_s", "score_cpu_s"}  # no clock from the run: only scoring is known
+
+
+# ------------------------------------------------------------------------------------- cells of issues 19 and 20
+def settled_run_config(argv: list[str]):
+    """The config main.py settles on for ``argv`` (flags, then key=value overrides), checked as run_training does
+    before it builds anything."""
+    from ldm.train.cli import build_parser, take_overrides
+    from ldm.train.run_config import check_config, configure
+    from ldm.train.trainer_args import trainer_kwargs
+    from ldm.train.training import load_config
+
+    opt, unknown = build_parser().parse_known_args(argv)
+    unknown = take_overrides(opt) + unknown
+    assert all("=" in u for u in unknown), f"main.py does not take {unknown}"
+    config = load_config(opt.base, unknown)
+    configure(config, opt, unknown)
+    check_config(config)
+    trainer_kwargs(OmegaConf.to_container(config.lightning.trainer, resolve=True))
+    return config
+
+
+OPTION_KEYS = {  # flag of a new cell -> (config key it must reach, value)
+    "--anchor_weight": ("model.params.personalization_config.params.anchor_weight", 1e-3),
+    "--norm_bound": ("model.params.personalization_config.params.norm_bound", True),
+    "--init_words": ("model.params.personalization_config.params.init_words", str(TOY_INIT_WORDS)),
+    "--ema_decay": ("model.params.personalization_config.params.ema_decay", 0.99),
+    "--lora_rank": ("lora.rank", 4),
+}
+
+
+@pytest.mark.parametrize("m", METHODS, ids=[m.name for m in METHODS])
+def test_every_cell_passes_main_pys_flag_and_config_checks(m, tmp_path, caplog):
+    base_lora = tmp_path / "lora.safetensors"  # the flag checks only that the file exists
+    base_lora.write_bytes(b"x")
+    lora = base_lora if m.on and method(m.on).lora else None
+    argv = main_argv(m, tmp_path / "photos", 0, tmp_path / "logs", base_ckpt=TOY_MODEL, lora=lora, max_steps=200,
+                     save_steps=STEPS, class_images=tmp_path / "class")
+    with caplog.at_level("INFO"):
+        config = settled_run_config(argv)
+    ignored = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
+    assert not ignored, f"{m.name}: main.py ignores {ignored}"
+    for flag, (key, value) in OPTION_KEYS.items():
+        if flag in m.flags:
+            assert OmegaConf.select(config, key) == value, f"{m.name}: {flag} did not reach {key}"
+    assert (OmegaConf.select(config, "lora") is not None) == m.lora
+    assert OmegaConf.select(config, "lora_files") == ([str(lora)] if lora else None)
+
+
+def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
+    from ldm.toy.benchmark import FRONTIER_METHODS
+
+    names = [m.name for m in (*ANCHORING_CELLS, *LORA_CELLS)]
+    assert names == ["ti_anchor", "momentum_0.1_anchor", "dreambooth_momentum_0.1_anchor", "ti_norm_bound",
+                     "momentum_0.1_norm_bound", "dreambooth_momentum_0.1_norm_bound", "ti_init_words",
+                     "momentum_0.1_init_words", "dreambooth_momentum_0.1_init_words", "ti_ema", "momentum_0.1_ema",
+                     "dreambooth_momentum_0.1_ema", "lora_dreambooth", "lora_dreambooth_momentum_0.1"]
+    assert FRONTIER_METHODS == ("ti", "ti_lr8e-5", "momentum_0.1", "momentum_0.1_lr8e-3", "ti_original_step",
+                                "dreambooth", "dreambooth_momentum_0.1", "dreambooth_ti_lr8e-5", "dreambooth_prior",
+                                "dreambooth_prior_momentum_0.1")
+    recipe = method("dreambooth_momentum_0.1")
+    for m in ANCHORING_CELLS:  # one option's flags added to the cell it is named after, on that cell's base
+        suffix, flags, _ = next(option for option in ANCHORING_OPTIONS if m.name.endswith(f"_{option[0]}"))
+        base = method(m.name.removesuffix(f"_{suffix}"))
+        assert m.flags == (*base.flags, *flags) and m.on == base.on and m.phrase == base.phrase
+    assert method("lora_dreambooth_momentum_0.1").flags == recipe.flags
+    assert TOY_INIT_WORDS.is_file()  # the shipped list the init_words cells start from
+
+
+def test_an_ema_cell_is_scored_on_the_moving_average_the_run_saves(tmp_path):
+    from types import SimpleNamespace
+
+    from ldm.train.callbacks import EmbeddingCheckpoint
+
+    written = []  # (file, ema) as EmbeddingCheckpoint saves them
+    manager = SimpleNamespace(ema_decay=0.99, embedding_parameters=lambda: [],
+                              save=lambda target, step, ema: written.append((target, ema)))
+    module = SimpleNamespace(embedding_manager=manager, trainer=SimpleNamespace(is_global_zero=True), global_step=25)
+    checkpoint = EmbeddingCheckpoint(tmp_path)
+    for name in ("embeddings_gs-25.pt", "embeddings.pt"):
+        checkpoint._save(module, name)
+    averages = {path for path, ema in written if ema}
+
+    ema, plain = method("ti_ema"), method("ti")
+    result = tmp_path / result_name(ema)
+    assert result in averages and result.name == "embeddings_ema.pt"
+    assert step_saves(result, ema, [25]) == {25: tmp_path / "embeddings_ema_gs-25.pt"}
+    assert step_saves(result, ema, [25])[25] in averages
+    assert step_saves(tmp_path / result_name(plain), plain, [25]) == {25: tmp_path / "embeddings_gs-25.pt"}
+    assert all(m.ema == m.name.endswith("_ema") for m in METHODS)
+
+
+def test_a_lora_dreambooth_run_saves_its_adapters_at_every_scored_step(tmp_path):
+    lora, full = method("lora_dreambooth"), method("dreambooth")
+    assert not lora.embedding and not lora.saves_unet and full.saves_unet
+    assert lora.config.name == "v1-finetune_lora.yaml"
+    assert save_flags(lora, (25, 50, 100, 200))[0] == "lightning.modelcheckpoint.params.every_n_train_steps=25"
+    assert save_flags(lora, (25, 50, 100, 200))[2].endswith("unet_steps=[]")  # main.py's LoraCheckpoint saves them
+    assert save_flags(full, (25, 50))[0].endswith(f"={NO_SAVES}") and save_flags(full, (25, 50))[2].endswith("[25,50]")
+    result = tmp_path / result_name(lora)
+    assert result.name == "lora.safetensors"
+    assert step_saves(result, lora, (25, 200)) == {25: tmp_path / "lora_gs-25.safetensors",
+                                                    200: tmp_path / "lora_gs-200.safetensors"}
+    assert PROTOCOL.settings(lora) == [(2, 1.0), (4, 1.0)]  # a model: strength 1 only
+
+
+def test_a_cell_on_lora_dreambooth_trains_and_is_scored_with_its_final_adapters(tmp_path, stand_in_runner):
+    from ldm.toy.world import held_out_subject
+
+    make_runner, trained, calls = stand_in_runner
+    runner = make_runner("lora_dreambooth_momentum_0.1", "dreambooth_momentum_0.1")
+    assert [m.name for m in runner.plan.cells] == ["lora_dreambooth", "lora_dreambooth_momentum_0.1", "dreambooth",
+                                                   "dreambooth_momentum_0.1"]
+    subject, photos = held_out_subject(0), tmp_path / "photos"
+    for m in runner.plan.cells:
+        runner.records[(m.name, 0, 0)] = runner.run(m, 0, 0, photos, subject)
+    (_, lora_train, lora_score), (_, on_lora_train, on_lora_score), (_, db_train, _), (_, on_db_train, on_db_score) \
+        = calls
+    adapters = runner.records[("lora_dreambooth", 0, 0)]["result"]
+    assert adapters.endswith("lora.safetensors") and "unet" not in runner.records[("lora_dreambooth", 0, 0)]
+    assert lora_train["base_ckpt"] == TOY_MODEL and lora_train["lora"] is None and lora_score == {"unet": None,
+                                                                                                  "lora": None}
+    assert on_lora_train["base_ckpt"] == TOY_MODEL and on_lora_train["lora"] == Path(adapters)
+    assert on_lora_score == {"unet": None, "lora": Path(adapters)}
+    model = runner.records[("dreambooth", 0, 0)]  # the DreamBooth pattern it mirrors: --actual_resume the model
+    assert on_db_train["base_ckpt"] == Path(model["result"]) and on_db_train["lora"] is None
+    assert on_db_score == {"unet": Path(model["unet"]), "lora": None}
+    assert model["unet"].endswith("unet_gs-4.safetensors")
+
+
+# ---- LoRA scoring on the tiny model
+@pytest.fixture(scope="module")
+def tiny_loras(tmp_path_factory):
+    """A fresh tiny model and two LoRA files (random adapters, rank 2) for its UNet."""
+    from helpers import build_tiny_model
+
+    from ldm.checkpoint.lora import save_lora
+    from ldm.lora import add_trained_adapters, trained_layers
+    from ldm.modules.lora import adapter_layers
+
+    folder, files = tmp_path_factory.mktemp("loras"), []
+    for seed in (1, 2):
+        donor = build_tiny_model()
+        add_trained_adapters(donor, rank=2)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in adapter_layers(donor).values():
+                for weights in (*layer.lora_A.values(), *layer.lora_B.values()):  # B starts at 0: no change at all
+                    weights.weight.copy_(0.2 * torch.randn(weights.weight.shape, generator=generator))
+        files.append(save_lora(folder / f"subject-{seed}.safetensors", trained_layers(donor), {}))
+    return build_tiny_model(), files
+
+
+def snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def attributes(model) -> dict[str, set[str]]:
+    """The attribute names of each submodule (what an adapter library may leave behind)."""
+    return {name: set(vars(module)) for name, module in model.named_modules()}
+
+
+def test_lora_weights_fold_the_file_in_and_restore_the_model_bit_for_bit(tiny_loras):
+    from ldm.lora import APPLIED_ATTR
+    from ldm.modules.lora import adapter_layers
+    from ldm.toy.benchmark import lora_weights
+
+    model, (path, _) = tiny_loras
+    before, names = snapshot(model), attributes(model)
+    with lora_weights(model, path):
+        inside = snapshot(model)
+        assert getattr(model, APPLIED_ATTR) == (("subject-1", 1.0),)
+        assert not adapter_layers(model)  # folded into the base weights, as main.py's --lora does
+    changed = {k for k in before if not torch.equal(before[k], inside[k])}
+    assert changed and all(k.startswith("model.diffusion_model.") and ".to_" in k for k in changed)
+    after = snapshot(model)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(model, APPLIED_ATTR) and not adapter_layers(model) and attributes(model) == names
+
+    with pytest.raises(RuntimeError, match="stopped"), lora_weights(model, path):
+        raise RuntimeError("stopped")  # scoring failed inside the block
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    with lora_weights(model, None):
+        assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+
+
+def test_lora_cells_are_scored_with_the_adapters_of_each_save_or_of_their_base(tiny_loras, monkeypatch):
+    import ldm.toy.benchmark as bench
+    from ldm.lora import APPLIED_ATTR
+
+    model, (first, second) = tiny_loras
+    before = snapshot(model)
+    seen = []  # (LoRAs applied, settings) of each sampling batch
+
+    def fake_judge_settings(model, judge_model, phrase, subject, settings, *, samples_per_prompt, seed):
+        seen.append((getattr(model, APPLIED_ATTR, ()), list(settings)))
+        return [bench.SuiteScore(0.5, 0.5, 0.5, 0.5) for _ in settings], None
+
+    monkeypatch.setattr(bench, "judge_settings", fake_judge_settings)
+    lora = method("lora_dreambooth")
+    points = bench.score_run(model, None, lora, None, {2: first, 4: second}, PROTOCOL, seed=0)
+    assert [(p["steps"], p["strength"]) for p in points] == [(2, 1.0), (4, 1.0)]
+    assert seen == [((("subject-1", 1.0),), [(None, 1.0)]), ((("subject-2", 1.0),), [(None, 1.0)])]
+
+    seen.clear()
+    on_lora = method("lora_dreambooth_momentum_0.1")
+    embeddings = {2: Path("e2.pt"), 4: Path("e4.pt")}
+    bench.score_run(model, None, on_lora, None, embeddings, PROTOCOL, seed=0, lora=second)
+    assert seen == [((("subject-2", 1.0),), [(embeddings[s], t) for s, t in PROTOCOL.settings(on_lora)])]
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())

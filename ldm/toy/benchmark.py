@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +35,8 @@ TOY_ACCURACY = ROOT / "models" / "toy" / "judge_accuracy.json"
 INFERENCE_CONFIG = ROOT / "configs" / "toy" / "v1-inference.yaml"
 FINETUNE_CONFIG = ROOT / "configs" / "toy" / "v1-finetune.yaml"
 DREAMBOOTH_CONFIG = ROOT / "configs" / "toy" / "v1-finetune_unfrozen.yaml"
+LORA_CONFIG = ROOT / "configs" / "toy" / "v1-finetune_lora.yaml"
+TOY_INIT_WORDS = ROOT / "inputs" / "init_words" / "toy_features.txt"  # the pretraining subjects' feature words
 BUILD_COMMAND = "python scripts/toy_pretrain.py"
 
 PLAIN_PROMPT = "a photo of a {}"
@@ -60,10 +62,28 @@ class Method:
     name: str
     flags: tuple[str, ...]
     phrase: str  # replaces {} in the prompt suite
-    on: str | None = None  # starts from the final model of this DreamBooth cell (same subject and seed)
+    on: str | None = None  # starts from the final model (or LoRA) of this DreamBooth cell (same subject and seed)
     embedding: bool = True  # False: the run's result is a model (DreamBooth), not an embedding
     prior: bool = False  # DreamBooth with prior preservation on class images of the pretrained model
+    lora: bool = False  # LoRA DreamBooth (embedding False): the run's result is an adapter file
     note: str = ""  # what the cell is for (in the benchmark's JSON)
+
+    @property
+    def ema(self) -> bool:
+        """The run keeps a moving average of the embedding (``--ema_decay``), which is what is scored."""
+        return "--ema_decay" in self.flags
+
+    @property
+    def saves_unet(self) -> bool:
+        """A full DreamBooth run: its saves are UNet weights (:class:`BenchmarkProbe`), not files main.py writes."""
+        return not self.embedding and not self.lora
+
+    @property
+    def config(self) -> Path:
+        """The config ``main.py`` trains the cell with."""
+        if self.lora:
+            return LORA_CONFIG
+        return FINETUNE_CONFIG if self.embedding else DREAMBOOTH_CONFIG
 
 
 MOMENTUM_PROMPTS = ("--class_word", CLASS_WORD, "--descriptive_p", "0.1", "--use_random_prompt")
@@ -78,7 +98,7 @@ def base_lr(value: str) -> str:
 # Sections 3 and 4 of the frontier protocol (docs/toy_benchmark.md). With Adam, momentum gamma at base lr
 # x equals TI at base lr gamma * x from another start (docs/method.md), so each momentum cell has a TI
 # cell with the same step in e-space: ti / momentum_0.1_lr8e-3, ti_lr8e-5 / momentum_0.1.
-METHODS: tuple[Method, ...] = (
+FRONTIER_CELLS: tuple[Method, ...] = (
     Method("ti", ("--gamma", "1"), "*", note="TI, base lr 8e-4 x batch 8"),
     Method("ti_lr8e-5", ("--gamma", "1", base_lr("8e-5")), "*", note="TI at momentum 0.1's e-space step"),
     Method("momentum_0.1", ("--gamma", "0.1"), "*", note="momentum 0.1, base lr 8e-4"),
@@ -95,12 +115,47 @@ METHODS: tuple[Method, ...] = (
            embedding=False, prior=True, note="DreamBooth with prior preservation (class images of the toy model)"),
     Method("dreambooth_prior_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="dreambooth_prior",
            note="the original code's recipe on the prior-preserving DreamBooth model"),
-    # cells of the earlier single-point protocol, still runnable by name
+)
+# cells of the earlier single-point protocol, still runnable by name
+EARLIER_CELLS: tuple[Method, ...] = (
     Method("momentum_0.5", ("--gamma", "0.5"), "*", note="earlier protocol"),
     Method("momentum_0.1_prompts", ("--gamma", "0.1", *MOMENTUM_PROMPTS), f"* {CLASS_WORD}", note="earlier protocol"),
 )
+
+# Issue 19: each anchoring option (docs/method.md, "Anchoring") alone on ANCHORED_CELLS, anchor init (the start
+# e_0, the default). The pull's gradient on e has length w; the loss's gradient on e at the start measured
+# 0.004-0.005 for TI and 0.012-0.017 for momentum 0.1 (16 batches of 8, subject 0, loss 0.02-0.1), so w = 1e-3
+# is a quarter to a twelfth of it: the pull wins once that gradient has fallen so far. The moving average
+# (decay 0.99) has no bias correction: after 25 steps 0.78 of it is still the start.
+ANCHORED_CELLS = ("ti", "momentum_0.1", "dreambooth_momentum_0.1")
+ANCHORING_OPTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (  # (name suffix, flags, note)
+    ("anchor", ("--anchor_weight", "1e-3"), "pull toward the start: 1e-3 * ||e - e_0|| per vector (a quarter of the "
+                                            "loss's gradient on e at TI's start)"),
+    ("norm_bound", ("--norm_bound",), "e scaled back to the start's norm after each step (only its direction trains)"),
+    ("init_words", ("--init_words", str(TOY_INIT_WORDS)),
+     "v starts from the mean of the toy world's feature words (inputs/init_words/toy_features.txt)"),
+    ("ema", ("--ema_decay", "0.99"), "its moving average of e (decay 0.99) is scored: the embeddings_ema* saves"),
+)
+
+
+def with_option(cell: Method, suffix: str, flags: tuple[str, ...], note: str) -> Method:
+    """``cell`` with one more option: the cell ``<cell>_<suffix>``."""
+    return replace(cell, name=f"{cell.name}_{suffix}", flags=(*cell.flags, *flags), note=f"{cell.name} + {note}")
+
+
+ANCHORING_CELLS = tuple(with_option(cell, *option) for option in ANCHORING_OPTIONS
+                        for cell in FRONTIER_CELLS if cell.name in ANCHORED_CELLS)
+# Issue 20: LoRA DreamBooth (configs/toy/v1-finetune_lora.yaml) and the original recipe on it.
+LORA_CELLS: tuple[Method, ...] = (
+    Method("lora_dreambooth", ("--class_word", CLASS_WORD, "--lora_rank", "4"), f"sks {CLASS_WORD}", embedding=False,
+           lora=True, note="LoRA DreamBooth without prior preservation: rank 4 (alpha 4) adapters on the UNet's "
+                           "attention projections, base lr 1e-4 x batch 8"),
+    Method("lora_dreambooth_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="lora_dreambooth",
+           note="the original code's recipe on the toy model with the LoRA DreamBooth adapters (--lora)"),
+)
+METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)
-FRONTIER_METHODS = METHOD_NAMES[:10]  # the default cells
+FRONTIER_METHODS = tuple(m.name for m in FRONTIER_CELLS)  # the default cells
 QUICK_METHODS = ("ti", "momentum_0.1")
 
 
@@ -163,17 +218,39 @@ def unet_save(ckptdir: Path, step: int) -> Path:
     return ckptdir / f"unet_gs-{step}.safetensors"
 
 
-def step_saves(result: Path, m: Method, steps: Sequence[int]) -> dict[int, Path]:
-    """The files a run saved at ``steps`` (embeddings or UNet weights), next to its final ``result``."""
+def result_name(m: Method) -> str:
+    """The file a run of ``m`` ends with: its embedding (the moving average's with ``--ema_decay``), LoRA or model."""
+    from ldm.train.callbacks import ema_file_name
+
+    if m.lora:
+        return "lora.safetensors"
     if m.embedding:
-        return {s: result.parent / f"embeddings_gs-{s}.pt" for s in steps}
+        return ema_file_name("embeddings.pt") if m.ema else "embeddings.pt"
+    return "model_pruned.safetensors"
+
+
+def step_saves(result: Path, m: Method, steps: Sequence[int]) -> dict[int, Path]:
+    """The files a run saved at ``steps``, next to its final ``result``: embeddings (``embeddings_ema_gs-N.pt``,
+    the moving average, with ``--ema_decay``), LoRA files (``lora_gs-N.safetensors``) or UNet weights."""
+    from ldm.lora import saved_file_name
+    from ldm.train.callbacks import ema_file_name
+
+    if m.lora:
+        return {s: result.parent / saved_file_name(s) for s in steps}
+    if m.embedding:
+        names = {s: f"embeddings_gs-{s}.pt" for s in steps}
+        return {s: result.parent / (ema_file_name(name) if m.ema else name) for s, name in names.items()}
     return {s: unet_save(result.parent, s) for s in steps}
 
 
 def save_flags(m: Method, steps: Sequence[int]) -> list[str]:
-    """Config overrides that make a run save at each of ``steps`` and time itself (:class:`BenchmarkProbe`)."""
-    every = math.gcd(*steps) if m.embedding and steps else NO_SAVES
-    unet_steps = [] if m.embedding else list(steps)
+    """Config overrides that make a run save at each of ``steps`` and time itself (:class:`BenchmarkProbe`).
+
+    Embedding and LoRA runs save every gcd(steps) steps themselves; a DreamBooth run's saves are UNet weights
+    written by :class:`BenchmarkProbe` (main.py's own resume point would hold the whole model).
+    """
+    every = math.gcd(*steps) if steps and not m.saves_unet else NO_SAVES
+    unet_steps = list(steps) if m.saves_unet else []
     return [f"lightning.modelcheckpoint.params.every_n_train_steps={every}",
             f"{CALLBACK_KEY}.target={__name__}.BenchmarkProbe",
             f"{CALLBACK_KEY}.params.unet_steps=[{','.join(str(s) for s in unet_steps)}]"]
@@ -194,19 +271,16 @@ def run_main(argv: list[str]) -> Path:
     return created[0]
 
 
-def train(m: Method, photos: Path, seed: int, workdir: Path, *, base_ckpt: Path = TOY_MODEL,
-          max_steps: int | None = None, save_steps: Sequence[int] = (), class_images: Path | None = None,
-          extra: Sequence[str] = ()) -> Path:
-    """Run method ``m``; returns the embedding file (or the DreamBooth model for DreamBooth cells).
-
-    ``save_steps`` adds saves after those steps (:func:`step_saves` finds them); ``class_images`` is the
-    ``--reg_data_root`` of a cell with prior preservation.
-    """
-    config = DREAMBOOTH_CONFIG if not m.embedding else FINETUNE_CONFIG
-    argv = ["--base", str(config), "-t", "--actual_resume", str(base_ckpt), "--accelerator", "cpu",
+def main_argv(m: Method, photos: Path, seed: int, workdir: Path, *, base_ckpt: Path = TOY_MODEL,
+              lora: Path | None = None, max_steps: int | None = None, save_steps: Sequence[int] = (),
+              class_images: Path | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """The ``main.py`` command line of a run of ``m`` (:func:`train`'s arguments)."""
+    argv = ["--base", str(m.config), "-t", "--actual_resume", str(base_ckpt), "--accelerator", "cpu",
             "--data_root", str(photos), "-s", str(seed), "-l", str(workdir), "-n", f"{m.name}-s{seed}", *m.flags]
     if m.embedding:
         argv += ["--init_word", CLASS_WORD]
+    if lora is not None:
+        argv += ["--lora", str(lora)]
     if m.prior:
         if class_images is None:
             raise ValueError(f"{m.name} needs class images (--reg_data_root): make them with "
@@ -214,12 +288,36 @@ def train(m: Method, photos: Path, seed: int, workdir: Path, *, base_ckpt: Path 
         argv += ["--reg_data_root", str(class_images)]
     if max_steps is not None:
         argv += ["--max_steps", str(max_steps)]
-    logdir = run_main(argv + QUIET + save_flags(m, save_steps) + list(extra))
-    result = logdir / "checkpoints" / ("embeddings.pt" if m.embedding else "model_pruned.safetensors")
+    return argv + QUIET + save_flags(m, save_steps) + list(extra)
+
+
+def train(m: Method, photos: Path, seed: int, workdir: Path, *, base_ckpt: Path = TOY_MODEL,
+          lora: Path | None = None, max_steps: int | None = None, save_steps: Sequence[int] = (),
+          class_images: Path | None = None, extra: Sequence[str] = ()) -> Path:
+    """Run method ``m``; returns its :func:`result_name` file (embedding, LoRA file or DreamBooth model).
+
+    ``base_ckpt`` is the model it starts from, with the LoRA file ``lora`` folded in (``--lora``) when given;
+    ``save_steps`` adds saves after those steps (:func:`step_saves` finds them); ``class_images`` is the
+    ``--reg_data_root`` of a cell with prior preservation.
+    """
+    logdir = run_main(main_argv(m, photos, seed, workdir, base_ckpt=base_ckpt, lora=lora, max_steps=max_steps,
+                                save_steps=save_steps, class_images=class_images, extra=extra))
+    result = logdir / "checkpoints" / result_name(m)
     missing = [p for p in (result, *step_saves(result, m, save_steps).values()) if not p.is_file()]
     if missing:
         raise RuntimeError(f"{m.name}: the run wrote no {missing[0].name} in {logdir}")
     return result
+
+
+def base_files(m: Method, base_record: dict | None) -> dict[str, Path | None]:
+    """What a run of ``m`` trains on and is scored with, from the stored record of its base cell ``m.on``
+    (None: a cell on the toy model): ``ckpt`` (``--actual_resume``), ``lora`` (``--lora``: a LoRA DreamBooth
+    cell's final adapters, on the toy model) and ``unet`` (a DreamBooth cell's last UNet save, for scoring)."""
+    if m.on is None:
+        return {"ckpt": TOY_MODEL, "lora": None, "unet": None}
+    if method(m.on).lora:
+        return {"ckpt": TOY_MODEL, "lora": Path(base_record["result"]), "unet": None}
+    return {"ckpt": Path(base_record["result"]), "lora": None, "unet": Path(base_record["unet"])}
 
 
 def run_clock(result: Path) -> dict[str, float]:
@@ -246,6 +344,36 @@ def unet_weights(model, path: Path | None):
         yield model
     finally:
         unet.load_state_dict(original)
+
+
+@contextmanager
+def lora_weights(model, path: Path | None):
+    """``model`` with the LoRA file ``path`` folded into its UNet (and text encoder) weights inside the block
+    (:func:`ldm.lora.apply_lora_files`, scale 1).
+
+    The weights of those parts, the attributes the adapters left on them (peft's ``peft_config``) and the
+    model's record of applied LoRAs are restored afterwards, bit for bit; ``path`` None changes nothing.
+    """
+    if path is None:
+        yield model
+        return
+    from ldm.lora import APPLIED_ATTR, apply_lora_files, model_parts
+
+    parts = [part.module for part in model_parts(model)]
+    originals = [({k: v.clone() for k, v in module.state_dict().items()}, set(vars(module))) for module in parts]
+    applied = getattr(model, APPLIED_ATTR, None)
+    apply_lora_files(model, [str(path)])
+    try:
+        yield model
+    finally:
+        for module, (weights, attributes) in zip(parts, originals):
+            module.load_state_dict(weights)
+            for name in set(vars(module)) - attributes:
+                delattr(module, name)
+        if applied is None:
+            delattr(model, APPLIED_ATTR)
+        else:
+            setattr(model, APPLIED_ATTR, applied)
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -403,21 +531,23 @@ class Protocol:
 
 
 def score_run(model, judge_model: ToyJudge, m: Method, subject: Subject, saves: dict[int, Path], protocol: Protocol,
-              *, seed: int, unet: Path | None = None) -> list[dict]:
+              *, seed: int, unet: Path | None = None, lora: Path | None = None) -> list[dict]:
     """Judge the prompt suite at every setting of ``protocol``: one point dict per (steps, strength).
 
-    ``saves`` maps steps to the run's saved embedding (or UNet weights for a DreamBooth cell); ``unet``
-    is the DreamBooth UNet an embedding cell was trained on. The same sampling noise (``seed``) is used at
-    every setting, so the points of a run differ by the setting alone (:func:`judge_settings`).
+    ``saves`` maps steps to the run's saved embedding (or UNet weights for a DreamBooth cell, a LoRA file
+    for a LoRA DreamBooth cell); ``unet`` is the DreamBooth UNet and ``lora`` the LoRA file an embedding cell
+    was trained on. The same sampling noise (``seed``) is used at every setting, so the points of a run
+    differ by the setting alone (:func:`judge_settings`).
     """
     settings = protocol.settings(m)
-    if m.embedding:  # one UNet: every setting in one sampling batch
-        groups = [(unet, settings)]
-    else:  # a UNet per save
-        groups = [(saves[steps], [(steps, strength)]) for steps, strength in settings]
+    if m.embedding:  # one model: every setting in one sampling batch
+        groups = [({"unet": unet, "lora": lora}, settings)]
+    else:  # a model per save
+        kind = "lora" if m.lora else "unet"
+        groups = [({kind: saves[steps]}, [(steps, strength)]) for steps, strength in settings]
     points = []
     for weights, group in groups:
-        with unet_weights(model, weights):
+        with unet_weights(model, weights.get("unet")), lora_weights(model, weights.get("lora")):
             scores, _ = judge_settings(model, judge_model, m.phrase, subject,
                                        [(saves[steps] if m.embedding else None, strength) for steps, strength in group],
                                        samples_per_prompt=protocol.samples, seed=seed)
