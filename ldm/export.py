@@ -103,6 +103,10 @@ class PrunedExport(pl.Callback):
         self.half = half
         self.include_ema = include_ema
 
+    def weights_file(self, pl_module: pl.LightningModule, step: int, final: bool = False) -> Path | None:
+        """The pruned model keeps the weights of the run's last step (``final``) only."""
+        return self.path if final else None
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return

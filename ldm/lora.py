@@ -11,7 +11,8 @@ section (``configs/stable-diffusion/v1-finetune_lora.yaml``)::
 
 The base weights are frozen (held in half precision under mixed precision, as for TI); the adapters and
 their optimizer state are float32. Every save writes ``checkpoints/lora_gs-N.safetensors`` and the end
-``checkpoints/lora.safetensors`` in the kohya/A1111 layout (:mod:`ldm.checkpoint.lora`); ``last.ckpt``
+``checkpoints/lora.safetensors`` in the kohya/A1111 layout (:mod:`ldm.checkpoint.lora`), and validation with
+identity scores keeps the best save as ``checkpoints/lora_best.safetensors``; ``last.ckpt``
 holds the adapters and the optimizer state only (the base comes from ``--actual_resume`` again on ``-r``).
 
 ``--lora FILE[:SCALE]`` (config key ``lora_files``, any number) folds trained adapters into the base weights
@@ -111,18 +112,27 @@ def lora_tags(specs: list[str]) -> list[tuple[str, float]]:
     return [(Path(path).stem, scale) for path, scale in map(parse_lora_spec, specs)]
 
 
+FINAL_FILE = "lora.safetensors"  # what a LoRA DreamBooth run writes at the end
+BEST_FILE = "lora_best.safetensors"  # its save with the best validation identity score
+
+
 def saved_file_name(step: int) -> str:
     """The LoRA file a LoRA DreamBooth run writes at save step ``step``."""
     return f"lora_gs-{step}.safetensors"
 
 
-def prompt_loras(model: torch.nn.Module, step: int) -> tuple[tuple[str, float], ...]:
+def unsaved_name(step: int) -> str:
+    """How grids name the trained adapters of a step that no file keeps (a step between saves)."""
+    return f"{Path(saved_file_name(step)).stem}_unsaved"
+
+
+def prompt_loras(model: torch.nn.Module, trained_name: str) -> tuple[tuple[str, float], ...]:
     """The LoRAs in ``model``'s weights as A1111 names them in a prompt (``<lora:name:scale>``): the files folded
-    into its base (``--lora``), then its trained adapters at ``step`` as the file a save at that step writes
-    (``lora_gs-N``, scale 1)."""
+    into its base (``--lora``), then its trained adapters as ``trained_name`` (scale 1): the stem of the file
+    that keeps them (``lora_gs-N``, ``lora``), or :func:`unsaved_name`."""
     tags = tuple(getattr(model, APPLIED_ATTR, ()))
     if any(TRAINED_ADAPTER in layer.lora_A for layer in adapter_layers(model).values()):
-        tags += ((Path(saved_file_name(step)).stem, 1.0),)
+        tags += ((trained_name, 1.0),)
     return tags
 
 
@@ -183,7 +193,10 @@ def lora_callbacks(config: DictConfig, ckptdir: str | Path, every_n_train_steps:
 
 class LoraCheckpoint(pl.Callback):
     """Writes ``lora_gs-N.safetensors`` every N steps and ``lora.safetensors`` at the end (kohya layout), and
-    keeps only the adapters in ``last.ckpt`` (with the optimizer state, as Lightning writes it)."""
+    keeps only the adapters in ``last.ckpt`` (with the optimizer state, as Lightning writes it).
+
+    :meth:`save` also writes ``lora_best.safetensors`` for the validation (:mod:`ldm.train.validation.best`).
+    """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int, metadata: dict[str, Any], *,
                  base_checkpoint: str | None = None):
@@ -192,7 +205,9 @@ class LoraCheckpoint(pl.Callback):
         self.metadata = metadata
         self.base_checkpoint = base_checkpoint
 
-    def save(self, pl_module: pl.LightningModule, name: str) -> Path | None:
+    def save(self, pl_module: pl.LightningModule, name: str, step: int | None = None) -> Path | None:
+        """The trained adapters as ``name`` in the checkpoint folder (atomically), ``ss_steps`` the step they are at
+        (default: the model's); rank 0 only, and not when they hold NaN/Inf."""
         if not pl_module.trainer.is_global_zero:
             return None
         layers = trained_layers(pl_module)
@@ -200,21 +215,30 @@ class LoraCheckpoint(pl.Callback):
             logger.error("LoRA adapters hold NaN/Inf: %s not written, the last good file is kept", name)
             return None
         base_hash = model_hash(self.base_checkpoint) if self.base_checkpoint else None
-        metadata = {**self.metadata, META_STEPS: int(pl_module.global_step), META_BASE_HASH: base_hash}
+        step = pl_module.global_step if step is None else step
+        metadata = {**self.metadata, META_STEPS: int(step), META_BASE_HASH: base_hash}
         return save_lora(self.dirpath / name, layers, metadata)
 
+    def is_save_step(self, step: int) -> bool:
+        return bool(self.every_n_train_steps) and step > 0 and step % self.every_n_train_steps == 0
+
+    def weights_file(self, pl_module: pl.LightningModule, step: int, final: bool = False) -> Path | None:
+        """The file that keeps the adapters of ``step`` (``final``: the run's last step), None between saves."""
+        if self.is_save_step(step):
+            return self.dirpath / saved_file_name(step)
+        return self.dirpath / FINAL_FILE if final else None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = pl_module.global_step
         stopped = getattr(pl_module, "stopped_on_nonfinite_loss", False)
-        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and not stopped:
-            self.save(pl_module, saved_file_name(step))
+        if self.is_save_step(pl_module.global_step) and not stopped:
+            self.save(pl_module, saved_file_name(pl_module.global_step))
 
     def on_train_end(self, trainer, pl_module):
-        self.save(pl_module, "lora.safetensors")
+        self.save(pl_module, FINAL_FILE)
 
     def on_exception(self, trainer, pl_module, exception):
         try:
-            self.save(pl_module, "lora.safetensors")
+            self.save(pl_module, FINAL_FILE)
         except Exception as err:  # never hide the exception that stopped training
             logger.error("Could not save the LoRA on exit: %s", err)
 

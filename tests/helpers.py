@@ -232,6 +232,38 @@ def error_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "main"]
 
 
+class ScriptedScorer:
+    """Stands in for IdentityScorer: returns the scripted (detection rate, mean distance, match) of each validation
+    in turn."""
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def score(self, images):
+        rate, distance, match = self.script.pop(0)
+        return {"images": len(images), "faces": round(rate * len(images)), "detection_rate": rate,
+                "mean_distance": distance, "median_distance": distance, "fraction_under_threshold": match}
+
+
+def script_identity_scores(monkeypatch, script) -> None:
+    """The validation of a run scores its samples with ``script`` (see :class:`ScriptedScorer`), not with dlib."""
+    from ldm.train.validation import callback
+
+    scorer = ScriptedScorer(script)
+    monkeypatch.setattr(callback.IdentityScorer, "from_photos", classmethod(lambda cls, *a, **k: scorer))
+
+
+TXT2IMG_QUICK = ["--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2", "--device", "cpu"]
+
+
+def advised_command(caplog) -> tuple[str, list[str]]:
+    """The end-of-run advice (``Use ...``) and the ``stable_txt2img.py`` arguments of its command."""
+    (advice,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Use ")]
+    command = shlex.split(advice.split("Sample with it: ")[1])
+    assert command[:2] == ["python", "scripts/stable_txt2img.py"], command
+    return advice, command[2:]
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for ``python main.py`` in a subprocess that can import this module's hooks."""
     paths = [str(ROOT / "tests"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script, sd_v1_shapes, write_photos
+from helpers import TXT2IMG_QUICK, advised_command, load_script, sd_v1_shapes, write_photos
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
@@ -230,13 +230,20 @@ def test_make_class_images_generates_the_missing_ones(tmp_path, tiny_ckpt, photo
 
 
 # ------------------------------------------------------------------------------------- main.py
-def test_main_trains_exports_and_momentum_ti_runs_on_the_export(tmp_path, base_args, tiny_ckpt, photo_dir):
+def test_main_trains_exports_and_momentum_ti_runs_on_the_export(tmp_path, base_args, tiny_ckpt, photo_dir, caplog,
+                                                                monkeypatch):
     logdir = tmp_path / "logs"
-    rc = main.main(["--base", str(TINY_UNFROZEN), "-t", *base_args, "--train_text_encoder", "--export_format",
-                    "safetensors", "--precision", "bf16-mixed", "--max_steps", "1", "--logdir", str(logdir),
-                    "-n", "db", *QUIET])
+    with caplog.at_level(logging.INFO):
+        rc = main.main(["--base", str(TINY_UNFROZEN), "-t", *base_args, "--train_text_encoder", "--export_format",
+                        "safetensors", "--precision", "bf16-mixed", "--max_steps", "1", "--logdir", str(logdir),
+                        "-n", "db", *QUIET])
     assert rc == 0
     ckptdir = next(logdir.glob("*db*")) / "checkpoints"
+    advice, args = advised_command(caplog)  # the summary's command samples the exported model as printed
+    assert advice.startswith(f"Use the final model, {ckptdir / 'model_pruned.safetensors'}. Sample with it: ")
+    parsed = load_script("stable_txt2img").build_parser().parse_args(args)
+    assert (parsed.ckpt, parsed.lora, parsed.embedding_path) == (str(ckptdir / "model_pruned.safetensors"), [], None)
+    assert parsed.prompt == "a photo of a sks woman"
     pruned = read_state_dict(ckptdir / "model_pruned.safetensors")
     assert set(pruned) == tiny_layout()
     base = read_state_dict(tiny_ckpt)
@@ -254,6 +261,8 @@ def test_main_trains_exports_and_momentum_ti_runs_on_the_export(tmp_path, base_a
                     "--data_root", str(photo_dir), "--max_steps", "2", "--logdir", str(logdir), "-n", "ti", *QUIET])
     assert rc == 0
     assert (next(logdir.glob("*ti*")) / "checkpoints" / "embeddings.pt").is_file()
+    monkeypatch.chdir(tmp_path)  # --outdir is relative: outputs/<run>
+    assert load_script("stable_txt2img").main([*args, *TXT2IMG_QUICK]) == 0, "the command runs as printed"
 
 
 @pytest.mark.parametrize("case, expected", [

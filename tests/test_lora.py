@@ -1,12 +1,14 @@
 """LoRA (peft adapters, kohya/A1111 files): parity with diffusers, hand-written files, merged export, main.py."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import PROMPT, load_script, txt2img_argv, write_photos, write_txt2img_files
+from helpers import (PROMPT, TXT2IMG_QUICK, advised_command, load_script, script_identity_scores,
+                     txt2img_argv, write_photos, write_txt2img_files)
 from helpers_a1111 import parse_parameters
 from helpers_diffusers import diffusers_unet, randomize_, sd_pipeline
 from omegaconf import OmegaConf
@@ -260,15 +262,15 @@ def test_bad_flags_exit_2_with_one_line_naming_the_flag(case, expected, tiny_ckp
 # ------------------------------------------------------------------------------ main.py and txt2img
 
 
-def lora_run(logdir: Path, name: str, ckpt: Path, photos: Path, *extra: str) -> Path:
+def lora_run(logdir: Path, name: str, ckpt: Path, photos: Path, *extra: str, quiet=QUIET) -> Path:
     argv = ["--base", str(TINY_LORA), "-t", "--actual_resume", str(ckpt), "--data_root", str(photos),
             "--class_word", "woman", "--logdir", str(logdir), "-n", name, "--lora_rank", "2", "--seed", "5",
-            "lightning.modelcheckpoint.params.every_n_train_steps=1", *QUIET, *extra]
+            "lightning.modelcheckpoint.params.every_n_train_steps=1", *quiet, *extra]
     assert main.main(argv) == 0
     return next(logdir.glob(f"*_{name}_*")) / "checkpoints"
 
 
-def test_lora_dreambooth_saves_kohya_files_resumes_exactly_and_feeds_momentum_ti(tiny_ckpt, tmp_path):
+def test_lora_dreambooth_saves_kohya_files_resumes_exactly_and_feeds_momentum_ti(tiny_ckpt, tmp_path, caplog):
     photos = write_photos(tmp_path / "photos", count=2, size=64)
     logdir = tmp_path / "logs"
     straight = lora_run(logdir, "straight", tiny_ckpt, photos, "--max_steps", "2")
@@ -293,31 +295,86 @@ def test_lora_dreambooth_saves_kohya_files_resumes_exactly_and_feeds_momentum_ti
     for name, layer in final.layers.items():
         assert torch.equal(layer.up, resumed.layers[name].up) and torch.equal(layer.down, resumed.layers[name].down)
 
-    rc = main.main(["--base", str(TINY_FINETUNE), "-t", "--actual_resume", str(tiny_ckpt), "--data_root", str(photos),
-                    "--lora", f"{straight / 'lora.safetensors'}:0.8", "--placeholder_string", "sks", "--max_steps", "1",
-                    "--logdir", str(logdir), "-n", "ti", *QUIET])
-    assert rc == 0 and (next(logdir.glob("*_ti_*")) / "checkpoints" / "embeddings.pt").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rc = main.main(["--base", str(TINY_FINETUNE), "-t", "--actual_resume", str(tiny_ckpt), "--data_root",
+                        str(photos), "--lora", f"{straight / 'lora.safetensors'}:0.8", "--placeholder_string", "sks",
+                        "--max_steps", "1", "--logdir", str(logdir), "-n", "ti", *QUIET])
+    embedding = next(logdir.glob("*_ti_*")) / "checkpoints" / "embeddings.pt"
+    assert rc == 0 and embedding.is_file()
+    parsed = load_script("stable_txt2img").build_parser().parse_args(advised_command(caplog)[1])
+    assert (parsed.lora, parsed.embedding_path) == ([f"{straight / 'lora.safetensors'}:0.8"], str(embedding)), \
+        "the embedding is sampled on the base it trained on: with the --lora files folded in"
 
 
 def test_training_and_validation_grids_name_the_loras_in_the_png(tiny_ckpt, tmp_path, trained):
-    """A LoRA DreamBooth run on a base with a LoRA folded in: the ImageLogger's grids and the validation grid
-    name both in A1111's prompt tags, the folded file at its scale and the trained adapters as the step's file."""
+    """A LoRA DreamBooth run on a base with a LoRA folded in: the ImageLogger's grids and the validation grids
+    name both in A1111's prompt tags, the folded file at its scale and the trained adapters as the file that keeps
+    them (``weights`` in the PNG): ``lora_gs-N`` at a save, ``lora`` at the last step, ``lora_gs-N_unsaved`` (and no
+    file) between saves."""
     shown = ("lightning.callbacks.image_logger.params.disabled=true", "--no_validation")
     argv = ["--base", str(TINY_LORA), "-t", "--actual_resume", str(tiny_ckpt), "--lora", f"{trained[1]}:0.5",
             "--data_root", str(write_photos(tmp_path / "photos", count=2, size=64)), "--class_word", "woman",
-            "--logdir", str(tmp_path / "logs"), "-n", "grids", "--max_steps", "2", "--validation_ddim_steps", "2",
+            "--logdir", str(tmp_path / "logs"), "-n", "grids", "--max_steps", "3", "--validation_ddim_steps", "2",
             "lightning.modelcheckpoint.params.every_n_train_steps=2",
-            "lightning.callbacks.image_logger.params.batch_frequency=2",
+            "lightning.callbacks.image_logger.params.batch_frequency=1",
             "lightning.callbacks.image_logger.params.max_images=1",
             "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=2",
             *(arg for arg in QUIET if arg not in shown)]
     assert main.main(argv) == 0
-    images = next((tmp_path / "logs").glob("*_grids_*")) / "images"
-    grids = [*(images / "train").glob("*_gs-000002_*.png"), images / "validation" / "step-2.png"]
-    assert len(grids) > 1
-    for grid in grids:
-        prompt = parse_parameters(read_png_text(grid)["parameters"])["Prompt"]
-        assert prompt.endswith(" <lora:subject:0.5> <lora:lora_gs-2:1>"), (grid.name, prompt)
+    run = next((tmp_path / "logs").glob("*_grids_*"))
+    images = run / "images"
+    expected = {1: ("lora_gs-1_unsaved", None), 2: ("lora_gs-2", "lora_gs-2.safetensors"),
+                3: ("lora", "lora.safetensors")}
+    assert sorted(p.name for p in (images / "validation").iterdir()) == ["step-2.png", "step-3.png"]
+    for step, (name, weights) in expected.items():
+        grids = list((images / "train").glob(f"*_gs-{step:06}_*.png"))
+        assert grids, step
+        for grid in grids:
+            text = read_png_text(grid)
+            assert json.loads(text["momentum_ti"])["weights"] == weights, (grid.name, text["momentum_ti"])
+            assert parse_parameters(text["parameters"])["Prompt"].endswith(f" <lora:subject:0.5> <lora:{name}:1>")
+        if weights is not None:
+            assert (run / "checkpoints" / weights).is_file()
+    for step in (2, 3):
+        text = read_png_text(images / "validation" / f"step-{step}.png")
+        name, weights = expected[step]
+        assert text["weights"] == weights
+        assert parse_parameters(text["parameters"])["Prompt"].endswith(f" <lora:subject:0.5> <lora:{name}:1>")
+
+
+def test_lora_dreambooth_keeps_the_best_adapters_and_says_how_to_sample_them(tiny_ckpt, tmp_path, trained,
+                                                                             monkeypatch, caplog):
+    """Validation with identity scores keeps the best save as lora_best.safetensors (the kohya file of that save,
+    its step in ss_steps and best.json); the summary names it with the stable_txt2img.py command on the base and
+    the run's --lora files, which runs as printed."""
+    script_identity_scores(monkeypatch, [(1.0, 0.62, 0.5), (1.0, 0.50, 1.0), (0.25, 0.30, 1.0)])  # steps 1, 2, 3
+    folded = f"{trained[1]}:0.5"
+    with caplog.at_level(logging.INFO):
+        ckpts = lora_run(tmp_path / "logs", "best", tiny_ckpt, write_photos(tmp_path / "photos", count=2, size=64),
+                         "--max_steps", "3", "--lora", folded, "--validation_identity", "--validation_ddim_steps", "2",
+                         quiet=[arg for arg in QUIET if arg != "--no_validation"])
+    best = ckpts / "lora_best.safetensors"
+    record = json.loads((ckpts / "best.json").read_text())
+    assert (record["step"], record["file"]) == (2, best.name)
+    kept, saved = read_lora(best), read_lora(ckpts / "lora_gs-2.safetensors")
+    assert kept.layers.keys() == saved.layers.keys()
+    assert all(torch.equal(kept.layers[n].up, layer.up) and torch.equal(kept.layers[n].down, layer.down)
+               for n, layer in saved.layers.items())
+    assert kept.metadata == saved.metadata and kept.metadata["ss_steps"] == "2"
+    assert any("Best LoRA so far: step 2 " in r.getMessage() for r in caplog.records)
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training done")]
+    assert f"best LoRA {best} (step 2, identity match 1.00)" in summary
+
+    advice, args = advised_command(caplog)
+    assert advice.startswith(f"Use the best LoRA (step 2), {best}. Sample with it: ")
+    parsed = load_script("stable_txt2img").build_parser().parse_args(args)
+    assert (parsed.ckpt, parsed.lora, parsed.embedding_path) == (str(tiny_ckpt), [folded, str(best)], None)
+    assert parsed.prompt == "a photo of a sks woman" and Path(parsed.config).parent == ckpts.parent / "configs"
+    monkeypatch.chdir(tmp_path)  # --outdir is relative: outputs/<run>
+    assert load_script("stable_txt2img").main([*args, *TXT2IMG_QUICK]) == 0, "the command runs as printed"
+    (sample,) = (tmp_path / "outputs" / ckpts.parent.name / "samples").glob("*.png")
+    assert read_png_text(sample)["parameters"].splitlines()[0].endswith("<lora:subject:0.5> <lora:lora_best:1>")
 
 
 def test_txt2img_samples_with_a_lora_and_names_it_in_the_png(tmp_path, trained):

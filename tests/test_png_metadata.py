@@ -72,6 +72,7 @@ def test_training_image_logger_writes_the_chunks(tmp_path: Path, photo_dir, tiny
         assert set(text) == {"parameters", "momentum_ti"}
         details = json.loads(text["momentum_ti"])
         assert details["step"] == 2 and details["checkpoint"] == str(tiny_ckpt) and len(details["captions"]) == 1
+        assert details["weights"] == "embeddings.pt", "the last step (no save step: saves are every 50)"
         assert parse_parameters(text["parameters"]) == {
             "Prompt": details["captions"][0], "Negative prompt": "", "Steps": "2", "Sampler": "DDIM",
             "CFG scale": "5.0", "Seed": "23", "Size": "64x64", "Model": tiny_ckpt.stem,

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, base_argv, load_script, only_run, subprocess_env, write_photos
+from helpers import ROOT, TXT2IMG_QUICK, advised_command, base_argv, load_script, only_run, subprocess_env, write_photos
 from PIL import Image
 
 import main
@@ -50,15 +50,13 @@ def test_a_3_step_run_has_its_metrics_on_disk_and_a_summary(tmp_path, photo_dir,
     assert "v_num" not in bar and "Epoch 0" not in bar.split("Training step")[-1]
 
     # the next step: the final embedding (no identity scores here) and a command that samples with it
-    (advice,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Use ")]
+    advice, command = advised_command(caplog)
     final = run / "checkpoints" / "embeddings.pt"
     assert advice.startswith(f"Use the final embedding, {final}. Sample with it: python scripts/stable_txt2img.py ")
-    command = shlex.split(advice.split("Sample with it: ")[1])
     assert command[command.index("--embedding_path") + 1] == str(final)
-    assert command[command.index("--prompt") + 1] == "a photo of a *"
+    assert command[command.index("--prompt") + 1] == "a photo of a *" and "--lora" not in command
     monkeypatch.chdir(tmp_path)  # --outdir is relative: outputs/<run>
-    quick = ["--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2", "--device", "cpu"]
-    assert load_script("stable_txt2img").main([*command[2:], *quick]) == 0, "the command runs as printed"
+    assert load_script("stable_txt2img").main([*command, *TXT2IMG_QUICK]) == 0, "the command runs as printed"
     assert list((tmp_path / "outputs" / run.name / "samples").glob("*.png"))
 
 
@@ -71,6 +69,20 @@ def test_the_sampling_command_names_an_autoencoder_factor_other_than_sd_s(factor
     assert ("--f" in args) == named
     if named:
         assert args[args.index("--f") + 1] == str(factor)
+
+
+@pytest.mark.parametrize("kind, result, ckpt, loras, embedding", [
+    ("embedding", "e.pt", "base.ckpt", ["x.safetensors:0.5"], "e.pt"),
+    ("LoRA", "lora_best.safetensors", "base.ckpt", ["x.safetensors:0.5", "lora_best.safetensors"], None),
+    ("model", "model_pruned.ckpt", "model_pruned.ckpt", [], None),  # the export holds the folded LoRA already
+])
+def test_the_sampling_command_passes_each_kind_of_result_with_its_flag(kind, result, ckpt, loras, embedding) -> None:
+    command = SamplingCommand(config=Path("run.yaml"), ckpt="base.ckpt", prompt="a photo of a sks woman", size=64,
+                              outdir=Path("outputs/run"), kind=kind, loras=("x.safetensors:0.5",)).line(Path(result))
+    parsed = load_script("stable_txt2img").build_parser().parse_args(shlex.split(command)[2:])
+    assert (parsed.ckpt, parsed.lora, parsed.embedding_path) == (ckpt, loras, embedding)
+    assert (parsed.config, parsed.prompt, parsed.H, parsed.outdir) == ("run.yaml", "a photo of a sks woman", 64,
+                                                                       "outputs/run")
 
 
 NOISE = ("💡 Tip", "litlogger", "FLOPs", "in eval mode at the start of training", "deprecated")

@@ -7,16 +7,19 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import base_argv, only_run, shared_fixture
+from helpers import base_argv, only_run, script_identity_scores, shared_fixture
 from PIL import Image
 
 import main
+from ldm.export import PrunedExport
+from ldm.lora import LoraCheckpoint
 from ldm.sampling_io import read_png_text
-from ldm.train.validation import callback as validation_callback
-from ldm.train.validation.best import BestEmbedding, IdentityScore
+from ldm.train.callbacks import EmbeddingCheckpoint, step_weights_file
+from ldm.train.validation.best import BestSave, IdentityScore
 from ldm.train.validation.callback import ValidationSampler
 from ldm.train.validation.settings import ValidationSettings, default_prompts
 
@@ -71,7 +74,7 @@ def test_slow_sampling_is_reported_once(tmp_path, caplog) -> None:
 
 def test_best_embedding_rule_on_scripted_scores(tmp_path, tiny_model) -> None:
     manager = tiny_model.embedding_manager
-    best = BestEmbedding(tmp_path)
+    best = BestSave.of_embedding(tmp_path, manager)
     script = [  # step, detection rate, mean distance, match fraction; expected: becomes the best?
         (10, 0.25, 0.30, 1.00, False),  # faces in under half the samples: never the best
         (20, 0.75, 0.70, 0.50, True),
@@ -82,13 +85,13 @@ def test_best_embedding_rule_on_scripted_scores(tmp_path, tiny_model) -> None:
         (70, 0.00, None, None, False),  # no face at all
     ]
     for step, rate, distance, match, expected in script:
-        assert best.offer(IdentityScore(step, rate, distance, match), manager) is expected, step
+        assert best.offer(IdentityScore(step, rate, distance, match)) is expected, step
     record = json.loads((tmp_path / "best.json").read_text())
     assert record["step"] == 40 and record["identity_match"] == 0.75 and "face_detect_rate >= 0.5" in record["rule"]
     assert torch.load(tmp_path / "embeddings_best.pt", weights_only=True)["step"] == 40
     assert (tmp_path / "embeddings_best.safetensors").is_file()
-    resumed = BestEmbedding(tmp_path)  # a resumed run continues from best.json
-    assert resumed.best.step == 40 and not resumed.offer(IdentityScore(80, 1.0, 0.6, 0.5), manager)
+    resumed = BestSave.of_embedding(tmp_path, manager)  # a resumed run continues from best.json
+    assert resumed.best.step == 40 and not resumed.offer(IdentityScore(80, 1.0, 0.6, 0.5))
 
 
 # ------------------------------------------------------------------------------ in a run
@@ -104,7 +107,25 @@ def test_grids_at_every_save_start_from_the_same_noise(tmp_path, photo_dir, tiny
     assert first.size == second.size and first.tobytes() == second.tobytes()
     text = read_png_text(samples / "step-4.png")
     assert text["prompts"].splitlines() == default_prompts("*") and text["step"] == "4" and text["steps"] == "2"
+    assert text["weights"] == "embeddings_gs-4.pt"
     assert list((only_run(tmp_path, "grids") / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("kind", ["embedding", "lora", "dreambooth"])
+def test_grids_name_the_file_that_keeps_the_weights_of_their_step(tmp_path, kind) -> None:
+    """One rule for every kind of run: the save's file at a save step, the final file at the last step, none
+    between saves (full DreamBooth keeps only the latest last.ckpt while it trains: no file at a save)."""
+    module = SimpleNamespace(embedding_manager=object() if kind == "embedding" else None)
+    writer = {"embedding": [], "lora": [LoraCheckpoint(tmp_path, 2, {})],
+              "dreambooth": [PrunedExport(tmp_path / "model_pruned.ckpt")]}[kind]
+    trainer = SimpleNamespace(callbacks=[EmbeddingCheckpoint(tmp_path, every_n_train_steps=2), *writer],
+                              lightning_module=module)
+    names = {"embedding": ("embeddings_gs-2.pt", "embeddings.pt", "embeddings_gs-4.pt"),
+             "lora": ("lora_gs-2.safetensors", "lora.safetensors", "lora_gs-4.safetensors"),
+             "dreambooth": (None, "model_pruned.ckpt", "model_pruned.ckpt")}[kind]
+    found = [step_weights_file(trainer, step, final=final) for step, final in ((1, False), (2, False), (3, True),
+                                                                                (4, True))]
+    assert [path.name if path else None for path in found] == [None, *names]
 
 
 def test_grids_differ_once_the_embedding_trains(tmp_path, photo_dir, tiny_ckpt) -> None:
@@ -115,22 +136,9 @@ def test_grids_differ_once_the_embedding_trains(tmp_path, photo_dir, tiny_ckpt) 
     assert Image.open(samples / "step-2.png").tobytes() != Image.open(samples / "step-4.png").tobytes()
 
 
-class ScriptedScorer:
-    """Stands in for IdentityScorer: returns the scripted metrics of each validation in turn."""
-
-    def __init__(self, script):
-        self.script = list(script)
-
-    def score(self, images):
-        rate, distance, match = self.script.pop(0)
-        return {"images": len(images), "faces": round(rate * len(images)), "detection_rate": rate,
-                "mean_distance": distance, "median_distance": distance, "fraction_under_threshold": match}
-
-
 def test_run_keeps_the_best_scored_save(tmp_path, photo_dir, tiny_ckpt, monkeypatch, caplog) -> None:
     script = [(1.0, 0.62, 0.5), (1.0, 0.50, 1.0), (0.25, 0.30, 1.0)]  # saves at steps 2, 4, 6
-    monkeypatch.setattr(validation_callback.IdentityScorer, "from_photos",
-                        classmethod(lambda cls, *a, **k: ScriptedScorer(script)))
+    script_identity_scores(monkeypatch, script)
     argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "-n", "best", "--max_steps", "6", "--validation_identity",
                      *QUICK)
     with caplog.at_level(logging.INFO):

@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.compat import drop_ignored_keys
-from ldm.lora import prompt_loras
+from ldm.lora import prompt_loras, unsaved_name
 from ldm.png_metadata import SampleSettings, model_fields, png_text
 from ldm.sampling_io import save_png, to_grid_image
 from ldm.util import atomic_write
@@ -20,6 +20,12 @@ from ldm.util import atomic_write
 logger = logging.getLogger(__name__)
 
 RESUME_POINT = "last.ckpt"  # what ``main.py -r LOGDIR`` reads in ``LOGDIR/checkpoints``
+FINAL_EMBEDDING = "embeddings.pt"  # the embedding file a run writes at the end
+
+
+def saved_embedding_name(step: int) -> str:
+    """The embedding file a run writes at save step ``step``."""
+    return f"embeddings_gs-{step}.pt"
 
 
 class EmbeddingCheckpoint(pl.Callback):
@@ -61,7 +67,7 @@ class EmbeddingCheckpoint(pl.Callback):
                 manager.save(target, step=pl_module.global_step, ema=ema)
 
     def _save_resumable(self, trainer, pl_module) -> None:
-        self._save(pl_module, "embeddings.pt")
+        self._save(pl_module, FINAL_EMBEDDING)
         self._save_resume_point(trainer, pl_module)
 
     def _save_resume_point(self, trainer, pl_module) -> None:
@@ -90,11 +96,23 @@ class EmbeddingCheckpoint(pl.Callback):
         if callable(self._previous_sigusr1):
             self._previous_sigusr1(signum, frame)
 
+    def is_save_step(self, step: int) -> bool:
+        return bool(self.every_n_train_steps) and step > 0 and step % self.every_n_train_steps == 0
+
+    def weights_file(self, pl_module, step: int, final: bool = False) -> Path | None:
+        """The embedding file that keeps the vectors of ``step`` (``final``: the run's last step); None between
+        saves and in runs that train no embedding."""
+        if getattr(pl_module, "embedding_manager", None) is None:
+            return None
+        if self.is_save_step(step):
+            return self.dirpath / saved_embedding_name(step)
+        return self.dirpath / FINAL_EMBEDDING if final else None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = pl_module.global_step
         stopped = getattr(pl_module, "stopped_on_nonfinite_loss", False)  # set by ldm.nonfinite at this step
-        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and not stopped:
-            self._save(pl_module, f"embeddings_gs-{step}.pt")
+        if self.is_save_step(step) and not stopped:
+            self._save(pl_module, saved_embedding_name(step))
             self._save_resume_point(trainer, pl_module)
         if self.save_requested:
             logger.warning("SIGUSR1 received: saving the embedding and a resumable checkpoint")
@@ -105,7 +123,7 @@ class EmbeddingCheckpoint(pl.Callback):
         self._save(pl_module, f"embeddings_ep-{trainer.current_epoch}.pt")
 
     def on_train_end(self, trainer, pl_module):
-        self._save(pl_module, "embeddings.pt")
+        self._save(pl_module, FINAL_EMBEDDING)
         stopped = getattr(pl_module, "stopped_on_nonfinite_loss", False)
         if not stopped and self._resume_point_step != pl_module.global_step:  # -r can go on with a larger --max_steps
             self._save_resume_point(trainer, pl_module)
@@ -139,7 +157,8 @@ class ImageLogger(pl.Callback):
 
     ``save_dir`` defaults to ``<log dir>/images``. Each PNG carries the AUTOMATIC1111 ``parameters``
     chunk (the grid's first caption, the sampler settings, the model hash of ``checkpoint_path``,
-    by default the weights the model loaded; :mod:`ldm.png_metadata`) and the run's details.
+    by default the weights the model loaded; :mod:`ldm.png_metadata`) and the run's details, among them
+    ``weights``: the file that keeps the weights drawn (:func:`step_weights_file`), null at a step between saves.
     Failures here (a missing font, odd sizes) are logged and never stop training.
     """
 
@@ -170,7 +189,8 @@ class ImageLogger(pl.Callback):
             with torch.no_grad():
                 images = pl_module.log_images(batch, N=self.max_images, **self.log_images_kwargs)
             root.mkdir(parents=True, exist_ok=True)
-            text = self._png_text(pl_module, batch, images, step=step, epoch=trainer.current_epoch)
+            weights = step_weights_file(trainer, step, final=step == trainer.max_steps)
+            text = self._png_text(pl_module, batch, images, step=step, weights=weights, epoch=trainer.current_epoch)
             for name, tensor in images.items():
                 path = root / f"{name}_gs-{step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
                 save_png(path, to_grid_image(tensor[: self.max_images]), text)
@@ -179,8 +199,10 @@ class ImageLogger(pl.Callback):
         finally:
             pl_module.train(was_training)
 
-    def _png_text(self, pl_module, batch, images: dict[str, torch.Tensor], *, step: int, **details) -> dict[str, str]:
-        """The grids' text chunks: A1111 ``parameters`` of the sampling, the captions and step in ``momentum_ti``."""
+    def _png_text(self, pl_module, batch, images: dict[str, torch.Tensor], *, step: int, weights: Path | None,
+                  **details) -> dict[str, str]:
+        """The grids' text chunks: A1111 ``parameters`` of the sampling, the captions, step and weights file in
+        ``momentum_ti``."""
         sampling = {**keyword_defaults(pl_module.log_images), **self.log_images_kwargs}
         captions = [str(c) for c in batch[pl_module.cond_stage_key][: self.max_images]]
         checkpoint = self.checkpoint_path or getattr(pl_module, "init_checkpoint", None)
@@ -189,21 +211,35 @@ class ImageLogger(pl.Callback):
             pl_module, step, prompt=captions[0] if captions else "", negative_prompt="",
             steps=int(sampling["ddim_steps"]), cfg_scale=float(sampling["unconditional_guidance_scale"]),
             seed=getattr(pl_module, "training_seed", None), width=int(width), height=int(height),
-            checkpoint=checkpoint)
-        return png_text(viewer, {"captions": captions, "step": step, **details, "checkpoint": checkpoint})
+            weights=weights, checkpoint=checkpoint)
+        return png_text(viewer, {"captions": captions, "step": step, "weights": weights.name if weights else None,
+                                 **details, "checkpoint": checkpoint})
 
 
-def run_sample_settings(pl_module, step: int, *, checkpoint: str | Path | None = None,
+def step_weights_file(trainer, step: int, *, final: bool = False) -> Path | None:
+    """The file that keeps the trained weights of ``step`` (``final``: the run's last step), as the saving callbacks
+    of ``trainer`` name it (their ``weights_file``: ``embeddings_gs-N.pt``/``embeddings.pt``,
+    ``lora_gs-N.safetensors``/``lora.safetensors``, ``model_pruned.*`` at the end); None when no file keeps them."""
+    for callback in trainer.callbacks:
+        name = getattr(callback, "weights_file", None)
+        if callable(name) and (path := name(trainer.lightning_module, step, final)) is not None:
+            return path
+    return None
+
+
+def run_sample_settings(pl_module, step: int, *, weights: Path | None = None, checkpoint: str | Path | None = None,
                         **sampling: Any) -> SampleSettings:
     """What a viewer shows for samples a training run draws at ``step`` with ``sampling`` (SampleSettings'
     prompt, negative_prompt, steps, cfg_scale, seed, width, height; DDIM): the model hash of ``checkpoint``
     (default: the weights the model loaded), the embedding's placeholders and gamma, and the LoRAs in the
-    model's weights as A1111's ``<lora:name:scale>`` prompt tags (:func:`ldm.lora.prompt_loras`)."""
+    model's weights as A1111's ``<lora:name:scale>`` prompt tags (:func:`ldm.lora.prompt_loras`), the trained
+    adapters named after ``weights``, the file that keeps them (``lora_gs-N_unsaved`` when none does)."""
     manager = getattr(pl_module, "embedding_manager", None)
     checkpoint = checkpoint or getattr(pl_module, "init_checkpoint", None)
+    trained = weights.stem if weights is not None else unsaved_name(step)
     return SampleSettings(**sampling, sampler="DDIM", **model_fields(checkpoint),
                           embedding=" ".join(manager.placeholders) if manager else None,
-                          gamma=manager.gamma if manager else None, loras=prompt_loras(pl_module, step))
+                          gamma=manager.gamma if manager else None, loras=prompt_loras(pl_module, trained))
 
 
 def keyword_defaults(function) -> dict[str, object]:

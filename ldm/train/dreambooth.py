@@ -91,6 +91,10 @@ def dreambooth_callbacks(config: DictConfig, ckptdir: str | Path) -> list[pl.Cal
     section = config.get(SECTION)
     if section is None or config.get("lora") is not None:
         return []
-    path = export_path(ckptdir, section.get("export_format", "ckpt"))
-    return [PrunedExport(path, half=bool(section.get("export_half", False)),
+    return [PrunedExport(export_file(config, ckptdir), half=bool(section.get("export_half", False)),
                          include_ema=bool(section.get("export_ema", False)))]
+
+
+def export_file(config: DictConfig, ckptdir: str | Path) -> Path:
+    """The pruned model a (full) DreamBooth run writes at the end: ``ckptdir/model_pruned.<export_format>``."""
+    return export_path(ckptdir, config[SECTION].get("export_format", "ckpt"))

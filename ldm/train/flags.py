@@ -192,7 +192,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("validation_ddim_steps", "DDIM steps of the validation samples (default 10)",
          ("lightning.validation.ddim_steps",), type=int, minimum=1),
     Flag("validation_identity", "score validation samples against the photos (dlib) and keep "
-         "checkpoints/embeddings_best.pt (on with --use_facial_loss)", (("lightning.validation.identity", True),)),
+         "checkpoints/embeddings_best.pt (LoRA DreamBooth: lora_best.safetensors; on with --use_facial_loss)",
+         (("lightning.validation.identity", True),)),
     Flag("no_validation", "no validation sampling at saves", (("lightning.validation.enabled", False),)),
 )
 

@@ -8,8 +8,9 @@
   frozen parts are in eval mode on purpose.
 - :class:`RunSummary`: at the end, writes the last step's ``train/*`` values to CSV and TensorBoard
   when Lightning's ``log_every_n_steps`` skipped that step (so a 3-step run has its metrics on disk),
-  then logs one line: steps, time, it/s, final and lowest loss, the best embedding and the samples;
-  and one more: the embedding file to use and the ``scripts/stable_txt2img.py`` command for it.
+  then logs one line: steps, time, it/s, final and lowest loss, the best save and the samples;
+  and one more: the file to use (embedding, LoRA or fine-tuned model) and the ``scripts/stable_txt2img.py``
+  command for it.
 - :func:`quiet_libraries`: hides Lightning's advert, its warning about the frozen parts' eval mode
   and a deprecation warning from inside Lightning (``main.py --verbose`` leaves them).
 
@@ -88,6 +89,10 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02}m{secs:02}s" if hours else f"{minutes}m{secs:02}s" if minutes else f"{secs}s"
 
 
+# what a run trains -> the stable_txt2img.py flag that takes the file it leaves
+RESULT_FLAGS = {"embedding": "--embedding_path", "LoRA": "--lora", "model": "--ckpt"}
+
+
 @dataclass(frozen=True)
 class SamplingCommand:
     """What ``scripts/stable_txt2img.py`` needs to sample a run's result.
@@ -95,7 +100,9 @@ class SamplingCommand:
     ``config`` is the run's merged config (it loads for sampling as it is), ``ckpt`` the weights the
     run started from, ``prompt`` the training prompt (e.g. ``a photo of a * woman``), ``size`` the
     training image size (None: the script's default), ``outdir`` where the samples go and
-    ``latent_factor`` the autoencoder's downsampling (named only when it is not SD's 8).
+    ``latent_factor`` the autoencoder's downsampling (named only when it is not SD's 8). ``kind`` is what
+    the run trains (a key of :data:`RESULT_FLAGS`: an embedding, LoRA adapters or the model itself), ``final``
+    the file it writes at the end, and ``loras`` the ``--lora FILE[:SCALE]`` folded into its base weights.
     """
 
     config: Path
@@ -104,12 +111,20 @@ class SamplingCommand:
     size: int | None
     outdir: Path
     latent_factor: int | None = None
+    kind: str = "embedding"
+    final: Path | None = None
+    loras: tuple[str, ...] = ()
 
-    def line(self, embedding: Path | None) -> str:
-        """The shell command line, with ``--embedding_path embedding`` when one is given."""
-        args = ["python", "scripts/stable_txt2img.py", "--config", str(self.config), "--ckpt", self.ckpt]
-        if embedding is not None:
-            args += ["--embedding_path", str(embedding)]
+    def line(self, result: Path | None) -> str:
+        """The shell command line that samples ``result``, a file of :attr:`kind` (None: the base alone). A model
+        the run fine-tuned already holds the ``loras`` folded into its base, so it is sampled without them."""
+        flag = RESULT_FLAGS[self.kind]
+        args = ["python", "scripts/stable_txt2img.py", "--config", str(self.config)]
+        if flag == "--ckpt" and result is not None:
+            args += ["--ckpt", str(result)]
+        else:
+            args += ["--ckpt", self.ckpt, *(arg for spec in self.loras for arg in ("--lora", spec))]
+            args += [flag, str(result)] if result is not None else []
         args += ["--prompt", self.prompt]
         if self.size is not None:
             args += ["--H", str(self.size), "--W", str(self.size)]
@@ -121,16 +136,15 @@ class SamplingCommand:
 class RunSummary(pl.Callback):
     """Flushes the last step's metrics and logs the end-of-run lines (see the module docstring).
 
-    ``validation`` adds the best embedding and where the samples are; place this callback after it,
-    so that its final validation has run. With ``sampling``, the second line names the embedding to
-    use, the best one when validation picked one, else ``final_embedding`` (when the run wrote it).
+    ``validation`` adds the best save and where the samples are; place this callback after it and after
+    the callbacks that write the final files, so that its final validation and those files are done. With
+    ``sampling``, the second line names the file to use, the best one when validation picked one, else
+    the run's final file (when the run wrote it).
     """
 
-    def __init__(self, validation: ValidationSampler | None = None, *, sampling: SamplingCommand | None = None,
-                 final_embedding: Path | None = None):
+    def __init__(self, validation: ValidationSampler | None = None, *, sampling: SamplingCommand | None = None):
         self.validation = validation
         self.sampling = sampling
-        self.final_embedding = final_embedding
         self._started = 0.0
         self._first_step = 0
         self._losses: list[tuple[int, torch.Tensor]] = []
@@ -180,15 +194,16 @@ class RunSummary(pl.Callback):
         return "; ".join(parts)
 
     def next_step(self) -> str | None:
-        """Which embedding to use and the command that samples with it; None when there is nothing to sample."""
+        """Which file to use and the command that samples with it; None when there is nothing to sample."""
         if self.sampling is None:
             return None
-        best = self.validation.best_embedding() if self.validation is not None else None
+        what, final = self.sampling.kind, self.sampling.final
+        best = self.validation.best_file() if self.validation is not None else None
         if best is not None:
             path, step = best
-            choice = f"the best embedding (step {step}), {path}"
-        elif self.final_embedding is not None and self.final_embedding.is_file():
-            path, choice = self.final_embedding, f"the final embedding, {self.final_embedding}"
+            choice = f"the best {what} (step {step}), {path}"
+        elif final is not None and final.is_file():
+            path, choice = final, f"the final {what}, {final}"
         else:
             return None
         return f"Use {choice}. Sample with it: {self.sampling.line(path)}"

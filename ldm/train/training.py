@@ -13,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoint import CheckpointError, read_checkpoint_meta
 from ldm.cli import one_line
 from ldm.data.images import DataRootError
-from ldm.train.dreambooth import dreambooth_callbacks, prepare_dreambooth_model
+from ldm.train.dreambooth import dreambooth_callbacks, export_file, prepare_dreambooth_model
 from ldm.train.flags import DATASET_SPLITS
-from ldm.lora import lora_callbacks, prepare_lora_model
+from ldm.lora import FILES_KEY, FINAL_FILE, lora_callbacks, prepare_lora_model
 from ldm.models.diffusion.ddpm import NOTHING_TO_TRAIN
 from ldm.precision import half_dtype
 from ldm.train.run_config import check_config, configure, error_line
@@ -196,9 +196,24 @@ def saved_step(resume_ckpt: Path) -> int:
         raise TrainingError(f"cannot resume: {one_line(err)}") from err
 
 
-def sampling_command(config: DictConfig, config_file: Path, data, model, *, outdir: Path) -> SamplingCommand | None:
-    """How to sample this run's embedding with ``stable_txt2img.py``; None for runs that train no embedding
-    alone (DreamBooth, LoRA, pretraining) or start from no checkpoint."""
+def trained_result(config: DictConfig, ckptdir: Path) -> tuple[str, Path] | None:
+    """What the run trains (a key of :data:`ldm.train.run_log.RESULT_FLAGS`) and the file it writes at the end;
+    None for runs without personalization (pretraining)."""
+    from ldm.train.callbacks import FINAL_EMBEDDING
+
+    if config.get("lora") is not None:
+        return "LoRA", ckptdir / FINAL_FILE
+    if config.get("dreambooth") is not None:
+        return "model", export_file(config, ckptdir)
+    if OmegaConf.select(config, "model.params.personalization_config") is not None:
+        return "embedding", ckptdir / FINAL_EMBEDDING
+    return None
+
+
+def sampling_command(config: DictConfig, config_file: Path, data, model, *, ckptdir: Path,
+                     outdir: Path) -> SamplingCommand | None:
+    """How to sample this run's embedding, LoRA or fine-tuned model with ``stable_txt2img.py`` (on the run's
+    base with its ``--lora`` files); None for runs that personalize nothing or start from no checkpoint."""
     from ldm.data.prompts import DEFAULT_TEMPLATE
     from ldm.inference import latent_downsampling
     from ldm.train.run_log import SamplingCommand
@@ -206,13 +221,14 @@ def sampling_command(config: DictConfig, config_file: Path, data, model, *, outd
     ckpt = OmegaConf.select(config, "model.params.ckpt_path")
     train = getattr(data, "datasets", {}).get("train")
     prompts = getattr(train, "prompts", None)
-    embedding_only = OmegaConf.select(config, "model.params.personalization_config") is not None and \
-        config.get("dreambooth") is None and config.get("lora") is None
-    if not (ckpt and prompts is not None and embedding_only):
+    result = trained_result(config, ckptdir)
+    if not (ckpt and prompts is not None and result is not None):
         return None
+    kind, final = result
     return SamplingCommand(config=config_file, ckpt=str(ckpt), prompt=DEFAULT_TEMPLATE.format(prompts.subject),
                            size=getattr(train, "size", None), outdir=outdir,
-                           latent_factor=latent_downsampling(model))
+                           latent_factor=latent_downsampling(model), kind=kind, final=final,
+                           loras=tuple(str(spec) for spec in config.get(FILES_KEY) or ()))
 
 
 def before_fit(trainer, model, resume_step: int | None) -> None:
@@ -267,8 +283,8 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     if not any(group["params"] for group in model.trainable_parameters()):
         raise TrainingError(NOTHING_TO_TRAIN)
     summary = RunSummary(validation, sampling=sampling_command(config, paths.cfgdir / f"{now}-project.yaml", data,
-                                                               model, outdir=Path("outputs") / paths.logdir.name),
-                         final_embedding=paths.ckptdir / "embeddings.pt")
+                                                               model, ckptdir=paths.ckptdir,
+                                                               outdir=Path("outputs") / paths.logdir.name))
     trainer = build_trainer(config, paths, {**trainer_args, **device_args}, validation, resume_step=resume_step,
                             summary=summary, verbose=opt.verbose)
     hold_frozen_weights_in_half(model, config, trainer_args["precision"])

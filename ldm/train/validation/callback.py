@@ -1,14 +1,16 @@
-"""The validation callback: sample grids at every embedding save, identity scores, the best embedding.
+"""The validation callback: sample grids at every save, identity scores, the best embedding or LoRA.
 
 At every ``every_n_train_steps``-th step N (the steps that write ``embeddings_gs-N.pt`` and
 ``last.ckpt``) and at the end of training, rank 0 samples every validation prompt ``samples_per_prompt`` times with the
 sampler of ``stable_txt2img.py`` (DDIM, eta 0, classifier-free guidance with its negative prompt)
 from starting noise drawn once from ``seed``: every save starts from the same noise, so the grids
 compare across steps. A grid goes to ``images/validation/step-N.png`` (prompts written to the left
-and in the PNG's text chunks) and to TensorBoard. With ``identity`` on, the samples are scored
-against the training photos (:class:`ldm.evaluation.IdentityScorer`) and the best save is kept
-(:mod:`ldm.train.validation.best`). With the embedding's moving average on (``ema_decay``), the average is
-sampled and scored too (``step-N_ema.png``, ``val/*_ema``), and it may become the best embedding.
+and in the PNG's text chunks, with ``weights``: the file that keeps the weights drawn) and to TensorBoard.
+With ``identity`` on, the samples are scored against the training photos
+(:class:`ldm.evaluation.IdentityScorer`) and the best save is kept (:mod:`ldm.train.validation.best`): the
+embedding, or in LoRA DreamBooth the adapters (``lora_best.safetensors``); full DreamBooth keeps no best model.
+With the embedding's moving average on (``ema_decay``), the average is sampled and scored too
+(``step-N_ema.png``, ``val/*_ema``), and it may become the best embedding.
 
 The validation of step N runs when the next batch starts, with the weights of step N: after step N's
 resume point and metrics are on disk. A run stopped or killed before it (SIGTERM at step N, SIGKILL
@@ -27,11 +29,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from ldm.train.callbacks import run_sample_settings
 from ldm.evaluation import IdentityScorer, NoReferenceFaceError
+from ldm.lora import BEST_FILE, LoraCheckpoint
 from ldm.png_metadata import PARAMETERS_KEY, parameters_text
 from ldm.sampling_io import save_png, to_pil_images
-from ldm.train.validation.best import BestEmbedding, IdentityScore
+from ldm.train.callbacks import ema_file_name, run_sample_settings, step_weights_file
+from ldm.train.validation.best import BestSave, IdentityScore
 from ldm.train.validation.grid import labelled_grid
 from ldm.train.validation.settings import ValidationSettings
 
@@ -50,7 +53,7 @@ def starting_noise(settings: ValidationSettings, channels: int, latent_size: int
 
 
 class ValidationSampler(pl.Callback):
-    """Validation grids, identity scores and the best embedding of a run (see the module docstring)."""
+    """Validation grids, identity scores and the best embedding or LoRA of a run (see the module docstring)."""
 
     def __init__(self, settings: ValidationSettings, *, images_dir: str | Path, ckptdir: str | Path,
                  every_n_train_steps: int, reference_photos: Sequence[Path] = ()):
@@ -61,10 +64,10 @@ class ValidationSampler(pl.Callback):
         self.reference_photos = list(reference_photos)
         self.noise: torch.Tensor | None = None
         self.scorer: IdentityScorer | None = None
-        self.best: BestEmbedding | None = None
+        self.best: BestSave | None = None
         self.validated_step: int | None = None
         self.warned_slow = False
-        self.no_identity_reason = "--validation_identity to pick the best embedding"
+        self.no_identity_reason = "--validation_identity to pick the best save"
         self._training_since = 0.0
 
     # ---------------------------------------------------------------------------- hooks
@@ -72,8 +75,7 @@ class ValidationSampler(pl.Callback):
         if not trainer.is_global_zero:
             return
         self.noise = starting_noise(self.settings, pl_module.channels, pl_module.image_size)
-        if getattr(pl_module, "embedding_manager", None) is not None:
-            self.best = BestEmbedding(self.ckptdir)
+        self.best = self._best_save(trainer, pl_module)
         if self.settings.identity:
             self.scorer = self._load_scorer()
         self._training_since = time.perf_counter()
@@ -87,21 +89,33 @@ class ValidationSampler(pl.Callback):
         self.validate(trainer, pl_module, step)
 
     def on_train_end(self, trainer, pl_module):
-        self.validate(trainer, pl_module, trainer.global_step)
+        self.validate(trainer, pl_module, trainer.global_step, final=True)
+
+    def _best_save(self, trainer, pl_module) -> BestSave | None:
+        """Where the best save goes: the embedding's files, the LoRA of a LoRA DreamBooth run, else nowhere."""
+        manager = getattr(pl_module, "embedding_manager", None)
+        if manager is not None:
+            return BestSave.of_embedding(self.ckptdir, manager)
+        lora = next((cb for cb in trainer.callbacks if isinstance(cb, LoraCheckpoint)), None)
+        if lora is None:
+            return None
+        return BestSave(self.ckptdir, lambda path, step, ema: lora.save(pl_module, path.name, step), names=(BEST_FILE,),
+                        what="LoRA")
 
     # ------------------------------------------------------------------------- the work
-    def validate(self, trainer, pl_module, step: int) -> None:
-        """Sample, write the grid, score and keep the best, once per step, on rank 0."""
+    def validate(self, trainer, pl_module, step: int, final: bool = False) -> None:
+        """Sample, write the grid, score and keep the best, once per step, on rank 0 (``final``: the last step)."""
         if not trainer.is_global_zero or self.noise is None or self.validated_step == step:
             return
         self.validated_step = step
         started = time.perf_counter()
         manager = getattr(pl_module, "embedding_manager", None)
+        weights = step_weights_file(trainer, step, final=final)
         try:
             for ema in (False, True) if manager is not None and manager.ema_decay else (False,):
                 with manager.ema_scope() if ema else contextlib.nullcontext():
                     images = self.sample(pl_module, trainer.precision_plugin.forward_context())
-                self._write_grid(trainer, images, step, ema)
+                self._write_grid(trainer, images, step, ema, weights=weights)
                 if self.scorer is not None:
                     self._score(trainer, pl_module, images, step, ema)
         except Exception as err:  # validation must never crash a training run
@@ -130,22 +144,26 @@ class ValidationSampler(pl.Callback):
             pl_module.train(was_training)
         return torch.cat(rows)
 
-    def _write_grid(self, trainer, images: torch.Tensor, step: int, ema: bool = False) -> None:
+    def _write_grid(self, trainer, images: torch.Tensor, step: int, ema: bool = False, *,
+                    weights: Path | None = None) -> None:
         """The labelled grid with A1111's ``parameters`` of its first prompt (LoRAs named as ``<lora:name:scale>``)
-        and every setting in text chunks, to ``images/validation`` and TensorBoard."""
+        and every setting in text chunks, ``weights`` the file that keeps the weights drawn (with ``ema``: its
+        moving-average twin), to ``images/validation`` and TensorBoard."""
         s, suffix = self.settings, EMA_SUFFIX if ema else ""
         grid = labelled_grid(images, s.prompts)
         height, width = images.shape[-2:]
         viewer = run_sample_settings(trainer.lightning_module, step, prompt=s.prompts[0],
                                      negative_prompt=s.negative_prompt, steps=s.ddim_steps, cfg_scale=s.scale,
-                                     seed=s.seed, width=int(width), height=int(height))
+                                     seed=s.seed, width=int(width), height=int(height), weights=weights)
+        kept = None if weights is None else ema_file_name(weights.name) if ema else weights.name
         path = save_png(self.grid_path(step, ema), grid, {
-            PARAMETERS_KEY: parameters_text(viewer), "prompts": "\n".join(s.prompts), "step": step,
+            PARAMETERS_KEY: parameters_text(viewer), "prompts": "\n".join(s.prompts), "step": step, "weights": kept,
             "samples_per_prompt": s.samples_per_prompt, "seed": s.seed, "steps": s.ddim_steps, "scale": s.scale,
             "sampler": "DDIM", "eta": s.eta, "negative_prompt": s.negative_prompt})
         for experiment in (lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
             experiment.add_image(f"validation/samples{suffix}", np.asarray(grid), step, dataformats="HWC")
-        logger.info("Validation samples at step %d%s: %s", step, " (moving average)" if ema else "", path)
+        logger.info("Validation samples at step %d%s: %s (weights in %s)", step, " (moving average)" if ema else "",
+                    path, kept or "no file")
 
     def _score(self, trainer, pl_module, images: torch.Tensor, step: int, ema: bool = False) -> None:
         metrics = self.scorer.score(to_pil_images(images))
@@ -162,7 +180,7 @@ class ValidationSampler(pl.Callback):
                     step, " (moving average)" if ema else "", 100 * metrics["detection_rate"],
                     metrics["mean_distance"], 100 * metrics["fraction_under_threshold"])
         if self.best is not None:
-            self.best.offer(IdentityScore.from_metrics(step, metrics), pl_module.embedding_manager, ema=ema)
+            self.best.offer(IdentityScore.from_metrics(step, metrics), ema=ema)
 
     def _load_scorer(self) -> IdentityScorer | None:
         """The identity scorer of the training photos, or None (with one warning saying why)."""
@@ -191,21 +209,22 @@ class ValidationSampler(pl.Callback):
     def grid_path(self, step: int, ema: bool = False) -> Path:
         return self.samples_dir / f"step-{step}{EMA_SUFFIX if ema else ''}.png"
 
-    def best_embedding(self) -> tuple[Path, int] | None:
-        """The best embedding's file and step, when identity scores picked one."""
+    def best_file(self) -> tuple[Path, int] | None:
+        """The best save's file (embedding or LoRA) and step, when identity scores picked one."""
         if self.best is None or self.best.best is None:
             return None
         return self.best.path, self.best.best.step
 
     def describe(self) -> str:
-        """Where the samples are and which embedding is the best, for the end-of-run summary."""
+        """Where the samples are and which save is the best, for the end-of-run summary."""
         if self.best is not None and self.best.best is not None:
             best = self.best.best
-            choice = f"best embedding {self.best.path} (step {best.step}, identity match {best.identity_match:.2f})"
+            choice = (f"best {self.best.what} {self.best.path} (step {best.step}, identity match "
+                      f"{best.identity_match:.2f})")
         elif self.scorer is None:
             choice = f"no identity score ({self.no_identity_reason})"
         elif self.best is None:
-            choice = "identity scores in the metrics (no embedding file to keep in this run)"
+            choice = "identity scores in the metrics (no embedding or LoRA file to keep in this run)"
         else:
-            choice = "no best embedding (no save had faces in at least half of its samples)"
+            choice = f"no best {self.best.what} (no save had faces in at least half of its samples)"
         return f"{choice}; validation samples in {self.samples_dir}"
