@@ -248,7 +248,8 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
     assert names == ["ti_anchor", "momentum_0.1_anchor", "dreambooth_momentum_0.1_anchor", "ti_norm_bound",
                      "momentum_0.1_norm_bound", "dreambooth_momentum_0.1_norm_bound", "ti_init_words",
                      "momentum_0.1_init_words", "dreambooth_momentum_0.1_init_words", "ti_ema", "momentum_0.1_ema",
-                     "dreambooth_momentum_0.1_ema", "lora_dreambooth", "lora_dreambooth_momentum_0.1"]
+                     "dreambooth_momentum_0.1_ema", "lora_dreambooth", "lora_dreambooth_momentum_0.1",
+                     "lora_dreambooth_lr1e-3", "lora_dreambooth_lr1e-3_momentum_0.1"]
     assert FRONTIER_METHODS == ("ti", "ti_lr8e-5", "momentum_0.1", "momentum_0.1_lr8e-3", "ti_original_step",
                                 "dreambooth", "dreambooth_momentum_0.1", "dreambooth_ti_lr8e-5", "dreambooth_prior",
                                 "dreambooth_prior_momentum_0.1")

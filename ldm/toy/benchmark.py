@@ -152,6 +152,11 @@ LORA_CELLS: tuple[Method, ...] = (
                            "attention projections, base lr 1e-4 x batch 8"),
     Method("lora_dreambooth_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="lora_dreambooth",
            note="the original code's recipe on the toy model with the LoRA DreamBooth adapters (--lora)"),
+    Method("lora_dreambooth_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("1e-3")),
+           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           note="lora_dreambooth at 10x the learning rate: base lr 1e-3 x batch 8"),
+    Method("lora_dreambooth_lr1e-3_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}",
+           on="lora_dreambooth_lr1e-3", note="the original code's recipe on lora_dreambooth_lr1e-3's adapters"),
 )
 METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)
