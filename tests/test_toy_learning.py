@@ -45,6 +45,8 @@ def test_pretrained_model_follows_attribute_prompts(base_model, judge_model):
     following = prompt_following(base_model, judge_model, samples_per_prompt=SAMPLES, seed=3)
     assert following["background"] >= 0.8, following
     assert following["size"] >= 0.8, following
+    # every identity feature is probed too (docs/toy_world.md: shape and accessory are at chance)
+    assert set(following) == {"background", "size", "colour", "shape", "pattern", "accessory"}
 
 
 def photo_folder(tmp_path):

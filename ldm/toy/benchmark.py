@@ -475,12 +475,19 @@ def judge_settings(model, judge_model: ToyJudge, phrase: str, subject: Subject |
 
 
 def prompt_following(model, judge_model: ToyJudge, samples_per_prompt: int = 8, seed: int = 0) -> dict[str, float]:
-    """How often the pretrained model draws the asked background / size / colour for the class word."""
-    from ldm.toy.world import BACKGROUNDS, BODY_COLOURS, SIZES
+    """How often the pretrained model draws the asked attribute, one word at a time, for the class word.
+
+    Covers the context (background, size) and each identity feature (shape, colour, pattern, accessory):
+    a feature the model cannot draw from its one word caps every text-embedding method's fidelity.
+    """
+    from ldm.toy.world import ACCESSORIES, BACKGROUNDS, BODY_COLOURS, PATTERNS, SHAPES, SIZES, accessory_phrase
 
     asks = ([(f"a photo of a {CLASS_WORD} on a {b} background", "background", b) for b in BACKGROUNDS]
             + [(f"a photo of a {s} {CLASS_WORD}", "size", s) for s in SIZES]
-            + [(f"a photo of a {c} {CLASS_WORD}", "colour", c) for c in BODY_COLOURS])
+            + [(f"a photo of a {c} {CLASS_WORD}", "colour", c) for c in BODY_COLOURS]
+            + [(f"a photo of a {s} {CLASS_WORD}", "shape", s) for s in SHAPES]
+            + [(f"a photo of a {p} {CLASS_WORD}", "pattern", p) for p in PATTERNS]
+            + [(f"a photo of a {CLASS_WORD}{accessory_phrase(a)}", "accessory", a) for a in ACCESSORIES if a != "none"])
     model.embedding_manager = None
     verdicts = judge(judge_model, sample(model, [a[0] for a in asks], samples_per_prompt, seed))
     result = {}
