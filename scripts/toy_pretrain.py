@@ -135,6 +135,11 @@ def probe(ckpt: Path, out: Path, config: Path) -> dict:
     return {name: description_probe(model, judge_model, subjects) for name, subjects in groups.items()}
 
 
+def chunk_file(chunk_dir: Path, done: int) -> Path:
+    """The export of the continuation after ``done`` extra steps."""
+    return chunk_dir / f"toy-v1-continued-{done}.safetensors"
+
+
 def continue_diffusion(workdir: Path, out: Path, steps: int, chunk: int, start: Path, overlays: Sequence[Path] = (),
                        overrides: Sequence[str] = ()) -> Path:
     """More pretraining of ``start`` with full captions, in resumable chunks.
@@ -143,7 +148,8 @@ def continue_diffusion(workdir: Path, out: Path, steps: int, chunk: int, start: 
     main.py ``key=value`` settings of the runs.
 
     Each chunk starts from the previous chunk's export (EMA weights; a fresh optimizer) and is probed;
-    the curve goes to ``out/description_curve.json``. Finished chunks are reused when run again.
+    the curve goes to ``out/description_curve.json``. Run again, it goes on from the latest chunk file in
+    ``workdir/continue`` and probes only the chunks the curve lacks.
     """
     from omegaconf import OmegaConf
 
@@ -157,9 +163,11 @@ def continue_diffusion(workdir: Path, out: Path, steps: int, chunk: int, start: 
     model_config = chunk_dir / "inference.yaml"
     merged = OmegaConf.merge(*(OmegaConf.load(p) for p in (ROOT / "configs/toy/v1-inference.yaml", *overlays)))
     atomic_write(model_config, lambda tmp: OmegaConf.save(merged, tmp))
-    previous = start
-    for done in range(0, steps + 1, chunk):
-        ckpt = previous if done == 0 else chunk_dir / f"toy-v1-continued-{done}.safetensors"
+    # the latest finished chunk is where training goes on (earlier chunks' files may have been cleaned up)
+    first = max((done for done in range(chunk, steps + 1, chunk) if chunk_file(chunk_dir, done).is_file()), default=0)
+    previous = start if first == 0 else chunk_file(chunk_dir, first)
+    for done in range(first, steps + 1, chunk):
+        ckpt = previous if done == first else chunk_file(chunk_dir, done)
         if not ckpt.is_file():
             configs = [str(model_config), *(str(ROOT / f"configs/toy/{name}.yaml") for name in ("pretrain", "pretrain_continue"))]
             logdir = run_main(["--base", *configs, "-t", "-n", f"toy-continue-{done}", "--accelerator", "cpu",

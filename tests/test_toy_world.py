@@ -171,3 +171,50 @@ def test_the_continue_stage_refuses_bad_step_counts_in_one_line(argv, tmp_path, 
     assert code == 2
     assert "--chunk must be at least 1 and --continue-steps at least 0" in caplog.text
     assert not list(tmp_path.iterdir()), "nothing is written before the arguments are checked"
+
+
+def test_the_continue_stage_goes_on_from_its_latest_chunk(tmp_path, monkeypatch):
+    """Run again, the continuation trains only the missing chunks, from the latest file, and probes what the curve lacks."""
+    import ldm.export
+
+    pretrain = load_script("toy_pretrain")
+    chunk_dir = tmp_path / "work" / "continue"
+    chunk_dir.mkdir(parents=True)
+    for done in (1000, 2000):
+        pretrain.chunk_file(chunk_dir, done).write_bytes(b"x")
+    (tmp_path / pretrain.CURVE_FILE).write_text('{"0": {}, "1000": {}}')
+    trained, probed = [], []
+
+    def fake_run_main(argv):
+        trained.append(argv[argv.index("--actual_resume") + 1])
+        return tmp_path / "run"
+
+    monkeypatch.setattr(pretrain, "run_main", fake_run_main)
+    monkeypatch.setattr(ldm.export, "export_checkpoint", lambda source, target, **_: target.write_bytes(b"y"))
+    monkeypatch.setattr(pretrain, "probe", lambda ckpt, out, config: probed.append(ckpt.name) or {})
+    last = pretrain.continue_diffusion(tmp_path / "work", tmp_path, 3000, 1000, tmp_path / "start.safetensors")
+    assert trained == [str(pretrain.chunk_file(chunk_dir, 2000))]
+    assert probed == ["toy-v1-continued-2000.safetensors", "toy-v1-continued-3000.safetensors"]
+    assert last == pretrain.chunk_file(chunk_dir, 3000)
+
+
+def test_growing_the_toy_model_adds_blocks_that_change_nothing(tmp_path):
+    """The grown model (cross-attention at 16x16 too) predicts exactly what the shipped model predicts."""
+    import torch
+
+    from ldm.inference import load_model
+
+    pretrain = load_script("toy_pretrain")
+    overlay = ROOT / "configs/toy/attention16.yaml"
+    grown_file = pretrain.grow_checkpoint(ROOT / "models/toy/toy-v1.safetensors", tmp_path / "grown.safetensors", overlay)
+    merged = tmp_path / "grown.yaml"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(ROOT / "configs/toy/v1-inference.yaml"), OmegaConf.load(overlay)),
+                   merged)
+    shipped = load_model(ROOT / "configs/toy/v1-inference.yaml", ROOT / "models/toy/toy-v1.safetensors", device="cpu")
+    grown = load_model(merged, grown_file, device="cpu")
+    assert len(grown.model.state_dict()) > len(shipped.model.state_dict())
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    with torch.no_grad():
+        context = shipped.get_learned_conditioning(["a photo of a red toy", ""])
+        torch.testing.assert_close(grown.apply_model(x, t, context), shipped.apply_model(x, t, context),
+                                   rtol=0, atol=1e-6)
