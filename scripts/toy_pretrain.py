@@ -11,6 +11,10 @@
 3. The judge, trained on fresh renders: ``models/toy/toy-judge.safetensors``, with its measured
    accuracy in ``models/toy/judge_accuracy.json``.
 
+Experiments on top (docs/toy_world.md): ``--stages grow --overlay CONFIG`` puts the shipped weights into
+a larger UNet (added attention blocks start with zero output), and ``--stages continue`` trains on with
+full captions in resumable chunks, probing after each how well held-out subjects' descriptions are drawn.
+
 ``models/toy/SHA256SUMS`` records the files. Training on a CPU is deterministic for a given machine
 and thread count (``--threads``, default 2); other machines may differ in the last bits.
 """
