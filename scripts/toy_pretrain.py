@@ -173,16 +173,17 @@ def continue_diffusion(workdir: Path, out: Path, steps: int, chunk: int, start: 
     for done in range(first, steps + 1, chunk):
         ckpt = previous if done == first else chunk_file(chunk_dir, done)
         if not ckpt.is_file():
-            configs = [str(model_config), *(str(ROOT / f"configs/toy/{name}.yaml") for name in ("pretrain", "pretrain_continue"))]
+            configs = [str(model_config), *(str(ROOT / f"configs/toy/{name}.yaml")
+                                            for name in ("pretrain", "pretrain_continue"))]
             logdir = run_main(["--base", *configs, "-t", "-n", f"toy-continue-{done}", "--accelerator", "cpu",
                                "-l", str(workdir), "-s", str(SEED + done), "--actual_resume", str(previous),
                                "--max_steps", str(chunk), "lightning.trainer.enable_progress_bar=false", *overrides])
             export_checkpoint(logdir / "checkpoints" / "last.ckpt", ckpt, half=True, ema_weights=True,
                               trust_pickle=True)
         if str(done) not in curve:
-            start = time.perf_counter()
+            began = time.perf_counter()
             curve[str(done)] = probe(ckpt, out, model_config)
-            logger.info("After %d more steps: %s (probe %.0f s)", done, curve[str(done)], time.perf_counter() - start)
+            logger.info("After %d more steps: %s (probe %.0f s)", done, curve[str(done)], time.perf_counter() - began)
             text = json.dumps(curve, indent=1) + "\n"
             atomic_write(curve_path, lambda tmp: tmp.write_text(text))
         previous = ckpt
