@@ -35,9 +35,10 @@ from ldm.toy.scenes import write_photo_folder
 from ldm.toy.world import CLASS_WORD, HELD_OUT_POOL_SIZE
 from ldm.toy.frontier import BOOTSTRAP_RESAMPLES, summarize_frontier
 from ldm.momentum import check_strength
+from ldm.toy.probes import prompt_following
 from ldm.toy.benchmark import (
     FRONTIER_METHODS, INFERENCE_CONFIG, METHOD_NAMES, QUICK_METHODS, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY,
-    TOY_JUDGE, TOY_MODEL, Method, Protocol, base_files, evaluate, load_record, load_toy_model, method, prompt_following,
+    TOY_JUDGE, TOY_MODEL, Method, Protocol, base_files, evaluate, load_record, load_toy_model, method,
     prompt_suite, record_path, require_toy_models, run_clock, save_record, score_run, step_saves, train,
 )
 from ldm.toy.judge import load_judge

@@ -131,7 +131,7 @@ def probe(ckpt: Path, out: Path, config: Path) -> dict:
     """Full-description fidelity and per-feature accuracy of ``ckpt`` on held-out and seen subjects."""
     from ldm.inference import load_model
     from ldm.toy.world import held_out_pool, pretraining_subjects
-    from ldm.toy.benchmark import description_probe
+    from ldm.toy.probes import description_probe
     from ldm.toy.judge import load_judge
 
     model, judge_model = load_model(config, ckpt, device="cpu"), load_judge(out / JUDGE_FILE)

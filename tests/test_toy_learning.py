@@ -13,8 +13,9 @@ import pytest
 
 from ldm.toy.scenes import write_photo_folder
 from ldm.toy.world import CLASS_WORD, held_out_pool
+from ldm.toy.probes import prompt_following
 from ldm.toy.benchmark import (
-    TOY_JUDGE, TOY_MODEL, evaluate, load_toy_model, method, prompt_following, require_toy_models, train,
+    TOY_JUDGE, TOY_MODEL, evaluate, load_toy_model, method, require_toy_models, train,
 )
 from ldm.toy.judge import accuracy, load_judge
 
