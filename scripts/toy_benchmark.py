@@ -23,7 +23,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +35,7 @@ from ldm.toy.scenes import write_photo_folder
 from ldm.toy.world import CLASS_WORD, HELD_OUT_POOL_SIZE
 from ldm.toy.frontier import BOOTSTRAP_RESAMPLES, summarize_frontier
 from ldm.momentum import check_strength
+from ldm.png_metadata import model_hash
 from ldm.toy.probes import prompt_following
 from ldm.toy.benchmark import (
     FRONTIER_METHODS, INFERENCE_CONFIG, METHOD_NAMES, QUICK_METHODS, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY,
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training lengths scored, all from one run that trains for the largest")
     p.add_argument("--strengths", type=float, nargs="+", default=list(STRENGTHS),
                    help="inference strengths s in [0, 4] scored for embeddings: e_s = e_p + s (e - e_p)")
+    p.add_argument("--ddim-steps", type=int, default=SAMPLER["ddim_steps"],
+                   help=f"DDIM steps of every scored sample (default {SAMPLER['ddim_steps']}; 10 halves the scoring "
+                        "time, docs/toy_benchmark.md)")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced run: 1 subject, 1 seed, {' and '.join(QUICK_METHODS)}, {QUICK_SAMPLES} samples "
                         "per prompt, no prompt-following probe")
@@ -119,8 +123,8 @@ def plan(args: argparse.Namespace) -> Plan:
     if any(s < 1 for s in args.steps) or sorted(set(args.steps)) != args.steps:
         raise ValueError(f"--steps must be increasing positive step counts, got {' '.join(map(str, args.steps))}")
     samples = args.samples if args.samples is not None else (QUICK_SAMPLES if args.quick else 8)
-    if samples < 1 or args.seeds < 1:
-        raise ValueError("--samples and --seeds must be at least 1")
+    if samples < 1 or args.seeds < 1 or args.ddim_steps < 1:
+        raise ValueError("--samples, --seeds and --ddim-steps must be at least 1")
     subjects = subject_seeds(args)
     cells = []
     for name in names:
@@ -129,18 +133,18 @@ def plan(args: argparse.Namespace) -> Plan:
             cells.append(method(m.on))
         if m not in cells:
             cells.append(m)
-    protocol = Protocol(tuple(args.steps), tuple(float(s) for s in args.strengths), samples)
+    protocol = Protocol(tuple(args.steps), tuple(float(s) for s in args.strengths), samples, args.ddim_steps)
     return Plan(cells, names, subjects, [0] if args.quick else list(range(args.seeds)), protocol)
 
 
 # ------------------------------------------------------------------------------------- runs
-def class_images(workdir: Path, threads: int, count: int = CLASS_IMAGES) -> Path:
+def class_images(workdir: Path, threads: int, ddim_steps: int, count: int = CLASS_IMAGES) -> Path:
     """The prior-preservation images of 'a photo of a toy' drawn by the pretrained toy model (made once,
     by scripts/make_class_images.py with ``threads`` CPU threads)."""
     outdir = workdir / "class_images" / CLASS_WORD
     command = [sys.executable, str(ROOT / "scripts" / "make_class_images.py"), "--ckpt", str(TOY_MODEL),
                "--config", str(INFERENCE_CONFIG), "--class_word", CLASS_WORD, "--outdir", str(outdir),
-               "--n_images", str(count), "--batch_size", "16", "--ddim_steps", str(SAMPLER["ddim_steps"]),
+               "--n_images", str(count), "--batch_size", "16", "--ddim_steps", str(ddim_steps),
                "--scale", str(SAMPLER["scale"]), "--device", "cpu", "--precision", "full"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(command, check=True, env=env)  # it makes only the images the folder lacks
@@ -160,13 +164,15 @@ class Runner:
         phrase = CLASS_WORD if name == "init_word" else subject.describe()
         path = record_path(self.workdir, name, subject_seed, 0)
         fingerprint = json.loads(json.dumps({"phrase": phrase, "settings": [[0, 1.0]],
-                                             "samples": self.plan.protocol.samples, "sampler": SAMPLER}))
+                                             "samples": self.plan.protocol.samples,
+                                             "sampler": self.plan.protocol.sampler,
+                                             "base_model": self.plan.protocol.base_model}))
         record = load_record(path, fingerprint)
         if record is None:
             watch = Stopwatch()
             watch.mark("trained")
             score, _ = evaluate(self.base, self.judge, phrase, subject, samples_per_prompt=self.plan.protocol.samples,
-                                seed=0)
+                                seed=0, ddim_steps=self.plan.protocol.ddim_steps)
             watch.mark("scored")
             point = {"steps": 0, "strength": 1.0, **{k: getattr(score, k) for k in FIGURES},
                      "per_prompt": score.per_prompt}
@@ -305,7 +311,7 @@ def results_json(plan_: Plan, by_cell: dict[str, list[dict]], following: dict | 
         "cells": {m.name: {"flags": list(m.flags), "on": m.on, "prior": m.prior, "note": m.note} for m in plan_.cells},
         "protocol": {"steps": list(plan_.protocol.steps), "strengths": list(plan_.protocol.strengths),
                      "samples_per_prompt": plan_.protocol.samples, "subjects": plan_.subjects, "seeds": plan_.seeds,
-                     "sampler": SAMPLER, "interval": f"95% percentile bootstrap over runs, {BOOTSTRAP_RESAMPLES} "
+                     "sampler": plan_.protocol.sampler, "base_model": plan_.protocol.base_model, "interval": f"95% percentile bootstrap over runs, {BOOTSTRAP_RESAMPLES} "
                                                      "resamples", "prompts": [p for p, _, _ in prompt_suite("{}")]},
         "runs": {name: [{"points": r["points"], "times": r["times"], "result": r["result"]} for r in records]
                  for name, records in by_cell.items()},
@@ -399,9 +405,10 @@ def write_plot(results: dict, path: Path) -> None:
 def body(args: argparse.Namespace) -> int:
     checked = plan(args)  # every input error before any work
     require_toy_models()
+    checked = replace(checked, protocol=replace(checked.protocol, base_model=model_hash(TOY_MODEL)))
     torch.set_num_threads(args.threads)
     start, cpu_start = time.perf_counter(), time.process_time()
-    class_dir = class_images(args.workdir, args.threads) if any(m.prior for m in checked.cells) else None
+    class_dir = class_images(args.workdir, args.threads, args.ddim_steps) if any(m.prior for m in checked.cells) else None
     runner = Runner(checked, args.workdir, load_judge(TOY_JUDGE), load_toy_model(), class_dir)
     by_cell = runner.run_all()
     following = None if args.quick else prompt_following(runner.base, runner.judge,

@@ -7,6 +7,7 @@ cell's command line passes main.py's flag and config checks; the LoRA cells' sco
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,8 @@ def test_a_stored_run_is_reused_only_when_whole_and_of_this_protocol(tmp_path):
 
     other = Protocol(steps=(2, 4, 8), strengths=(0.5, 1.0), samples=1)
     assert load_record(path, other.fingerprint(m)) is None  # another protocol
+    for changed in ({"ddim_steps": 10}, {"base_model": "0123456789"}):  # another sampler, another toy model
+        assert load_record(path, replace(PROTOCOL, **changed).fingerprint(m)) is None
     assert load_record(path, PROTOCOL.fingerprint(method("momentum_0.1"))) is None  # another cell's flags
     for broken in ({**record, "points": record["points"][:-1]},  # partial
                    {**record, "points": [point(2, 0.5, float("nan")), *record["points"][1:]]},
@@ -163,6 +166,7 @@ def test_a_finished_run_is_not_trained_again_and_a_corrupt_one_is(tmp_path, stan
     (["--strengths", "-0.25"], "--strengths: strength must be in [0, 4]"),
     (["--subject-seed", "24"], "--subject-seed 24 does not exist"),
     (["--steps", "100", "50"], "--steps must be increasing positive step counts"),
+    (["--ddim-steps", "0"], "--samples, --seeds and --ddim-steps must be at least 1"),
 ])
 def test_frontier_benchmark_refuses_bad_input_before_any_work(argv, message, tmp_path, caplog):
     from scripts import toy_benchmark
@@ -387,7 +391,7 @@ def test_lora_cells_are_scored_with_the_adapters_of_each_save_or_of_their_base(t
     before = snapshot(model)
     seen = []  # (LoRAs applied, settings) of each sampling batch
 
-    def fake_judge_settings(model, judge_model, phrase, subject, settings, *, samples_per_prompt, seed):
+    def fake_judge_settings(model, judge_model, phrase, subject, settings, *, samples_per_prompt, seed, ddim_steps):
         seen.append((getattr(model, APPLIED_ATTR, ()), list(settings)))
         return [bench.SuiteScore(0.5, 0.5, 0.5, 0.5) for _ in settings], None
 

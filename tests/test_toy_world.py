@@ -199,22 +199,35 @@ def test_the_continue_stage_goes_on_from_its_latest_chunk(tmp_path, monkeypatch)
 
 
 def test_growing_the_toy_model_adds_blocks_that_change_nothing(tmp_path):
-    """The grown model (cross-attention at 16x16 too) predicts exactly what the shipped model predicts."""
+    """The grown model (cross-attention at 16x16 too) predicts exactly what the first-stage model predicts."""
     import torch
 
+    from ldm.checkpoint import save_checkpoint
     from ldm.inference import load_model
+    from ldm.util import instantiate_from_config, randomize_zero_weights
 
     pretrain = load_script("toy_pretrain")
-    overlay = ROOT / "configs/toy/attention16.yaml"
-    grown_file = pretrain.grow_checkpoint(ROOT / "models/toy/toy-v1.safetensors", tmp_path / "grown.safetensors", overlay)
-    merged = tmp_path / "grown.yaml"
-    OmegaConf.save(OmegaConf.merge(OmegaConf.load(ROOT / "configs/toy/v1-inference.yaml"), OmegaConf.load(overlay)),
-                   merged)
-    shipped = load_model(ROOT / "configs/toy/v1-inference.yaml", ROOT / "models/toy/toy-v1.safetensors", device="cpu")
-    grown = load_model(merged, grown_file, device="cpu")
-    assert len(grown.model.state_dict()) > len(shipped.model.state_dict())
+    stage1_config = tmp_path / "stage1.yaml"
+    OmegaConf.save(pretrain.model_config([pretrain.STAGE1_ARCHITECTURE]), stage1_config)
+    torch.manual_seed(0)
+    stage1 = instantiate_from_config(OmegaConf.load(stage1_config).model)
+    randomize_zero_weights(stage1.model, std=0.02)  # zero output blocks would hide a wrong copy
+    stage1_file = save_checkpoint(tmp_path / "stage1.safetensors", stage1.state_dict())
+    grown_file = pretrain.grow_checkpoint(stage1_file, tmp_path / "grown.safetensors")
+    first = load_model(stage1_config, stage1_file, device="cpu")
+    grown = load_model(ROOT / "configs/toy/v1-inference.yaml", grown_file, device="cpu")
+    assert len(grown.model.state_dict()) > len(first.model.state_dict())
     x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
     with torch.no_grad():
-        context = shipped.get_learned_conditioning(["a photo of a red toy", ""])
-        torch.testing.assert_close(grown.apply_model(x, t, context), shipped.apply_model(x, t, context),
+        context = first.get_learned_conditioning(["a photo of a red toy", ""])
+        torch.testing.assert_close(grown.apply_model(x, t, context), first.apply_model(x, t, context),
                                    rtol=0, atol=1e-6)
+
+
+def test_growing_needs_the_first_stage_model(tmp_path, caplog):
+    code = load_script("toy_pretrain").main(["--stages", "grow", "--workdir", str(tmp_path / "work"),
+                                             "--out", str(tmp_path / "out")])
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "toy-v1-stage1.safetensors is missing: run --stages diffusion first" in errors[0]
+    assert not (tmp_path / "work").exists()

@@ -437,17 +437,18 @@ def feature_match(verdict: Verdict, subject: Subject | None) -> float:
 
 
 def evaluate(model, judge_model: ToyJudge, phrase: str, subject: Subject | None, *, samples_per_prompt: int,
-             seed: int, embedding: Path | None = None, strength: float = 1.0) -> tuple[SuiteScore, torch.Tensor]:
+             seed: int, embedding: Path | None = None, strength: float = 1.0,
+             ddim_steps: int = SAMPLER["ddim_steps"]) -> tuple[SuiteScore, torch.Tensor]:
     """Sample the prompt suite with ``phrase`` (and ``embedding`` attached at ``strength``), judge it."""
     scores, images = judge_settings(model, judge_model, phrase, subject, [(embedding, strength)],
-                                    samples_per_prompt=samples_per_prompt, seed=seed)
+                                    samples_per_prompt=samples_per_prompt, seed=seed, ddim_steps=ddim_steps)
     return scores[0], images
 
 
 @torch.no_grad()
 def judge_settings(model, judge_model: ToyJudge, phrase: str, subject: Subject | None,
                    settings: Sequence[tuple[Path | None, float]], *, samples_per_prompt: int,
-                   seed: int) -> tuple[list[SuiteScore], torch.Tensor]:
+                   seed: int, ddim_steps: int = SAMPLER["ddim_steps"]) -> tuple[list[SuiteScore], torch.Tensor]:
     """The prompt suite's score with each (embedding or None, strength) of ``settings``, sampled in one batch.
 
     Each setting's conditioning is encoded with its embedding attached; all settings share the same
@@ -468,7 +469,8 @@ def judge_settings(model, judge_model: ToyJudge, phrase: str, subject: Subject |
     shape = (len(batch), model.channels, model.image_size, model.image_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(model.device)
     images = model.sample_images(batch * len(settings), cond=torch.cat(conditionings),
-                                 x_T=noise.repeat(len(settings), 1, 1, 1), **SAMPLER)
+                                 x_T=noise.repeat(len(settings), 1, 1, 1), ddim_steps=ddim_steps,
+                                 scale=SAMPLER["scale"])
     verdicts = judge(judge_model, images)
     chunks = [verdicts[i * len(batch):(i + 1) * len(batch)] for i in range(len(settings))]
     return [score_suite(chunk, suite, samples_per_prompt, subject) for chunk in chunks], images
@@ -486,6 +488,12 @@ class Protocol:
     steps: tuple[int, ...] = STEPS
     strengths: tuple[float, ...] = STRENGTHS
     samples: int = 8  # per prompt
+    ddim_steps: int = SAMPLER["ddim_steps"]
+    base_model: str = ""  # the toy model's hash: results of another model are not reused
+
+    @property
+    def sampler(self) -> dict:
+        return {**SAMPLER, "ddim_steps": self.ddim_steps}
 
     def settings(self, m: Method) -> list[tuple[int, float]]:
         """(steps, strength) of each point of a run of ``m``; a model (DreamBooth) has strength 1 only."""
@@ -495,7 +503,8 @@ class Protocol:
     def fingerprint(self, m: Method) -> dict:
         """What a stored run result must match to be reused (JSON-normalised)."""
         return json.loads(json.dumps({"flags": m.flags, "on": m.on, "prior": m.prior, "phrase": m.phrase,
-                                      "settings": self.settings(m), "samples": self.samples, "sampler": SAMPLER,
+                                      "settings": self.settings(m), "samples": self.samples, "sampler": self.sampler,
+                                      "base_model": self.base_model,
                                       "prompts": [p for p, _, _ in prompt_suite("{}")]}))
 
 
@@ -519,7 +528,8 @@ def score_run(model, judge_model: ToyJudge, m: Method, subject: Subject, saves: 
         with unet_weights(model, weights.get("unet")), lora_weights(model, weights.get("lora")):
             scores, _ = judge_settings(model, judge_model, m.phrase, subject,
                                        [(saves[steps] if m.embedding else None, strength) for steps, strength in group],
-                                       samples_per_prompt=protocol.samples, seed=seed)
+                                       samples_per_prompt=protocol.samples, seed=seed,
+                                       ddim_steps=protocol.ddim_steps)
         points += [{"steps": steps, "strength": strength, "fidelity": score.fidelity, "editability": score.editability,
                     "features": score.features, "attribute": score.attribute, "per_prompt": score.per_prompt}
                    for (steps, strength), score in zip(group, scores)]
