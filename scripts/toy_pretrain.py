@@ -172,15 +172,17 @@ def continue_diffusion(workdir: Path, out: Path, steps: int, chunk: int, start: 
     from ldm.util import atomic_write
 
     chunk_dir = workdir / "continue"
+    # the latest finished chunk is where training goes on (earlier chunks' files may have been cleaned up)
+    first = max((done for done in range(chunk, steps + 1, chunk) if chunk_file(chunk_dir, done).is_file()), default=0)
+    previous = start if first == 0 else chunk_file(chunk_dir, first)
+    if first == 0:
+        require(start, "grow")
     chunk_dir.mkdir(parents=True, exist_ok=True)
     curve_path = out / CURVE_FILE
     curve = json.loads(curve_path.read_text()) if curve_path.is_file() else {}
     merged_config = chunk_dir / "inference.yaml"
     merged = model_config(overlays)
     atomic_write(merged_config, lambda tmp: OmegaConf.save(merged, tmp))
-    # the latest finished chunk is where training goes on (earlier chunks' files may have been cleaned up)
-    first = max((done for done in range(chunk, steps + 1, chunk) if chunk_file(chunk_dir, done).is_file()), default=0)
-    previous = start if first == 0 else chunk_file(chunk_dir, first)
     for done in range(first, steps + 1, chunk):
         ckpt = previous if done == first else chunk_file(chunk_dir, done)
         if not ckpt.is_file():
@@ -263,8 +265,7 @@ def build(args: argparse.Namespace) -> None:
             grow_checkpoint(require(args.workdir / STAGE1_FILE, "diffusion"), args.workdir / GROWN_FILE, args.overlay)
         else:
             last = continue_diffusion(args.workdir, args.out, args.continue_steps, args.chunk,
-                                      require(args.start or args.workdir / GROWN_FILE, "grow"), args.overlay,
-                                      args.overrides)
+                                      args.start or args.workdir / GROWN_FILE, args.overlay, args.overrides)
             copy_atomically(last, args.out / MODEL_FILE)
         logger.info("Stage %s took %.1f min", stage, (time.perf_counter() - start) / 60)
     write_checksums(args.out)

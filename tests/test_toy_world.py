@@ -224,10 +224,12 @@ def test_growing_the_toy_model_adds_blocks_that_change_nothing(tmp_path):
                                    rtol=0, atol=1e-6)
 
 
-def test_growing_needs_the_first_stage_model(tmp_path, caplog):
-    code = load_script("toy_pretrain").main(["--stages", "grow", "--workdir", str(tmp_path / "work"),
+@pytest.mark.parametrize("stage, missing", [("grow", "toy-v1-stage1.safetensors is missing: run --stages diffusion"),
+                                            ("continue", "toy-v1-grown.safetensors is missing: run --stages grow")])
+def test_a_stage_without_its_input_names_the_stage_that_makes_it(stage, missing, tmp_path, caplog):
+    code = load_script("toy_pretrain").main(["--stages", stage, "--workdir", str(tmp_path / "work"),
                                              "--out", str(tmp_path / "out")])
     assert code == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "toy-v1-stage1.safetensors is missing: run --stages diffusion first" in errors[0]
+    assert len(errors) == 1 and missing in errors[0]
     assert not (tmp_path / "work").exists()
