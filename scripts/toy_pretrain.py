@@ -49,7 +49,7 @@ CURVE_FILE = "description_curve.json"
 STAGE1_FILE = "toy-v1-stage1.safetensors"
 GROWN_FILE = "toy-v1-grown.safetensors"
 STAGE1_ARCHITECTURE = ROOT / "configs" / "toy" / "attention8.yaml"
-SHIPPED_CONTINUE_STEPS = 4000  # the continuation the shipped model had (docs/toy_world.md)
+SHIPPED_CONTINUE_STEPS = 5000  # the continuation the shipped model had (docs/toy_world.md)
 PROBE_SUBJECTS = 8  # per group (held-out, seen) in the full-description probe
 SEED = 23
 

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.prompts import IMAGENET_TEMPLATES_SMALL
 from ldm.data.resumable import ItemRandom
+from ldm.util import atomic_write
 from ldm.toy.world import (
     Scene, Subject, caption, held_out_subject, pretraining_subjects, random_pose, render, BACKGROUNDS,
 )
@@ -97,5 +98,7 @@ def write_photo_folder(subject_seed: int, folder: str | Path, num_photos: int = 
     rng = random.Random(f"photos/{subject_seed}/{seed}")
     for i in range(num_photos):
         scene = Scene(subject, random_pose(rng, size=PHOTO_SIZE), PHOTO_BACKGROUNDS[i % len(PHOTO_BACKGROUNDS)])
-        render(scene, PHOTO_RESOLUTION).save(folder / f"{i:02d}.png")
+        photo = render(scene, PHOTO_RESOLUTION)
+        # atomic: a benchmark running beside this one may be training on the same folder
+        atomic_write(folder / f"{i:02d}.png", lambda tmp: photo.save(tmp, format="PNG"))
     return subject
