@@ -1,11 +1,10 @@
 """Learning tests in the toy world: they fail when training or the pretrained model stop working.
 
 They use the shipped toy models (``models/toy``, built by ``scripts/toy_pretrain.py``): the judge
-must read renders right, the pretrained model must follow attribute prompts, textual inversion on a
-held-out subject must raise the judged identity features well above the init word's chance level,
-and DreamBooth must make the subject the judged identity of at least 0.6 of its samples. (TI's
-strict fidelity stays low: the toy model draws all four features right rarely even from a full text
-description; docs/toy_benchmark.md has the measurements.)
+must read renders right, the pretrained model must follow attribute prompts (outline included), and
+textual inversion and DreamBooth on a held-out subject must each make it the judged identity of at
+least half of their samples, where the init word alone draws it at most once in 8
+(docs/toy_benchmark.md has the measurements).
 """
 from __future__ import annotations
 
@@ -67,10 +66,10 @@ def test_textual_inversion_learns_identity_features(tmp_path, base_model, judge_
     embedding = train(method("ti"), photos, seed=0, workdir=tmp_path / "logs")
     after, _ = evaluate(base_model, judge_model, method("ti").phrase, subject, samples_per_prompt=SAMPLES, seed=5,
                         embedding=embedding)
-    # The init word draws random subjects (about 1 of 4 features right by chance); the learned embedding
-    # draws the subject's features about as often as the full text description does (docs/toy_benchmark.md).
-    assert before.features <= 0.3, f"the init word alone already matches the subject ({before.features})"
-    assert after.features >= 0.375, f"TI identity features {after.features} (init word {before.features})"
+    # The init word draws random subjects (all four features right by chance in 1 of 216); the learned
+    # embedding draws this subject about as often as its full written description does (docs/toy_benchmark.md).
+    assert before.fidelity <= 0.125, f"the init word alone already draws the subject ({before})"
+    assert after.fidelity >= 0.5, f"TI fidelity {after.fidelity}, features {after.features} (init word {before})"
 
 
 @pytest.mark.slow
