@@ -407,3 +407,22 @@ def test_lora_cells_are_scored_with_the_adapters_of_each_save_or_of_their_base(t
     bench.score_run(model, None, on_lora, None, embeddings, PROTOCOL, seed=0, lora=second)
     assert seen == [((("subject-2", 1.0),), [(embeddings[s], t) for s, t in PROTOCOL.settings(on_lora)])]
     assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+
+
+def test_run_main_finds_its_own_log_dir_beside_another_benchmarks_runs(tmp_path, monkeypatch):
+    """Two benchmarks sharing a workdir each create log dirs; a run takes the one named after it."""
+    import ldm.train.cli
+    from ldm.toy.benchmark import main_argv, run_main
+
+    photos = tmp_path / "subject-0"
+    argv = main_argv(method("momentum_0.1"), photos, 0, tmp_path / "logs")
+    names = ["subject-0_dreambooth_momentum_0.1-s0_2026-12-02T17-37-52",  # the other benchmark's, same moment
+             "subject-0_momentum_0.1-s0_2026-12-02T17-37-53"]
+
+    def fake_main(args):
+        for name in names:
+            (tmp_path / "logs" / name).mkdir(parents=True)
+        return 0
+
+    monkeypatch.setattr(ldm.train.cli, "main", fake_main)
+    assert run_main(argv) == tmp_path / "logs" / names[1]

@@ -262,17 +262,24 @@ def save_flags(m: Method, steps: Sequence[int]) -> list[str]:
 
 
 def run_main(argv: list[str]) -> Path:
-    """Run ``main.py`` in this process (:func:`ldm.train.cli.main`) and return the new log dir under ``-l``."""
-    from ldm.train.cli import main
+    """Run ``main.py`` in this process (:func:`ldm.train.cli.main`) and return the new log dir under ``-l``.
 
-    root = Path(argv[argv.index("-l") + 1])
+    The log dir is the one new entry named after this run (its data folder and ``-n``, then the start
+    time), so another benchmark writing runs of other cells under the same ``-l`` does not confuse it.
+    """
+    from ldm.train.cli import build_parser, main
+    from ldm.train.training import log_dir_prefix
+
+    opt, _ = build_parser().parse_known_args(argv)
+    root, prefix = Path(opt.logdir), log_dir_prefix(opt) + "_"
     before = set(root.glob("*")) if root.exists() else set()
     code = main(argv)
     if code != 0:
         raise RuntimeError(f"main.py {' '.join(argv)} exited with {code}")
-    created = sorted(set(root.glob("*")) - before)
+    created = sorted(p for p in set(root.glob("*")) - before
+                     if p.name.startswith(prefix) and p.name[len(prefix):][:4].isdigit())  # the start time's year
     if len(created) != 1:
-        raise RuntimeError(f"expected one new log dir under {root}, found {len(created)}")
+        raise RuntimeError(f"expected one new log dir {prefix}<time> under {root}, found {len(created)}")
     return created[0]
 
 

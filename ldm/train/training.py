@@ -61,16 +61,20 @@ def resolve_paths(opt: argparse.Namespace, now: str) -> tuple[RunPaths, list[str
         return RunPaths(logdir, logdir / "checkpoints", logdir / "configs", ckpt), bases
     if not bases:
         raise TrainingError("no config given: pass --base configs/stable-diffusion/v1-finetune.yaml")
+    logdir = Path(opt.logdir) / f"{log_dir_prefix(opt)}_{now}{opt.postfix}"
+    return RunPaths(logdir, logdir / "checkpoints", logdir / "configs", None), bases
+
+
+def log_dir_prefix(opt: argparse.Namespace) -> str:
+    """A new run's log dir name before its start time: the data folder's name and ``-n`` (or the config's)."""
     parts = []
     if opt.datadir_in_name and opt.data_root:
         parts.append(Path(opt.data_root).resolve().name)
     if opt.name:
         parts.append(opt.name)
     elif not parts:
-        parts.append(Path(bases[0]).stem)
-    parts.append(now + opt.postfix)
-    logdir = Path(opt.logdir) / "_".join(parts)
-    return RunPaths(logdir, logdir / "checkpoints", logdir / "configs", None), bases
+        parts.append(Path(opt.base[0]).stem)
+    return "_".join(parts)
 
 
 def load_config(bases: list[str], dotlist: list[str]) -> DictConfig:
