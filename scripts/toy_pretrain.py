@@ -8,10 +8,10 @@
 2. ``diffusion``: ``main.py --base configs/toy/v1-inference.yaml configs/toy/attention8.yaml configs/toy/pretrain.yaml``:
    the UNet (cross-attention at 8x8 and 4x4) and the text encoder on captioned scenes of the non-held-out
    subjects, exported (fp16) to ``WORKDIR/toy-v1-stage1.safetensors``.
-3. ``grow``: those weights in ``v1-inference.yaml``'s UNet, which adds cross-attention at 16x16 (the new
-   blocks start with zero output): ``WORKDIR/toy-v1-grown.safetensors``.
-4. ``judge``: trained on fresh renders: ``models/toy/toy-judge.safetensors``, with its measured
-   accuracy in ``models/toy/judge_accuracy.json``.
+3. ``judge``: trained on fresh renders: ``models/toy/toy-judge.safetensors``, with its measured
+   accuracy in ``models/toy/judge_accuracy.json`` (the next stage's probe reads with it).
+4. ``grow``: the stage-2 weights in ``v1-inference.yaml``'s UNet, which adds cross-attention at 16x16 (the
+   new blocks start with zero output): ``WORKDIR/toy-v1-grown.safetensors``.
 5. ``continue``: ``configs/toy/pretrain_continue.yaml`` (full captions, peak learning rate) in resumable
    chunks, probing after each how well held-out subjects' descriptions are drawn
    (``description_curve.json``); the last chunk becomes ``models/toy/toy-v1.safetensors``, an SD
