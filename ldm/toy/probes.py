@@ -39,7 +39,8 @@ def prompt_following(model, judge_model: ToyJudge, samples_per_prompt: int = 8, 
 
 
 def description_probe(model, judge_model: ToyJudge, subjects: Sequence[Subject], *, samples_per_subject: int = 8,
-                      seed: int = 0, scale: float = SAMPLER["scale"]) -> dict[str, float]:
+                      seed: int = 0, scale: float = SAMPLER["scale"],
+                      ddim_steps: int = SAMPLER["ddim_steps"]) -> dict[str, float]:
     """How well the model draws each subject from its full description (``Subject.describe``).
 
     Returns ``fidelity`` (all four identity features right) and, per feature, the fraction of samples
@@ -49,7 +50,7 @@ def description_probe(model, judge_model: ToyJudge, subjects: Sequence[Subject],
     prompts = [PLAIN_PROMPT.format(s.describe()) for s in subjects]
     batch = [p for p in prompts for _ in range(samples_per_subject)]
     images = model.sample_images(batch, generator=torch.Generator().manual_seed(seed),
-                                 ddim_steps=SAMPLER["ddim_steps"], scale=scale)
+                                 ddim_steps=ddim_steps, scale=scale)
     verdicts = judge(judge_model, images)
     truth = [s for s in subjects for _ in range(samples_per_subject)]
     result = {"fidelity": float(np.mean([v.shows(s) for v, s in zip(verdicts, truth)]))}
