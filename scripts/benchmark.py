@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--face-detector", choices=("cnn", "hog"), default="cnn", help="dlib detector of face_prep")
     p.add_argument("--faces", type=Path, default=FACES, help="folder of photos for face_prep")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every core available)")
+    p.add_argument("--sequential", action="store_true",
+                   help="lora rows: build, measure and free each side before building the other (for a pair of "
+                        "models that does not fit in memory at once; the times are then not interleaved)")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = p.parse_args(argv)
     if args.size is None:

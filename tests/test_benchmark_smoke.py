@@ -8,6 +8,7 @@ import importlib.util
 import math
 import shutil
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -109,3 +110,51 @@ def test_table_reports_flop_rate_and_share_of_peak() -> None:
               ours_flops=int(100e12), reference_flops=int(150e12))
     line = markdown_table([row], peak_tflops=400.0).splitlines()[-1]
     assert "| 200 | 150 | 50.0 |" in line, line  # 100 TFLOP in 0.5 s, 150 in 1 s; 200 of a 400 peak
+
+
+class _FakeStep:
+    """A step that holds memory and keeps 4 kB between steps."""
+
+    def __init__(self):
+        self.data = torch.ones(1000)
+
+    def __call__(self):
+        return self.data.sum()
+
+    def persistent_bytes(self) -> int:
+        return 4000
+
+    def release(self) -> None:
+        pass
+
+
+def _built_while(b) -> list[list[bool]]:
+    """For each build of a pair, whether the steps built before it were still alive."""
+    steps, alive = [], []
+
+    def build():
+        alive.append([ref() is not None for ref in steps])
+        step = _FakeStep()
+        steps.append(weakref.ref(step))
+        return step
+
+    ours, ref = b.pair_built(build, build)
+    assert ours.peak_bytes >= 4000 and ref.peak_bytes >= 4000, "memory includes what the step keeps"
+    return alive
+
+
+def test_sequential_frees_each_side_before_building_the_other() -> None:
+    bench = _load_benchmark()
+    args = ["--config", "tiny", "--repeats", "1", "--threads", "1"]
+    assert _built_while(bench.Bench(bench.parse_args(args))) == [[], [True]], "alternate timing holds both"
+    assert _built_while(bench.Bench(bench.parse_args([*args, "--sequential"]))) == [[], [False]]
+
+
+def test_sequential_lora_row_builds_only_its_own_models() -> None:
+    bench = _load_benchmark()
+    b = bench.Bench(bench.parse_args(["--config", "tiny", "--repeats", "1", "--threads", "1", "--only", "lora",
+                                      "--sequential"]))
+    [row] = bench.ROW_BUILDERS["lora"](b)
+    assert "ours" not in vars(b), "the shared model is built on first use; the lora rows build their own"
+    assert "one after the other" in row.note
+    assert 0 < row.memory_ratio < 0.5, f"LoRA keeps no full-model gradients or AdamW state: {row.memory_ratio}"

@@ -115,6 +115,11 @@ FRONTIER_CELLS: tuple[Method, ...] = (
            embedding=False, prior=True, note="DreamBooth with prior preservation (class images of the toy model)"),
     Method("dreambooth_prior_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="dreambooth_prior",
            note="the original code's recipe on the prior-preserving DreamBooth model"),
+    Method("dreambooth_prior_lr4e-5", ("--class_word", CLASS_WORD, "--prior_loss_weight", "1", base_lr("4e-5")),
+           f"sks {CLASS_WORD}", embedding=False, prior=True,
+           note="dreambooth_prior at 4x the learning rate (base lr 4e-5 x batch 8): at 1e-5 it barely learns in 200 steps"),
+    Method("dreambooth_prior_lr4e-5_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}",
+           on="dreambooth_prior_lr4e-5", note="the original code's recipe on dreambooth_prior_lr4e-5's model"),
 )
 # cells of the earlier single-point protocol, still runnable by name
 EARLIER_CELLS: tuple[Method, ...] = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from ldm.precision import precision_autocast, precision_dtype
 from ldm.util import instantiate_from_config
 from . import reference
 from .flops import count_flops
-from .measure import Measurement, measure, measure_pair
+from .measure import Measurement, measure, measure_pair, with_state
 from .ours import OursStep, ti_batch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,22 +43,32 @@ class Bench:
         config.model.params.facial_loss_config = FACIAL_LOSS
         self.config = config
         self.original_config = OmegaConf.to_container(config, resolve=True)
-        logger.info("building our LatentDiffusion from %s", CONFIGS[args.config])
-        self.ours = instantiate_from_config(config.model).to(self.device).eval()
         self.weight_dtype = precision_dtype(self.device, args.precision)  # None: float32
-        self.checkpoint  # the float32 weights the diffusers models are made from, read before ours are cast
-        if self.weight_dtype is not None:
-            self.ours.hold_frozen_weights_in_half(self.weight_dtype)
         ddconfig = config.model.params.first_stage_config.params.ddconfig
         factor = 2 ** (len(ddconfig.ch_mult) - 1)
         self.latent_shape = (int(config.model.params.channels), args.size // factor, args.size // factor)
-        self.context_shape = (self.ours.cond_stage_model.max_length,
-                              self.ours.cond_stage_model.text_model.config.hidden_size)
         self.lr = float(config.model.base_learning_rate)
 
     @functools.cached_property
+    def ours(self):
+        """Our LatentDiffusion, built on first use (row groups that build their own models never pay for it)."""
+        logger.info("building our LatentDiffusion from %s", CONFIGS[self.args.config])
+        model = instantiate_from_config(self.config.model).to(self.device).eval()
+        # the float32 weights the diffusers models are made from, read before ours are cast
+        self._checkpoint = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if self.weight_dtype is not None:
+            model.hold_frozen_weights_in_half(self.weight_dtype)
+        return model
+
+    @property
     def checkpoint(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.ours.state_dict().items()}
+        self.ours
+        return self._checkpoint
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        encoder = self.ours.cond_stage_model
+        return encoder.max_length, encoder.text_model.config.hidden_size
 
     @property
     def half_or_float32(self) -> torch.dtype:
@@ -94,6 +105,27 @@ class Bench:
     def pair(self, ours: Callable[[], Any], ref: Callable[[], Any]) -> tuple[Measurement, Measurement]:
         """Measure both callables under the chosen precision, alternating."""
         return measure_pair(self.under_precision(ours), self.under_precision(ref), self.device, self.args.repeats)
+
+    def pair_built(self, build_ours: Callable[[], Any], build_ref: Callable[[], Any]) -> tuple[Measurement, Measurement]:
+        """Measure two steps that the builders make (each has ``persistent_bytes()`` and ``release()``), memory
+        including what each keeps between steps. Both are built and timed alternately, or, with
+        ``--sequential``, each is built, measured alone and freed before the next is built: for models that do
+        not fit in memory twice (machine load may then differ between the two sides)."""
+        if not self.args.sequential:
+            ours, ref = build_ours(), build_ref()
+            measured = self.pair(ours, ref)
+            result = tuple(with_state(m, step.persistent_bytes()) for m, step in zip(measured, (ours, ref)))
+            ours.release()
+            ref.release()
+            return result  # type: ignore[return-value]
+        result = []
+        for build in (build_ours, build_ref):
+            step = build()
+            result.append(with_state(self.measure(step), step.persistent_bytes()))
+            step.release()
+            del step
+            gc.collect()
+        return result[0], result[1]
 
     def measure(self, fn: Callable[[], Any]) -> Measurement:
         """Measure one callable under the chosen precision."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bench.measure import tensor_bytes, with_state
+from bench.measure import tensor_bytes
 from bench.ours import OursStep, dreambooth_batch
 from bench.table import Row
 from ldm.checkpoint.lora import save_lora
@@ -38,23 +38,28 @@ def _model(config_path: Path, device):
 
 def lora_rows(b, dreambooth_config: Path) -> list[Row]:
     """``lora_db_step``: a LoRA DreamBooth step against a full DreamBooth step, with the file sizes."""
-    full, _ = _model(dreambooth_config, b.device)
-    lora, config = _model(dreambooth_config.with_name("v1-finetune_lora.yaml"), b.device)
-    rank = int(config.lora.get("rank", 4))
-    add_trained_adapters(lora, rank=rank)
-    if b.weight_dtype is not None:
-        lora.hold_frozen_weights_in_half(b.weight_dtype)
     batch = dreambooth_batch(b.args.size, PROMPT, CLASS_PROMPT)
-    full_step = OursStep(full, batch, b.latent_numel)
-    lora_step = OursStep(lora, batch, b.latent_numel)
-    with tempfile.TemporaryDirectory() as tmp:
-        lora_file = save_lora(Path(tmp) / "lora.safetensors", trained_layers(lora), {}).stat().st_size
-    checkpoint = tensor_bytes(list(pruned_state_dict(full.state_dict()).values())) // 2  # as fp16 (--export_half)
-    lora_m, full_m = b.pair(lora_step, full_step)
-    row = Row("lora_db_step", "our full DB", with_state(lora_m, lora_step.persistent_bytes()),
-              with_state(full_m, full_step.persistent_bytes()),
-              f"{b.args.size}px, 1 subject + 1 class, rank {rank} on to_q/k/v/out; LoRA file {lora_file / 1e6:.2f} MB "
-              f"vs fp16 checkpoint {checkpoint / 1e6:.0f} MB ({lora_file / checkpoint:.2%}); mem incl. optimizer state")
-    full_step.release()
-    lora_step.release()
-    return [row]
+    lora_config = dreambooth_config.with_name("v1-finetune_lora.yaml")
+    rank = int(OmegaConf.load(lora_config).lora.get("rank", 4))
+    sizes: dict[str, int] = {}
+
+    def full_step() -> OursStep:
+        full, _ = _model(dreambooth_config, b.device)
+        sizes["checkpoint"] = tensor_bytes(list(pruned_state_dict(full.state_dict()).values())) // 2  # fp16 export
+        return OursStep(full, batch, b.latent_numel)
+
+    def lora_step() -> OursStep:
+        lora, _ = _model(lora_config, b.device)
+        add_trained_adapters(lora, rank=rank)
+        if b.weight_dtype is not None:
+            lora.hold_frozen_weights_in_half(b.weight_dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes["lora"] = save_lora(Path(tmp) / "lora.safetensors", trained_layers(lora), {}).stat().st_size
+        return OursStep(lora, batch, b.latent_numel)
+
+    lora_m, full_m = b.pair_built(lora_step, full_step)
+    mode = "measured one after the other (--sequential)" if b.args.sequential else "timed alternately"
+    return [Row("lora_db_step", "our full DB", lora_m, full_m,
+                f"{b.args.size}px, 1 subject + 1 class, rank {rank} on to_q/k/v/out, {mode}; LoRA file "
+                f"{sizes['lora'] / 1e6:.2f} MB vs fp16 checkpoint {sizes['checkpoint'] / 1e6:.0f} MB "
+                f"({sizes['lora'] / sizes['checkpoint']:.2%}); mem incl. optimizer state")]
