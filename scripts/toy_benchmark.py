@@ -162,11 +162,11 @@ class Runner:
     def reference(self, name: str, subject_seed: int, subject) -> dict:
         """The init word's or the full description's score on the pretrained model (one point, stored)."""
         phrase = CLASS_WORD if name == "init_word" else subject.describe()
-        path = record_path(self.workdir, name, subject_seed, 0)
         fingerprint = json.loads(json.dumps({"phrase": phrase, "settings": [[0, 1.0]],
                                              "samples": self.plan.protocol.samples,
                                              "sampler": self.plan.protocol.sampler,
                                              "base_model": self.plan.protocol.base_model}))
+        path = record_path(self.workdir, name, subject_seed, 0, fingerprint)
         record = load_record(path, fingerprint)
         if record is None:
             watch = Stopwatch()
@@ -186,7 +186,7 @@ class Runner:
         base_record = self.records[(m.on, subject_seed, seed)] if m.on else None
         base = base_record["result"] if base_record else str(TOY_MODEL)
         fingerprint = {**self.plan.protocol.fingerprint(m), "base": base}
-        path = record_path(self.workdir, m.name, subject_seed, seed)
+        path = record_path(self.workdir, m.name, subject_seed, seed, fingerprint)
         record = load_record(path, fingerprint)
         if record is not None:
             logger.info("%s subject %d seed %d: reusing %s", m.name, subject_seed, seed, path)

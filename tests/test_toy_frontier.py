@@ -92,7 +92,7 @@ def good_record(tmp_path, m):
 
 def test_a_stored_run_is_reused_only_when_whole_and_of_this_protocol(tmp_path):
     m = method("ti")
-    path = record_path(tmp_path, m.name, 0, 0)
+    path = record_path(tmp_path, m.name, 0, 0, PROTOCOL.fingerprint(m))
     assert load_record(path, PROTOCOL.fingerprint(m)) is None  # not there
     record = good_record(tmp_path, m)
     save_record(path, record)
@@ -154,9 +154,18 @@ def test_a_finished_run_is_not_trained_again_and_a_corrupt_one_is(tmp_path, stan
     assert trained == ["ti"] and [p["fidelity"] for p in first["points"]] == [0.25] * 4
     again = make_runner().run(ti, 0, 0, photos, subject)  # a restarted benchmark
     assert trained == ["ti"] and again == first
-    record_path(tmp_path, "ti", 0, 0).write_text('{"points": [')  # stopped while writing by other means
+    [stored] = (tmp_path / "runs" / "ti").glob("subject-0-seed-0-*.json")
+    stored.write_text('{"points": [')  # stopped while writing by other means
     make_runner().run(ti, 0, 0, photos, subject)
     assert trained == ["ti", "ti"]
+
+
+def test_a_run_of_another_protocol_is_kept_beside_the_first():
+    m = method("ti")
+    other = Protocol(steps=(2, 4, 8), strengths=(0.5, 1.0), samples=1)
+    paths = {record_path(Path("w"), m.name, 0, 0, p.fingerprint(m)) for p in (PROTOCOL, other, PROTOCOL)}
+    assert len(paths) == 2, "one file per protocol; the same protocol finds the same file"
+    assert all(p.parent == Path("w/runs/ti") and p.name.startswith("subject-0-seed-0-") for p in paths)
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -256,7 +265,8 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
                      "lora_dreambooth_lr1e-3", "lora_dreambooth_lr1e-3_momentum_0.1"]
     assert FRONTIER_METHODS == ("ti", "ti_lr8e-5", "momentum_0.1", "momentum_0.1_lr8e-3", "ti_original_step",
                                 "dreambooth", "dreambooth_momentum_0.1", "dreambooth_ti_lr8e-5", "dreambooth_prior",
-                                "dreambooth_prior_momentum_0.1")
+                                "dreambooth_prior_momentum_0.1", "dreambooth_prior_lr4e-5",
+                                "dreambooth_prior_lr4e-5_momentum_0.1")
     recipe = method("dreambooth_momentum_0.1")
     for m in ANCHORING_CELLS:  # one option's flags added to the cell it is named after, on that cell's base
         suffix, flags, _ = next(option for option in ANCHORING_OPTIONS if m.name.endswith(f"_{option[0]}"))

@@ -9,6 +9,7 @@ those points are in :mod:`ldm.toy.frontier`; ``docs/toy_benchmark.md`` describes
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -548,9 +549,14 @@ def score_run(model, judge_model: ToyJudge, m: Method, subject: Subject, saves: 
     return points
 
 
-def record_path(workdir: Path, cell: str, subject_seed: int, seed: int) -> Path:
-    """Where the result of one run (cell, subject, training seed) is kept for a resumed benchmark."""
-    return workdir / "runs" / cell / f"subject-{subject_seed}-seed-{seed}.json"
+def record_path(workdir: Path, cell: str, subject_seed: int, seed: int, fingerprint: dict) -> Path:
+    """Where the result of one run (cell, subject, training seed) is kept for a resumed benchmark.
+
+    The name ends in a short hash of the run's ``fingerprint``, so that a run of another protocol (``--quick``,
+    other ``--samples``) in the same workdir is kept beside it instead of replacing it.
+    """
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:10]
+    return workdir / "runs" / cell / f"subject-{subject_seed}-seed-{seed}-{digest}.json"
 
 
 def save_record(path: Path, record: dict) -> None:
