@@ -7,7 +7,8 @@ on procedurally drawn "toys", and a judge that reads identity and attributes off
 2. Runs the original code's recipe with main.py: DreamBooth on the photos (identifier ``sks``), then
    a momentum embedding (gamma 0.1, class word, descriptive words) anchored on ``sks``.
 3. Samples the subject in new contexts as the toy benchmark does (ldm/toy/benchmark.py: its prompt
-   suite, sampler settings and fixed noise) and writes the samples into outputs/toy-demo/.
+   suite, sampler settings and fixed noise) and writes the samples into outputs/toy-demo/, with
+   grid.png: a row per model, the first sample of each prompt.
 4. Judges the samples and prints, per prompt, how many show the subject and the asked attribute,
    next to the init word alone on the pretrained model.
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    import torch
+
     from ldm.toy.benchmark import (
         TOY_JUDGE,
         TOY_MODEL,
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from ldm.toy.judge import load_judge
     from ldm.toy.scenes import write_photo_folder
+    from ldm.train.validation.grid import labelled_grid
+    from ldm.util import atomic_write
 
     try:
         require_toy_models()
@@ -80,17 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     report = {"subject": subject.describe(), "embedding": str(embedding), "prompts": {}}
     runs = (("init word", "toy", TOY_MODEL, None),
             ("DreamBooth + momentum TI", recipe.phrase, dreambooth_model, embedding))
+    firsts = []  # per run, the first sample of each prompt: the grid's rows
     for label, phrase, ckpt, emb in runs:
         score, images = evaluate(load_toy_model(ckpt), judge_model, phrase, subject,
                                  samples_per_prompt=args.samples, seed=0, embedding=emb)
         for (prompt, _, _), chunk in zip(prompt_suite(phrase), images.split(args.samples)):
             save_samples(chunk, args.outdir / slug(label) / slug(prompt), prompt)
+        firsts.append(images[::args.samples])
         report["prompts"][label] = score.per_prompt
         logger.info("%s: fidelity %.2f, editability %.2f", label, score.fidelity, score.editability)
         for prompt, value in score.per_prompt.items():
             logger.info("    %-45s %.2f of samples show the subject (and the asked attribute)", prompt, value)
     (args.outdir / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
-    logger.info("Samples in %s (one folder per prompt); scores in %s", args.outdir, args.outdir / "scores.json")
+    grid = labelled_grid(torch.cat(firsts), [label for label, *_ in runs])
+    atomic_write(args.outdir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+    logger.info("Samples in %s (one folder per prompt), the first of each prompt in grid.png (columns: %s); "
+                "scores in %s", args.outdir, "; ".join(p for p, _, _ in prompt_suite("*")), args.outdir / "scores.json")
     return 0
 
 
