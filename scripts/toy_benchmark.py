@@ -2,10 +2,10 @@
 
     python scripts/toy_benchmark.py --json docs/toy_benchmark.json --markdown table.md \\
         --figure docs/toy_frontiers.png                                # the full frontier benchmark
-    python scripts/toy_benchmark.py --subject-seed 17 --seeds 1      # another held-out subject
+    python scripts/toy_benchmark.py --subject-seed 17 19 21 --seeds 1  # other held-out subjects
     python scripts/toy_benchmark.py --quick                          # ti and momentum_0.1, 1 subject, 1 seed
 
-For every subject (the first ``--subjects`` of the held-out pool, or ``--subject-seed N``), training
+For every subject (the first ``--subjects`` of the held-out pool, or those of ``--subject-seed``), training
 seed and cell, one main.py run saves after each of ``--steps``; each save is scored at each inference
 strength of ``--strengths`` (embeddings; e_s = e_p + s (e - e_p)) by sampling the prompt suite (the plain
 prompt and 4 edits) and judging every sample. A method's frontier is the Pareto set of its mean
@@ -69,8 +69,9 @@ class Plan:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", type=int, default=5, help="how many held-out subjects (from the pool's start)")
-    p.add_argument("--subject-seed", type=int, default=None,
-                   help=f"benchmark held-out subject N (0-{HELD_OUT_POOL_SIZE - 1}) alone instead")
+    p.add_argument("--subject-seed", type=int, nargs="+", default=None,
+                   help=f"benchmark these held-out subjects (0-{HELD_OUT_POOL_SIZE - 1}) instead, e.g. ones not used "
+                        "while tuning a method")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per subject and cell")
     p.add_argument("--methods", nargs="+", default=list(FRONTIER_METHODS),
                    help=f"cells to run (default: {' '.join(FRONTIER_METHODS)}); also: "
@@ -100,10 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def subject_seeds(args: argparse.Namespace) -> list[int]:
     if args.subject_seed is not None:
-        if not 0 <= args.subject_seed < HELD_OUT_POOL_SIZE:
-            raise ValueError(f"--subject-seed {args.subject_seed} does not exist: held-out subjects are numbered "
-                             f"0 to {HELD_OUT_POOL_SIZE - 1}")
-        return [args.subject_seed]
+        for seed in args.subject_seed:
+            if not 0 <= seed < HELD_OUT_POOL_SIZE:
+                raise ValueError(f"--subject-seed {seed} does not exist: held-out subjects are numbered "
+                                 f"0 to {HELD_OUT_POOL_SIZE - 1}")
+        return list(dict.fromkeys(args.subject_seed))
     if not 1 <= args.subjects <= HELD_OUT_POOL_SIZE:
         raise ValueError(f"--subjects must be 1 to {HELD_OUT_POOL_SIZE}, got {args.subjects}")
     return list(range(1 if args.quick else args.subjects))

@@ -174,6 +174,7 @@ def test_a_run_of_another_protocol_is_kept_beside_the_first():
     (["--strengths", "0.5", "4.5"], "--strengths: strength must be in [0, 4]"),
     (["--strengths", "-0.25"], "--strengths: strength must be in [0, 4]"),
     (["--subject-seed", "24"], "--subject-seed 24 does not exist"),
+    (["--subject-seed", "17", "30"], "--subject-seed 30 does not exist"),
     (["--steps", "100", "50"], "--steps must be increasing positive step counts"),
     (["--ddim-steps", "0"], "--samples, --seeds and --ddim-steps must be at least 1"),
 ])
@@ -184,6 +185,13 @@ def test_frontier_benchmark_refuses_bad_input_before_any_work(argv, message, tmp
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0]
     assert not (tmp_path / "work").exists()  # nothing trained or written
+
+
+def test_several_held_out_subjects_are_benchmarked_together():
+    from scripts import toy_benchmark
+
+    args = toy_benchmark.build_parser().parse_args(["--subject-seed", "17", "19", "17", "--subjects", "5"])
+    assert toy_benchmark.plan(args).subjects == [17, 19]  # in order, once each; --subjects is then unused
 
 
 def test_cells_trained_on_a_dreambooth_model_run_after_it():
