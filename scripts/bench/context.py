@@ -34,7 +34,7 @@ FACIAL_LOSS = {"target": "ldm.models.diffusion.face_loss.FacialLoss", "params": 
 
 
 class Bench:
-    """Our model (built once from the finetune config) and the diffusers models made from its weights."""
+    """Our model (built once, on first use, from the finetune config) and the diffusers models made from its weights."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -62,7 +62,8 @@ class Bench:
 
     @property
     def checkpoint(self) -> dict[str, torch.Tensor]:
-        self.ours
+        """Our weights in float32 as built, before any cast: what the diffusers models are made from."""
+        _ = self.ours  # building the model records them
         return self._checkpoint
 
     @property
