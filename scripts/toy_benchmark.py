@@ -40,7 +40,8 @@ from ldm.toy.probes import prompt_following
 from ldm.toy.benchmark import (
     FRONTIER_METHODS, INFERENCE_CONFIG, METHOD_NAMES, QUICK_METHODS, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY,
     TOY_JUDGE, TOY_MODEL, Method, Protocol, base_files, evaluate, load_record, load_toy_model, method,
-    prompt_suite, record_path, require_toy_models, run_clock, save_record, score_run, step_saves, train,
+    prompt_suite, record_path, require_toy_models, run_clock, save_record, score_run, step_saves, stored_probe,
+    train,
 )
 from ldm.toy.judge import load_judge
 from ldm.util import atomic_write
@@ -413,8 +414,11 @@ def body(args: argparse.Namespace) -> int:
     class_dir = class_images(args.workdir, args.threads, args.ddim_steps) if any(m.prior for m in checked.cells) else None
     runner = Runner(checked, args.workdir, load_judge(TOY_JUDGE), load_toy_model(), class_dir)
     by_cell = runner.run_all()
-    following = None if args.quick else prompt_following(runner.base, runner.judge,
-                                                         samples_per_prompt=checked.protocol.samples)
+    following = None if args.quick else stored_probe(
+        args.workdir, "prompt_following",
+        {"base_model": checked.protocol.base_model, "judge": model_hash(TOY_JUDGE), "sampler": SAMPLER,
+         "samples": checked.protocol.samples, "seed": 0},
+        lambda: prompt_following(runner.base, runner.judge, samples_per_prompt=checked.protocol.samples))
     results = results_json(checked, by_cell, following, time.perf_counter() - start, time.process_time() - cpu_start)
     if args.figure:
         write_plot(results, args.figure)

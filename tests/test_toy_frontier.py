@@ -115,6 +115,25 @@ def test_a_stored_run_is_reused_only_when_whole_and_of_this_protocol(tmp_path):
     assert load_record(path, PROTOCOL.fingerprint(m)) is None
 
 
+def test_a_probe_is_run_once_per_fingerprint_and_again_when_its_file_is_broken(tmp_path):
+    from ldm.toy.benchmark import short_digest, stored_probe
+
+    runs = []
+
+    def probe():
+        runs.append(1)
+        return {"shape": 0.5 + len(runs) / 10}
+
+    key = {"base_model": "0123456789", "samples": 4}
+    assert stored_probe(tmp_path, "following", key, probe) == {"shape": 0.6}
+    assert stored_probe(tmp_path, "following", key, probe) == {"shape": 0.6} and len(runs) == 1  # reused
+    assert stored_probe(tmp_path, "following", {**key, "samples": 8}, probe) == {"shape": 0.7}  # another protocol
+    stored = tmp_path / "probes" / f"following-{short_digest(key)}.json"
+    stored.write_text(stored.read_text()[:20])  # cut short: run again and rewritten whole
+    assert stored_probe(tmp_path, "following", key, probe) == {"shape": 0.8}
+    assert len(runs) == 3 and json.loads(stored.read_text())["figures"] == {"shape": 0.8}
+
+
 @pytest.fixture
 def stand_in_runner(tmp_path, monkeypatch):
     """scripts/toy_benchmark.py's Runner with training and scoring replaced by stand-ins that count calls."""
@@ -266,10 +285,9 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
     from ldm.toy.benchmark import FRONTIER_METHODS
 
     names = [m.name for m in (*ANCHORING_CELLS, *LORA_CELLS)]
-    assert names == ["ti_anchor", "momentum_0.1_anchor", "dreambooth_momentum_0.1_anchor", "ti_norm_bound",
-                     "momentum_0.1_norm_bound", "dreambooth_momentum_0.1_norm_bound", "ti_init_words",
-                     "momentum_0.1_init_words", "dreambooth_momentum_0.1_init_words", "ti_ema", "momentum_0.1_ema",
-                     "dreambooth_momentum_0.1_ema", "lora_dreambooth", "lora_dreambooth_momentum_0.1",
+    options = ("anchor", "norm_bound", "init_words", "ema")
+    anchored = ("ti", "momentum_0.1", "momentum_0.1_lr8e-3", "dreambooth_momentum_0.1")
+    assert names == [*(f"{cell}_{option}" for option in options for cell in anchored), "lora_dreambooth", "lora_dreambooth_momentum_0.1",
                      "lora_dreambooth_lr1e-3", "lora_dreambooth_lr1e-3_momentum_0.1"]
     assert FRONTIER_METHODS == ("ti", "ti_lr8e-5", "momentum_0.1", "momentum_0.1_lr8e-3", "ti_original_step",
                                 "dreambooth", "dreambooth_momentum_0.1", "dreambooth_ti_lr8e-5", "dreambooth_prior",
