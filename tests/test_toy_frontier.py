@@ -187,6 +187,17 @@ def test_a_run_of_another_protocol_is_kept_beside_the_first():
     assert all(p.parent == Path("w/runs/ti") and p.name.startswith("subject-0-seed-0-") for p in paths)
 
 
+def test_bf16_scoring_is_a_protocol_of_its_own_and_leaves_fp32_keys_as_they_were():
+    from scripts import toy_benchmark
+
+    m = method("ti")
+    assert "bf16" not in PROTOCOL.fingerprint(m)["sampler"]  # fp32 results stored before the flag are still found
+    bf16 = toy_benchmark.plan(toy_benchmark.build_parser().parse_args(["--bf16", "--samples", "1"])).protocol
+    assert bf16.bf16 and bf16.fingerprint(m)["sampler"]["bf16"] is True
+    assert record_path(Path("w"), "ti", 0, 0, bf16.fingerprint(m)) != record_path(
+        Path("w"), "ti", 0, 0, replace(bf16, bf16=False).fingerprint(m))
+
+
 # ------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "ti", "ti_lr9"], "unknown method 'ti_lr9'"),
@@ -427,7 +438,7 @@ def test_lora_cells_are_scored_with_the_adapters_of_each_save_or_of_their_base(t
     before = snapshot(model)
     seen = []  # (LoRAs applied, settings) of each sampling batch
 
-    def fake_judge_settings(model, judge_model, phrase, subject, settings, *, samples_per_prompt, seed, ddim_steps):
+    def fake_judge_settings(model, judge_model, phrase, subject, settings, *, samples_per_prompt, seed, ddim_steps, bf16):
         seen.append((getattr(model, APPLIED_ATTR, ()), list(settings)))
         return [bench.SuiteScore(0.5, 0.5, 0.5, 0.5) for _ in settings], None
 

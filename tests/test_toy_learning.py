@@ -54,6 +54,21 @@ def test_pretrained_model_follows_attribute_prompts(base_model, judge_model):
     assert following["accessory"] > 1 / 3, following
 
 
+def test_bf16_scoring_reads_what_fp32_scoring_reads(base_model, judge_model):
+    """The benchmark's ``--bf16`` samples and judges under bfloat16 autocast; the judge must read the same."""
+    from ldm.toy.judge import judge
+
+    subject = held_out_pool()[1]
+    runs = [evaluate(base_model, judge_model, subject.describe(), subject, samples_per_prompt=2, seed=5,
+                     ddim_steps=10, bf16=bf16) for bf16 in (False, True)]
+    (fp32, fp32_images), (bf16, bf16_images) = runs
+    assert bf16_images.dtype == fp32_images.dtype and (bf16_images - fp32_images).abs().mean() < 0.02
+    verdicts = [judge(judge_model, images) for images in (fp32_images, bf16_images)]
+    agree = sum(a.shows(subject) == b.shows(subject) and a.answers == b.answers for a, b in zip(*verdicts))
+    assert agree >= len(verdicts[0]) - 1, f"bf16 changed {len(verdicts[0]) - agree} of {len(verdicts[0])} verdicts"
+    assert abs(bf16.fidelity - fp32.fidelity) <= 0.5 and fp32.fidelity > 0  # the description is drawn at all
+
+
 def photo_folder(tmp_path):
     photos = tmp_path / "photos"
     return photos, write_photo_folder(SUBJECT_SEED, photos)

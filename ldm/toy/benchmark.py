@@ -452,22 +452,25 @@ def feature_match(verdict: Verdict, subject: Subject | None) -> float:
 
 def evaluate(model, judge_model: ToyJudge, phrase: str, subject: Subject | None, *, samples_per_prompt: int,
              seed: int, embedding: Path | None = None, strength: float = 1.0,
-             ddim_steps: int = SAMPLER["ddim_steps"]) -> tuple[SuiteScore, torch.Tensor]:
+             ddim_steps: int = SAMPLER["ddim_steps"], bf16: bool = False) -> tuple[SuiteScore, torch.Tensor]:
     """Sample the prompt suite with ``phrase`` (and ``embedding`` attached at ``strength``), judge it."""
     scores, images = judge_settings(model, judge_model, phrase, subject, [(embedding, strength)],
-                                    samples_per_prompt=samples_per_prompt, seed=seed, ddim_steps=ddim_steps)
+                                    samples_per_prompt=samples_per_prompt, seed=seed, ddim_steps=ddim_steps,
+                                    bf16=bf16)
     return scores[0], images
 
 
 @torch.no_grad()
 def judge_settings(model, judge_model: ToyJudge, phrase: str, subject: Subject | None,
                    settings: Sequence[tuple[Path | None, float]], *, samples_per_prompt: int,
-                   seed: int, ddim_steps: int = SAMPLER["ddim_steps"]) -> tuple[list[SuiteScore], torch.Tensor]:
+                   seed: int, ddim_steps: int = SAMPLER["ddim_steps"],
+                   bf16: bool = False) -> tuple[list[SuiteScore], torch.Tensor]:
     """The prompt suite's score with each (embedding or None, strength) of ``settings``, sampled in one batch.
 
     Each setting's conditioning is encoded with its embedding attached; all settings share the same
-    starting noise (drawn from ``seed``), so their scores differ by the setting alone. Returns the scores
-    and the images [settings x prompts x samples, 3, H, W].
+    starting noise (drawn from ``seed``), so their scores differ by the setting alone. ``bf16`` samples and
+    judges under CPU bfloat16 autocast (docs/toy_benchmark.md, "Time"). Returns the scores and the images
+    [settings x prompts x samples, 3, H, W].
     """
     from ldm.inference import attach_embedding
 
@@ -482,10 +485,11 @@ def judge_settings(model, judge_model: ToyJudge, phrase: str, subject: Subject |
     model.embedding_manager = None
     shape = (len(batch), model.channels, model.image_size, model.image_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(model.device)
-    images = model.sample_images(batch * len(settings), cond=torch.cat(conditionings),
-                                 x_T=noise.repeat(len(settings), 1, 1, 1), ddim_steps=ddim_steps,
-                                 scale=SAMPLER["scale"])
-    verdicts = judge(judge_model, images)
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+        images = model.sample_images(batch * len(settings), cond=torch.cat(conditionings),
+                                     x_T=noise.repeat(len(settings), 1, 1, 1), ddim_steps=ddim_steps,
+                                     scale=SAMPLER["scale"]).float()
+        verdicts = judge(judge_model, images)
     chunks = [verdicts[i * len(batch):(i + 1) * len(batch)] for i in range(len(settings))]
     return [score_suite(chunk, suite, samples_per_prompt, subject) for chunk in chunks], images
 
@@ -504,10 +508,12 @@ class Protocol:
     samples: int = 8  # per prompt
     ddim_steps: int = SAMPLER["ddim_steps"]
     base_model: str = ""  # the toy model's hash: results of another model are not reused
+    bf16: bool = False  # sample and judge under bfloat16 autocast
 
     @property
     def sampler(self) -> dict:
-        return {**SAMPLER, "ddim_steps": self.ddim_steps}
+        """The sampler settings a stored result must match (``bf16`` only when on: fp32 results keep their key)."""
+        return {**SAMPLER, "ddim_steps": self.ddim_steps, **({"bf16": True} if self.bf16 else {})}
 
     def settings(self, m: Method) -> list[tuple[int, float]]:
         """(steps, strength) of each point of a run of ``m``; a model (DreamBooth) has strength 1 only."""
@@ -543,7 +549,7 @@ def score_run(model, judge_model: ToyJudge, m: Method, subject: Subject, saves: 
             scores, _ = judge_settings(model, judge_model, m.phrase, subject,
                                        [(saves[steps] if m.embedding else None, strength) for steps, strength in group],
                                        samples_per_prompt=protocol.samples, seed=seed,
-                                       ddim_steps=protocol.ddim_steps)
+                                       ddim_steps=protocol.ddim_steps, bf16=protocol.bf16)
         points += [{"steps": steps, "strength": strength, "fidelity": score.fidelity, "editability": score.editability,
                     "features": score.features, "attribute": score.attribute, "per_prompt": score.per_prompt}
                    for (steps, strength), score in zip(group, scores)]
