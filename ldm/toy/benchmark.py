@@ -570,7 +570,8 @@ def short_digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def stored_probe(workdir: Path, name: str, fingerprint: dict, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+def stored_probe(workdir: Path, name: str, fingerprint: dict,
+                 compute: Callable[[], dict[str, float]]) -> dict[str, float]:
     """A probe's figures kept as ``WORKDIR/probes/<name>-<digest>.json``: computed once per ``fingerprint``.
 
     A rerun of the benchmark that reuses every run then costs no sampling at all. A missing, unreadable or
