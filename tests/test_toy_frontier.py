@@ -438,7 +438,8 @@ def test_lora_cells_are_scored_with_the_adapters_of_each_save_or_of_their_base(t
     before = snapshot(model)
     seen = []  # (LoRAs applied, settings) of each sampling batch
 
-    def fake_judge_settings(model, judge_model, phrase, subject, settings, *, samples_per_prompt, seed, ddim_steps, bf16):
+    def fake_judge_settings(model, judge_model, phrase, subject, settings, *, samples_per_prompt, seed, ddim_steps,
+                            bf16):
         seen.append((getattr(model, APPLIED_ATTR, ()), list(settings)))
         return [bench.SuiteScore(0.5, 0.5, 0.5, 0.5) for _ in settings], None
 
