@@ -298,8 +298,8 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
     names = [m.name for m in (*ANCHORING_CELLS, *LORA_CELLS)]
     options = ("anchor", "norm_bound", "init_words", "ema")
     anchored = ("ti", "momentum_0.1", "momentum_0.1_lr8e-3", "dreambooth_momentum_0.1")
-    assert names == [*(f"{cell}_{option}" for option in options for cell in anchored), "lora_dreambooth", "lora_dreambooth_momentum_0.1",
-                     "lora_dreambooth_lr1e-3", "lora_dreambooth_lr1e-3_momentum_0.1"]
+    assert names == [*(f"{cell}_{option}" for option in options for cell in anchored), "lora_dreambooth",
+                     "lora_dreambooth_momentum_0.1", "lora_dreambooth_lr1e-3", "lora_dreambooth_lr1e-3_momentum_0.1"]
     assert FRONTIER_METHODS == ("ti", "ti_lr8e-5", "momentum_0.1", "momentum_0.1_lr8e-3", "ti_original_step",
                                 "dreambooth", "dreambooth_momentum_0.1", "dreambooth_ti_lr8e-5", "dreambooth_prior",
                                 "dreambooth_prior_momentum_0.1", "dreambooth_prior_lr4e-5",
