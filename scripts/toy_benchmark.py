@@ -39,10 +39,10 @@ from ldm.png_metadata import model_hash
 from ldm.toy.probes import prompt_following
 from ldm.toy.benchmark import (
     FRONTIER_METHODS, INFERENCE_CONFIG, METHOD_NAMES, QUICK_METHODS, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY,
-    TOY_JUDGE, TOY_MODEL, Method, Protocol, base_files, evaluate, load_record, load_toy_model, method,
-    prompt_suite, record_path, require_toy_models, run_clock, save_record, score_run, step_saves, stored_probe,
-    train,
+    TOY_JUDGE, TOY_MODEL, Method, Protocol, base_files, evaluate, load_toy_model, method, prompt_suite,
+    require_toy_models, run_clock, score_run, step_saves, train,
 )
+from ldm.toy.records import load_record, record_path, save_record, stored_probe
 from ldm.toy.judge import load_judge
 from ldm.util import atomic_write
 

@@ -24,10 +24,10 @@ import torch
 from ldm.cli import run_script
 from ldm.png_metadata import model_hash
 from ldm.toy.benchmark import (
-    SAMPLER, TOY_JUDGE, TOY_MODEL, Protocol, load_record, load_toy_model, method, record_path, require_toy_models,
-    score_run, step_saves,
+    SAMPLER, TOY_JUDGE, TOY_MODEL, Protocol, load_toy_model, method, require_toy_models, score_run, step_saves,
 )
 from ldm.toy.judge import load_judge
+from ldm.toy.records import load_record, record_path
 from ldm.toy.world import held_out_pool
 
 logger = logging.getLogger("toy_bf16_check")

@@ -20,8 +20,9 @@ from ldm.toy.frontier import (
 )
 from ldm.toy.benchmark import (
     ANCHORING_CELLS, ANCHORING_OPTIONS, LORA_CELLS, METHODS, NO_SAVES, STEPS, TOY_INIT_WORDS, TOY_MODEL, Protocol,
-    load_record, main_argv, method, record_path, result_name, save_flags, save_record, step_saves,
+    main_argv, method, result_name, save_flags, step_saves,
 )
+from ldm.toy.records import load_record, record_path, save_record
 
 # (fidelity, editability): 0, 1 and 3 are the frontier; 2 is dominated by 1, 4 repeats 1, 5 is below 3
 POINTS = [(0.2, 0.9), (0.5, 0.5), (0.4, 0.4), (0.8, 0.1), (0.5, 0.5), (0.8, 0.05)]
@@ -116,7 +117,7 @@ def test_a_stored_run_is_reused_only_when_whole_and_of_this_protocol(tmp_path):
 
 
 def test_a_probe_is_run_once_per_fingerprint_and_again_when_its_file_is_broken(tmp_path):
-    from ldm.toy.benchmark import short_digest, stored_probe
+    from ldm.toy.records import short_digest, stored_probe
 
     runs = []
 
