@@ -10,7 +10,6 @@ those points are in :mod:`ldm.toy.frontier`; ``docs/toy_benchmark.md`` describes
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from contextlib import contextmanager
@@ -25,8 +24,6 @@ import torch
 from ldm.toy.world import CLASS_WORD, IDENTITY_FEATURES, Subject
 from ldm.toy.judge import ToyJudge, Verdict, check_question, judge
 from ldm.util import atomic_write
-
-logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_MODEL = ROOT / "models" / "toy" / "toy-v1.safetensors"
