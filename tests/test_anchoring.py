@@ -260,6 +260,57 @@ def test_ema_after_n_steps_is_the_hand_computed_average(tiny_model) -> None:
     assert not torch.equal(manager.vectors[0].detach(), expected), "the scope puts the trained v back"
 
 
+def optimizer_steps(manager: EmbeddingManager, count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` random updates of v, each followed by the manager's after-step hook; the v after each."""
+    gen = torch.Generator().manual_seed(seed)
+    trajectory = []
+    for _ in range(count):
+        with torch.no_grad():
+            manager.vectors[0].add_(torch.randn(manager.vectors[0].shape, generator=gen))
+        manager.after_optimizer_step()
+        trajectory.append(manager.vectors[0].detach().clone())
+    return trajectory
+
+
+def test_bias_corrected_ema_is_the_normalised_average_of_the_updates_without_the_start(tiny_model) -> None:
+    decay = 0.9
+    manager = EmbeddingManager(tiny_model.cond_stage_model, initializer_words=["woman"], gamma=0.1,
+                               ema_decay=decay, ema_bias_correction=True)
+    trajectory = optimizer_steps(manager, 1, seed=3)
+    torch.testing.assert_close(manager.to_file(ema=True).params["*"], trajectory[0])  # the start is gone at once
+    trajectory += optimizer_steps(manager, 4, seed=4)
+    t = len(trajectory)
+    weights = [(1 - decay) * decay ** (t - i) for i in range(1, t + 1)]
+    expected = sum(w * v for w, v in zip(weights, trajectory)) / (1 - decay ** t)
+    saved = manager.to_file(step=t, ema=True)
+    torch.testing.assert_close(saved.params["*"], expected)
+    assert saved.training["ema_bias_correction"] is True
+
+
+def test_bias_corrected_ema_continues_exactly_from_a_state_dict(tiny_model) -> None:
+    def manager() -> EmbeddingManager:
+        return EmbeddingManager(tiny_model.cond_stage_model, initializer_words=["woman"], gamma=0.1,
+                                ema_decay=0.9, ema_bias_correction=True)
+    straight, halves = manager(), manager()
+    optimizer_steps(straight, 2, seed=1)
+    optimizer_steps(straight, 2, seed=2)
+    optimizer_steps(halves, 2, seed=1)
+    resumed = manager()
+    resumed.load_state_dict(halves.state_dict())  # what last.ckpt holds of the manager
+    optimizer_steps(resumed, 2, seed=2)
+    assert int(resumed.ema_updates) == 4
+    assert torch.equal(resumed.ema_vectors, straight.ema_vectors)
+
+
+def test_bias_correction_without_a_moving_average_exits_2_naming_both_flags(tmp_path, photo_dir, tiny_ckpt,
+                                                                           caplog) -> None:
+    argv = base_argv(tmp_path / "logs", photo_dir, tiny_ckpt, "--ema_bias_correction")
+    with caplog.at_level(logging.INFO):
+        assert main.main(argv) == 2
+    errors = error_lines(caplog)
+    assert len(errors) == 1 and "--ema_bias_correction needs a moving average: give --ema_decay" in errors[0], errors
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("argv,expected", [
     (["--anchor_weight", "-1"], "--anchor_weight must be >= 0"),

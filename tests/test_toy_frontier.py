@@ -266,12 +266,13 @@ def settled_run_config(argv: list[str]):
     return config
 
 
-OPTION_KEYS = {  # flag of a new cell -> (config key it must reach, value)
-    "--anchor_weight": ("model.params.personalization_config.params.anchor_weight", 1e-3),
-    "--norm_bound": ("model.params.personalization_config.params.norm_bound", True),
-    "--init_words": ("model.params.personalization_config.params.init_words", str(TOY_INIT_WORDS)),
-    "--ema_decay": ("model.params.personalization_config.params.ema_decay", 0.99),
-    "--lora_rank": ("lora.rank", 4),
+OPTION_KEYS = {  # flag of a new cell -> (config key it must reach, type of its value; None: a switch)
+    "--anchor_weight": ("model.params.personalization_config.params.anchor_weight", float),
+    "--norm_bound": ("model.params.personalization_config.params.norm_bound", None),
+    "--init_words": ("model.params.personalization_config.params.init_words", str),
+    "--ema_decay": ("model.params.personalization_config.params.ema_decay", float),
+    "--ema_bias_correction": ("model.params.personalization_config.params.ema_bias_correction", None),
+    "--lora_rank": ("lora.rank", int),
 }
 
 
@@ -286,8 +287,9 @@ def test_every_cell_passes_main_pys_flag_and_config_checks(m, tmp_path, caplog):
         config = settled_run_config(argv)
     ignored = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
     assert not ignored, f"{m.name}: main.py ignores {ignored}"
-    for flag, (key, value) in OPTION_KEYS.items():
+    for flag, (key, kind) in OPTION_KEYS.items():
         if flag in m.flags:
+            value = True if kind is None else kind(m.flags[m.flags.index(flag) + 1])
             assert OmegaConf.select(config, key) == value, f"{m.name}: {flag} did not reach {key}"
     assert (OmegaConf.select(config, "lora") is not None) == m.lora
     assert OmegaConf.select(config, "lora_files") == ([str(lora)] if lora else None)
@@ -297,10 +299,11 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
     from ldm.toy.benchmark import FRONTIER_METHODS
 
     names = [m.name for m in (*ANCHORING_CELLS, *LORA_CELLS)]
-    options = ("anchor", "norm_bound", "init_words", "ema")
+    options = ("anchor", "norm_bound", "init_words", "ema", "ema_bc")
     anchored = ("ti", "momentum_0.1", "momentum_0.1_lr8e-3", "dreambooth_momentum_0.1")
     assert names == [*(f"{cell}_{option}" for option in options for cell in anchored), "lora_dreambooth",
-                     "lora_dreambooth_momentum_0.1", "lora_dreambooth_lr1e-3", "lora_dreambooth_lr1e-3_momentum_0.1"]
+                     "lora_dreambooth_momentum_0.1", "lora_dreambooth_lr1e-3", "lora_dreambooth_lr1e-3_momentum_0.1",
+                     "lora_dreambooth_r16_lr1e-3", "lora_dreambooth_lr3e-3"]
     assert FRONTIER_METHODS == ("ti", "ti_lr8e-5", "momentum_0.1", "momentum_0.1_lr8e-3", "ti_original_step",
                                 "dreambooth", "dreambooth_momentum_0.1", "dreambooth_ti_lr8e-5", "dreambooth_prior",
                                 "dreambooth_prior_momentum_0.1", "dreambooth_prior_lr4e-5",

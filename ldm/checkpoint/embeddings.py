@@ -13,7 +13,7 @@ and the momentum state (v, e_p, gamma) lives under the key ``momentum_ti`` that 
      "momentum_ti": {"format": "momentum-ti/2", "string_to_token": {p: id}, "trainable_vectors": {p: v},
                      "base_vectors": {p: e_p} | None, "gamma": float, "text_encoder_fingerprint": str | None,
                      "name": str | None, "training": {anchor_weight, anchor, norm_bound, init_words,
-                     init_from_encoder, ema_decay} | None,
+                     init_from_encoder, ema_decay, ema_bias_correction} | None,
                      "ema": bool}}   # ema: v is the moving average of the training (embeddings_ema*)
 
 With one placeholder p the top-level keys use ``*`` (the key A1111 and diffusers read) and p's

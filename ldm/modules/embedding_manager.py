@@ -84,6 +84,7 @@ class EmbeddingManager(nn.Module):
         norm_bound: bool = False,
         init_words: str | Sequence[str] | None = None,
         ema_decay: float = 0.0,
+        ema_bias_correction: bool = False,
         init_from_encoder: bool = False,
     ):
         super().__init__()
@@ -111,6 +112,9 @@ class EmbeddingManager(nn.Module):
         self.anchor = check_anchor(anchor)
         self.norm_bound = bool(norm_bound)
         self.ema_decay = check_ema_decay(ema_decay)
+        self.ema_bias_correction = bool(ema_bias_correction)
+        if self.ema_bias_correction and not self.ema_decay:
+            raise ValueError("--ema_bias_correction needs a moving average: give --ema_decay D (config: ema_decay)")
         table_size = embedder.token_embedding.weight.shape[0]
         self.init_words: InitWords | None = (resolve_init_words(init_words, tokenizer, table_size)
                                              if init_words else None)
@@ -132,6 +136,8 @@ class EmbeddingManager(nn.Module):
         self.register_buffer("progressive_counter", torch.zeros((), dtype=torch.long))
         if self.ema_decay:  # the moving average of v, in last.ckpt so that a resume continues it exactly
             self.register_buffer("ema_vectors", torch.zeros(count, num_vectors_per_token, dim))
+        if self.ema_bias_correction:  # the updates the average has taken since its start (for its weights)
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.fingerprint: str | None = None
         self.initialize_from_embedder()
 
@@ -226,14 +232,27 @@ class EmbeddingManager(nn.Module):
                 bounded = rescale_to_norms(self.effective_vectors(i), vector_norms(self.anchor_vectors(i)))
                 v.copy_(unmix_vectors(self.base_vectors[i], bounded, self.gamma))  # ||e|| = ||anchor||, per vector
         if self.ema_decay:
+            weight = self.ema_weight()
             for average, v in zip(self.ema_vectors, self.vectors):
-                average.lerp_(v.float(), 1.0 - self.ema_decay)  # ema <- d * ema + (1 - d) * v
+                average.lerp_(v.float(), weight)  # ema <- (1 - weight) * ema + weight * v
+
+    def ema_weight(self) -> float | torch.Tensor:
+        """The weight of this step's v in the moving average: 1 - d, or with bias correction
+        (1 - d) / (1 - d^t) at the t-th update, so that the start's weight is 0 from the first update on and
+        the average is sum_i d^(t-i) (1 - d) v_i / (1 - d^t) (as Adam corrects its moments). A tensor on the
+        buffer's device, so that no step reads the count back."""
+        if not self.ema_bias_correction:
+            return 1.0 - self.ema_decay
+        self.ema_updates += 1
+        return ((1.0 - self.ema_decay) / (1.0 - self.ema_decay ** self.ema_updates.double())).float()
 
     @torch.no_grad()
     def restart_ema(self) -> None:
         """Start the moving average at the current v (a new start, or a loaded file)."""
         if self.ema_decay:
             self.ema_vectors.copy_(torch.stack([v.float() for v in self.vectors]))
+        if self.ema_bias_correction:
+            self.ema_updates.zero_()
 
     @contextmanager
     def ema_scope(self):
@@ -256,7 +275,8 @@ class EmbeddingManager(nn.Module):
         """The anchoring options of this run, as its embedding files record them."""
         return {"anchor_weight": self.anchor_weight, "anchor": self.anchor, "norm_bound": self.norm_bound,
                 "init_words": self.init_words.describe() if self.init_words is not None else None,
-                "init_from_encoder": self.init_from_encoder, "ema_decay": self.ema_decay}
+                "init_from_encoder": self.init_from_encoder, "ema_decay": self.ema_decay,
+                "ema_bias_correction": self.ema_bias_correction}
 
     # --- files -------------------------------------------------------------------------------
     def to_file(self, step: int | None = None, ema: bool = False) -> EmbeddingFile:

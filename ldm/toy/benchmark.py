@@ -138,6 +138,8 @@ ANCHORING_OPTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (  # (name suf
     ("init_words", ("--init_words", str(TOY_INIT_WORDS)),
      "v starts from the mean of the toy world's feature words (inputs/init_words/toy_features.txt)"),
     ("ema", ("--ema_decay", "0.99"), "its moving average of e (decay 0.99) is scored: the embeddings_ema* saves"),
+    ("ema_bc", ("--ema_decay", "0.99", "--ema_bias_correction"),
+     "its bias-corrected moving average of e (decay 0.99; the start drops out at the first update) is scored"),
 )
 
 
@@ -160,6 +162,12 @@ LORA_CELLS: tuple[Method, ...] = (
            note="lora_dreambooth at 10x the learning rate: base lr 1e-3 x batch 8"),
     Method("lora_dreambooth_lr1e-3_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}",
            on="lora_dreambooth_lr1e-3", note="the original code's recipe on lora_dreambooth_lr1e-3's adapters"),
+    Method("lora_dreambooth_r16_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "16", base_lr("1e-3")),
+           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           note="lora_dreambooth_lr1e-3 at rank 16 (alpha 16): 4x the adapters' capacity"),
+    Method("lora_dreambooth_lr3e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("3e-3")),
+           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           note="lora_dreambooth at 30x the learning rate: base lr 3e-3 x batch 8"),
 )
 METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)

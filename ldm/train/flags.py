@@ -143,6 +143,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("ema_decay", "keep a moving average of e with this decay in [0, 1) (e.g. 0.99), saved as "
          "embeddings_ema*.pt (default 0: off)", (f"{PERSONALIZATION}.params.ema_decay",), type=float,
          check=check_ema_decay),
+    Flag("ema_bias_correction", "weigh the moving average's updates by (1 - d) / (1 - d^t), as Adam corrects its "
+         "moments, so that the start drops out of it at the first update (needs --ema_decay)",
+         ((f"{PERSONALIZATION}.params.ema_bias_correction", True),)),
     # ---- the photos and their captions
     Flag("data_root", "folder with the photos of the person", (f"{DATASET}.data_root",), type=str),
     Flag("class_word", "train on '* <class_word>' (e.g. woman)", (f"{DATASET}.class_word",), type=str),

@@ -21,6 +21,7 @@ OPTIONS: dict[str, dict[str, object]] = {
     "norm_bound": {"norm_bound": True},
     "init_words": {"init_words": str(ROOT / "inputs" / "init_words" / "given_names.txt")},
     "ema": {"ema_decay": 0.99},
+    "ema_bias_corrected": {"ema_decay": 0.99, "ema_bias_correction": True},
     "all_four": {"anchor_weight": 0.01, "norm_bound": True, "ema_decay": 0.99,
                  "init_words": str(ROOT / "inputs" / "init_words" / "given_names.txt")},
 }
