@@ -180,6 +180,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, photo_dir, tiny_ckpt, caplog,
     assert not list(logdir.glob("*/checkpoints/*")), "nothing may be written before training starts"
 
 
+def test_a_config_without_a_validation_split_runs_no_validation_loop(tmp_path, photo_dir, tiny_ckpt,
+                                                                     recwarn) -> None:
+    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "--max_steps", "2", "--no_validation", "data.params.validation=null",
+                     "lightning.callbacks.image_logger.params.disabled=true")
+    assert main.main(argv) == 0
+    warned = [str(w.message) for w in recwarn if "across ranks is zero" in str(w.message)]
+    assert not warned, f"Lightning was handed an empty validation loader: {warned}"
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, photo_dir, tiny_ckpt, monkeypatch, caplog) -> None:
     forward = LatentDiffusion.forward
 

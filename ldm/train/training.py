@@ -289,6 +289,8 @@ def run_training(opt: argparse.Namespace, dotlist: list[str], now: str) -> int:
     summary = RunSummary(validation, sampling=sampling_command(config, paths.cfgdir / f"{now}-project.yaml", data,
                                                                model, ckptdir=paths.ckptdir,
                                                                outdir=Path("outputs") / paths.logdir.name))
+    if "validation" not in getattr(data, "datasets", {"validation": None}):  # no split: no loop, no Lightning warning
+        trainer_args = {"limit_val_batches": 0, **trainer_args}
     trainer = build_trainer(config, paths, {**trainer_args, **device_args}, validation, resume_step=resume_step,
                             summary=summary, verbose=opt.verbose)
     hold_frozen_weights_in_half(model, config, trainer_args["precision"])
