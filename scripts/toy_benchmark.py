@@ -387,7 +387,7 @@ def write_plot(results: dict, path: Path) -> None:
     draw.text((10, 10), "editability (edit shows the subject and the asked attribute); labels: steps/strength",
               fill="black")
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-               "#bcbd22", "#17becf", "#000080", "#808000", "#00a000", "#a00060", "#606060", "#c08000"]
+               "#bcbd22", "#17becf", "#000080", "#808000", "#4b0082", "#a00060", "#ff4500", "#c08000"]
     for k, (name, points) in enumerate(frontiers.items()):
         colour = palette[k % len(palette)]
         for p in points:
