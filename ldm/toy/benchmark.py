@@ -168,6 +168,12 @@ LORA_CELLS: tuple[Method, ...] = (
     Method("lora_dreambooth_lr3e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("3e-3")),
            f"sks {CLASS_WORD}", embedding=False, lora=True,
            note="lora_dreambooth at 30x the learning rate: base lr 3e-3 x batch 8"),
+    Method("lora_dreambooth_r16_lr5e-4", ("--class_word", CLASS_WORD, "--lora_rank", "16", base_lr("5e-4")),
+           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           note="rank 16 (alpha 16) at half lora_dreambooth_lr1e-3's rate (rank 16 at 1e-3 breaks the model)"),
+    Method("lora_dreambooth_lr1.5e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("1.5e-3")),
+           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           note="rank 4 between lr 1e-3 (the tuned point) and 3e-3 (breaks the model)"),
 )
 METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)
