@@ -33,7 +33,7 @@ import torch
 from ldm.cli import run_script
 from ldm.toy.scenes import write_photo_folder
 from ldm.toy.world import CLASS_WORD, HELD_OUT_POOL_SIZE
-from ldm.toy.frontier import BOOTSTRAP_RESAMPLES, summarize_frontier
+from ldm.toy.frontier import BOOTSTRAP_RESAMPLES, paired_difference, summarize_frontier
 from ldm.momentum import check_strength
 from ldm.png_metadata import model_hash
 from ldm.toy.probes import prompt_following
@@ -280,9 +280,14 @@ def summarize(records: list[dict]) -> dict[str, float]:
     return {**summary, "runs": len(records)}
 
 
+def run_points(records: list[dict]) -> np.ndarray:
+    """The (fidelity, editability) of every setting of every run: [runs, settings, 2]."""
+    return np.array([[[p["fidelity"], p["editability"]] for p in r["points"]] for r in records])
+
+
 def frontier(records: list[dict]) -> dict:
     """The cell's points with bootstrap intervals, which are on its frontier, and the frontier's figures."""
-    runs = np.array([[[p["fidelity"], p["editability"]] for p in r["points"]] for r in records])
+    runs = run_points(records)
     summary = summarize_frontier(runs, FIDELITY_THRESHOLDS)
     points = []
     for i, p in enumerate(records[0]["points"]):
@@ -292,6 +297,20 @@ def frontier(records: list[dict]) -> dict:
                        "editability_ci": editability_ci, "on_frontier": i in summary["frontier"]})
     return {"points": points, "figures": summary["figures"], "intervals": summary["figure_intervals"],
             "runs": len(records)}
+
+
+def paired_differences(scored: Sequence[str], by_cell: dict[str, list[dict]]) -> dict[str, dict]:
+    """``"<cell> - <the cell it is compared with>"``: the difference of their frontier figures with paired
+    intervals, for each scored cell whose comparison cell ran too. Run i of every cell is the same subject
+    and seed (:meth:`Runner.run_all`), so the runs pair up."""
+    result = {}
+    for name in scored:
+        other = method(name).compared_with
+        if other in by_cell and by_cell[other]:
+            result[f"{name} - {other}"] = {
+                **paired_difference(run_points(by_cell[name]), run_points(by_cell[other]), FIDELITY_THRESHOLDS),
+                "runs": len(by_cell[name])}
+    return result
 
 
 def mean_times(by_cell: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
@@ -314,6 +333,7 @@ def results_json(plan_: Plan, by_cell: dict[str, list[dict]], following: dict | 
         "full_description": summarize(by_cell["full_description"]),
         "frontiers": {name: frontiers[name]["points"] for name in plan_.scored},
         "frontier_figures": {name: {k: v for k, v in f.items() if k != "points"} for name, f in frontiers.items()},
+        "paired_differences": paired_differences(plan_.scored, by_cell),
         "prompt_following": following,
         "judge_accuracy": json.loads(TOY_ACCURACY.read_text()) if TOY_ACCURACY.is_file() else {},
         "cells": {m.name: {"flags": list(m.flags), "on": m.on, "prior": m.prior, "note": m.note} for m in plan_.cells},
@@ -337,6 +357,16 @@ def interval(value: float | None, ci) -> str:
     return f"{value:.2f}" if ci is None else f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def signed(value: float | None, ci) -> str:
+    """``+0.12 [+0.03, +0.20] *``: a difference with its interval, starred when the interval leaves out 0."""
+    if value is None:
+        return "-"
+    if ci is None:
+        return f"{value:+.2f}"
+    apart = " *" if ci[0] > 0 or ci[1] < 0 else ""
+    return f"{value:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]{apart}"
+
+
 def markdown_tables(results: dict) -> str:
     """The frontier figures per cell, then the earlier protocol's table (the final point) per cell."""
     keys = [f"best_editability_at_{t:g}" for t in FIDELITY_THRESHOLDS] + ["area"]
@@ -345,6 +375,13 @@ def markdown_tables(results: dict) -> str:
     for name, f in results["frontier_figures"].items():
         cells = " | ".join(interval(f["figures"][k], f["intervals"][k]) for k in keys)
         lines.append(f"| {name} | {cells} | {f['runs']} |")
+    if results.get("paired_differences"):
+        lines += ["", "| paired difference (same subjects and seeds) | "
+                  + " | ".join(f"at fidelity >= {t:g}" for t in FIDELITY_THRESHOLDS) + " | frontier area | runs |",
+                  "| --- " * (len(keys) + 2) + "|"]
+        for name, d in results["paired_differences"].items():
+            cells = " | ".join(signed(d["difference"][k], d["intervals"][k]) for k in keys)
+            lines.append(f"| {name} | {cells} | {d['runs']} |")
     lines += ["", "| method (last save, strength 1) | fidelity | editability | identity features | asked attribute "
                   "| runs |", "| --- | --- | --- | --- | --- | --- |"]
     rows = [("init word only (`toy`)", results["init_word"]),

@@ -16,7 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.toy.frontier import (
-    best_editability, bootstrap_intervals, frontier_area, mean_points, pareto_frontier, summarize_frontier,
+    best_editability, bootstrap_intervals, frontier_area, frontier_figures, mean_points, paired_difference,
+    pareto_frontier, summarize_frontier,
 )
 from ldm.toy.benchmark import (
     ANCHORING_CELLS, ANCHORING_OPTIONS, LORA_CELLS, METHODS, NO_SAVES, STEPS, TOY_INIT_WORDS, TOY_MODEL, Protocol,
@@ -72,6 +73,46 @@ def test_a_figure_missing_in_too_many_resamples_has_no_interval():
     summary = summarize_frontier(runs, (0.5,))
     assert summary["figures"]["best_editability_at_0.5"] == pytest.approx(0.25)  # the mean point, fidelity 0.5
     assert summary["figure_intervals"]["best_editability_at_0.5"] is None  # a quarter of resamples: none
+
+
+def test_a_paired_difference_sees_a_shift_that_the_separate_intervals_hide():
+    rng = np.random.default_rng(3)
+    subject = rng.uniform(0.2, 0.8, (15, 1, 1))  # what each subject does to every method: a wide spread
+    runs_y = np.clip(subject + rng.normal(0, 0.01, (15, 2, 2)), 0, 1)
+    runs_x = np.clip(runs_y + 0.05, 0, 1)  # the same runs, 0.05 better on both figures
+    thresholds = (0.2,)  # every mean point reaches it
+    paired = paired_difference(runs_x, runs_y, thresholds)
+    expected = {k: frontier_figures(mean_points(runs_x), thresholds)[k] - v
+                for k, v in frontier_figures(mean_points(runs_y), thresholds).items()}
+    assert paired["difference"] == pytest.approx(expected)
+    low, high = paired["intervals"]["area"]
+    assert 0 < low <= expected["area"] <= high, "paired: the shift is beyond the interval"
+    x_ci = summarize_frontier(runs_x, thresholds)["figure_intervals"]["area"]
+    y_ci = summarize_frontier(runs_y, thresholds)["figure_intervals"]["area"]
+    assert x_ci[0] < y_ci[1], "unpaired, the two intervals overlap"
+    with pytest.raises(ValueError, match="paired runs differ in number"):
+        paired_difference(runs_x[:3], runs_y, thresholds)
+
+
+def test_the_benchmark_pairs_each_cell_with_the_one_it_adds_to_and_stars_a_separated_difference():
+    from scripts import toy_benchmark as script
+
+    def records(value):
+        return [{"points": [point(25, 1.0, value + 0.01 * i)]} for i in range(4)]  # 4 runs, one setting
+
+    by_cell = {"dreambooth": records(0.5), "dreambooth_momentum_0.1": records(0.6), "ti": records(0.3),
+               "momentum_0.1_lr8e-3": records(0.3), "lora_dreambooth_lr1e-3": records(0.4)}
+    differences = script.paired_differences(["dreambooth_momentum_0.1", "momentum_0.1_lr8e-3",
+                                             "lora_dreambooth_lr1e-3", "momentum_0.1"], by_cell)
+    assert set(differences) == {"dreambooth_momentum_0.1 - dreambooth", "momentum_0.1_lr8e-3 - ti",
+                                "lora_dreambooth_lr1e-3 - dreambooth"}  # momentum_0.1's ti_lr8e-5 did not run
+    recipe = differences["dreambooth_momentum_0.1 - dreambooth"]
+    assert recipe["difference"]["area"] == pytest.approx(0.615 ** 2 - 0.515 ** 2)  # mean points (m, m): area m^2
+    assert recipe["intervals"]["area"] == pytest.approx((0.615 ** 2 - 0.515 ** 2,) * 2, abs=0.02)  # paired: narrow
+    assert script.signed(0.11, (0.05, 0.2)) == "+0.11 [+0.05, +0.20] *"
+    assert script.signed(-0.02, (-0.1, 0.05)) == "-0.02 [-0.10, +0.05]"
+    assert method("momentum_0.1_lr8e-3_ema").compared_with == "momentum_0.1_lr8e-3"
+    assert method("dreambooth_momentum_0.1_anchor").compared_with == "dreambooth_momentum_0.1"
 
 
 # ------------------------------------------------------------------------------------- resume
@@ -338,7 +379,7 @@ def test_an_ema_cell_is_scored_on_the_moving_average_the_run_saves(tmp_path):
     assert step_saves(result, ema, [25]) == {25: tmp_path / "embeddings_ema_gs-25.pt"}
     assert step_saves(result, ema, [25])[25] in averages
     assert step_saves(tmp_path / result_name(plain), plain, [25]) == {25: tmp_path / "embeddings_gs-25.pt"}
-    assert all(m.ema == m.name.endswith("_ema") for m in METHODS)
+    assert all(m.ema == m.name.endswith(("_ema", "_ema_bc")) for m in METHODS)
 
 
 def test_a_lora_dreambooth_run_saves_its_adapters_at_every_scored_step(tmp_path):

@@ -64,11 +64,18 @@ class Method:
     prior: bool = False  # DreamBooth with prior preservation on class images of the pretrained model
     lora: bool = False  # LoRA DreamBooth (embedding False): the run's result is an adapter file
     note: str = ""  # what the cell is for (in the benchmark's JSON)
+    baseline: str | None = None  # the cell it is compared with, run for run (default: ``on``)
 
     @property
     def ema(self) -> bool:
         """The run keeps a moving average of the embedding (``--ema_decay``), which is what is scored."""
         return "--ema_decay" in self.flags
+
+    @property
+    def compared_with(self) -> str | None:
+        """The cell whose runs this one's are paired with (same subjects and seeds): the one it adds a step or
+        an option to, or the one with the same step in e-space."""
+        return self.baseline or self.on
 
     @property
     def saves_unet(self) -> bool:
@@ -98,10 +105,11 @@ def base_lr(value: str) -> str:
 FRONTIER_CELLS: tuple[Method, ...] = (
     Method("ti", ("--gamma", "1"), "*", note="TI, base lr 8e-4 x batch 8"),
     Method("ti_lr8e-5", ("--gamma", "1", base_lr("8e-5")), "*", note="TI at momentum 0.1's e-space step"),
-    Method("momentum_0.1", ("--gamma", "0.1"), "*", note="momentum 0.1, base lr 8e-4"),
-    Method("momentum_0.1_lr8e-3", ("--gamma", "0.1", base_lr("8e-3")), "*", note="momentum 0.1 at TI's e-space step"),
+    Method("momentum_0.1", ("--gamma", "0.1"), "*", note="momentum 0.1, base lr 8e-4", baseline="ti_lr8e-5"),
+    Method("momentum_0.1_lr8e-3", ("--gamma", "0.1", base_lr("8e-3")), "*", note="momentum 0.1 at TI's e-space step",
+           baseline="ti"),
     Method("ti_original_step", ("--gamma", "1", base_lr("5e-3"), "data.params.batch_size=2"), "*",
-           note="the original TI config's step: base lr 5e-3 x batch 2"),
+           note="the original TI config's step: base lr 5e-3 x batch 2", baseline="ti"),
     Method("dreambooth", ("--class_word", CLASS_WORD), f"sks {CLASS_WORD}", embedding=False,
            note="DreamBooth without prior preservation"),
     Method("dreambooth_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="dreambooth",
@@ -109,12 +117,14 @@ FRONTIER_CELLS: tuple[Method, ...] = (
     Method("dreambooth_ti_lr8e-5", ("--gamma", "1", base_lr("8e-5"), *ON_SKS), f"sks {CLASS_WORD}", on="dreambooth",
            note="TI on sks of the DreamBooth model at the recipe's e-space step"),
     Method("dreambooth_prior", ("--class_word", CLASS_WORD, "--prior_loss_weight", "1"), f"sks {CLASS_WORD}",
-           embedding=False, prior=True, note="DreamBooth with prior preservation (class images of the toy model)"),
+           embedding=False, prior=True, note="DreamBooth with prior preservation (class images of the toy model)",
+           baseline="dreambooth"),
     Method("dreambooth_prior_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="dreambooth_prior",
            note="the original code's recipe on the prior-preserving DreamBooth model"),
     Method("dreambooth_prior_lr4e-5", ("--class_word", CLASS_WORD, "--prior_loss_weight", "1", base_lr("4e-5")),
            f"sks {CLASS_WORD}", embedding=False, prior=True,
-           note="dreambooth_prior at 4x the learning rate (base lr 4e-5 x batch 8): at 1e-5 it barely learns in 200 steps"),
+           note="dreambooth_prior at 4x the learning rate (base lr 4e-5 x batch 8): at 1e-5 it barely learns in 200 steps",
+           baseline="dreambooth"),
     Method("dreambooth_prior_lr4e-5_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}",
            on="dreambooth_prior_lr4e-5", note="the original code's recipe on dreambooth_prior_lr4e-5's model"),
 )
@@ -145,7 +155,8 @@ ANCHORING_OPTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (  # (name suf
 
 def with_option(cell: Method, suffix: str, flags: tuple[str, ...], note: str) -> Method:
     """``cell`` with one more option: the cell ``<cell>_<suffix>``."""
-    return replace(cell, name=f"{cell.name}_{suffix}", flags=(*cell.flags, *flags), note=f"{cell.name} + {note}")
+    return replace(cell, name=f"{cell.name}_{suffix}", flags=(*cell.flags, *flags), note=f"{cell.name} + {note}",
+                   baseline=cell.name)
 
 
 ANCHORING_CELLS = tuple(with_option(cell, *option) for option in ANCHORING_OPTIONS
@@ -153,26 +164,27 @@ ANCHORING_CELLS = tuple(with_option(cell, *option) for option in ANCHORING_OPTIO
 # Issue 20: LoRA DreamBooth (configs/toy/v1-finetune_lora.yaml) and the original recipe on it.
 LORA_CELLS: tuple[Method, ...] = (
     Method("lora_dreambooth", ("--class_word", CLASS_WORD, "--lora_rank", "4"), f"sks {CLASS_WORD}", embedding=False,
-           lora=True, note="LoRA DreamBooth without prior preservation: rank 4 (alpha 4) adapters on the UNet's "
-                           "attention projections, base lr 1e-4 x batch 8"),
+           lora=True, baseline="dreambooth",
+           note="LoRA DreamBooth without prior preservation: rank 4 (alpha 4) adapters on the UNet's "
+                "attention projections, base lr 1e-4 x batch 8"),
     Method("lora_dreambooth_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="lora_dreambooth",
            note="the original code's recipe on the toy model with the LoRA DreamBooth adapters (--lora)"),
     Method("lora_dreambooth_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("1e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
            note="lora_dreambooth at 10x the learning rate: base lr 1e-3 x batch 8"),
     Method("lora_dreambooth_lr1e-3_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}",
            on="lora_dreambooth_lr1e-3", note="the original code's recipe on lora_dreambooth_lr1e-3's adapters"),
     Method("lora_dreambooth_r16_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "16", base_lr("1e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
            note="lora_dreambooth_lr1e-3 at rank 16 (alpha 16): 4x the adapters' capacity"),
     Method("lora_dreambooth_lr3e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("3e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
            note="lora_dreambooth at 30x the learning rate: base lr 3e-3 x batch 8"),
     Method("lora_dreambooth_r16_lr5e-4", ("--class_word", CLASS_WORD, "--lora_rank", "16", base_lr("5e-4")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
            note="rank 16 (alpha 16) at half lora_dreambooth_lr1e-3's rate (rank 16 at 1e-3 breaks the model)"),
     Method("lora_dreambooth_lr1.5e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("1.5e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True,
+           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
            note="rank 4 between lr 1e-3 (the tuned point) and 3e-3 (breaks the model)"),
 )
 METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)

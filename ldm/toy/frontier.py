@@ -14,6 +14,11 @@ on both figures (up and to the right in a fidelity-vs-editability plot). From it
 Intervals are 95% percentile-bootstrap intervals over runs: runs are drawn with replacement, the
 mean points and every figure derived from them are recomputed, and the 2.5th and 97.5th percentiles
 of each figure are the interval. With a single run there is nothing to resample and no interval.
+
+Two methods run on the same subjects and seeds (run i of one and run i of the other share subject,
+seed and sampling noise) are compared **paired** (:func:`paired_difference`): the same runs are drawn
+for both, and the interval is that of the difference of their figures. What the subject does to both
+cancels, so a paired interval is narrower than the two separate ones side by side.
 """
 from __future__ import annotations
 
@@ -70,22 +75,31 @@ def mean_points(runs: np.ndarray) -> list[Point]:
     return [tuple(float(x) for x in row) for row in runs.mean(axis=0)]
 
 
-def bootstrap_intervals(runs: np.ndarray, statistic: Callable[[np.ndarray], dict[str, float | None]], *,
+Runs = np.ndarray | tuple[np.ndarray, ...]  # [R, ...], or several such arrays whose run i belongs together
+
+
+def bootstrap_intervals(runs: Runs, statistic: Callable[[Runs], dict[str, float | None]], *,
                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
                         ) -> dict[str, tuple[float, float] | None]:
-    """95% percentile-bootstrap interval of each figure ``statistic`` computes from runs [R, ...].
+    """95% percentile-bootstrap interval of each figure ``statistic`` computes from runs [R, ...] (or from a
+    tuple of such arrays, resampled together: the same runs are drawn from each).
 
     A figure is None in some resamples (e.g. no point reaches a fidelity threshold); its interval is
     then taken over the resamples where it exists when they are at least 95% of them, else None. Fewer
     than two runs give no intervals (all None).
     """
     names = list(statistic(runs))
-    if runs.shape[0] < 2:
+    arrays = runs if isinstance(runs, tuple) else (runs,)
+    count = arrays[0].shape[0]
+    if any(a.shape[0] != count for a in arrays):
+        raise ValueError(f"paired runs differ in number: {[a.shape[0] for a in arrays]}")
+    if count < 2:
         return {name: None for name in names}
     rng = np.random.default_rng(seed)
     draws = {name: [] for name in names}
     for _ in range(resamples):
-        sample = runs[rng.integers(0, runs.shape[0], runs.shape[0])]
+        drawn = rng.integers(0, count, count)
+        sample = tuple(a[drawn] for a in arrays) if isinstance(runs, tuple) else runs[drawn]
         for name, value in statistic(sample).items():
             draws[name].append(value)
     tail = 100 * (1 - CONFIDENCE) / 2
@@ -120,3 +134,18 @@ def summarize_frontier(runs: np.ndarray, thresholds: Sequence[float]) -> dict:
         "figures": figures,
         "figure_intervals": figure_ci,
     }
+
+
+def difference_figures(runs_x: np.ndarray, runs_y: np.ndarray, thresholds: Sequence[float]) -> dict[str, float | None]:
+    """Each frontier figure of runs_x's mean points minus runs_y's (None where either figure is None)."""
+    x = frontier_figures(mean_points(runs_x), thresholds)
+    y = frontier_figures(mean_points(runs_y), thresholds)
+    return {name: None if x[name] is None or y[name] is None else x[name] - y[name] for name in x}
+
+
+def paired_difference(runs_x: np.ndarray, runs_y: np.ndarray, thresholds: Sequence[float]) -> dict:
+    """X's frontier figures minus Y's, with paired bootstrap intervals; run i of each is the same subject and
+    seed ([R, S_x, 2] and [R, S_y, 2]: the settings may differ, the runs must pair up)."""
+    return {"difference": difference_figures(runs_x, runs_y, thresholds),
+            "intervals": bootstrap_intervals((runs_x, runs_y),
+                                             lambda pair: difference_figures(*pair, thresholds))}
