@@ -59,7 +59,11 @@ def test_every_flag_reaches_its_config_keys_and_the_help(flag, tmp_path) -> None
     config = OmegaConf.load(config_for(flag))
     apply_flags(config, main.build_parser().parse_args(argv))
     for key in flag.keys:
-        key, expected = (key, [value] if flag.as_list or flag.repeat else value) if isinstance(key, str) else key
+        if isinstance(key, str):
+            expected = [value] if flag.as_list or flag.repeat else value
+            expected = expected if flag.convert is None else flag.convert(expected)
+        else:
+            key, expected = key
         for split in ("train", "validation"):
             found = OmegaConf.select(config, key.format(dataset=f"data.params.{split}"))
             assert found == expected, f"--{flag.name} did not write {key}"

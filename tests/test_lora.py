@@ -20,8 +20,8 @@ from ldm.checkpoint import CheckpointError, read_state_dict
 from ldm.checkpoint.lora import UNET_PREFIX, read_lora, save_lora, unet_diffusers_path
 from ldm.inference import load_model
 from ldm.lora import add_trained_adapters, apply_lora_files, model_parts, trained_layers
-from ldm.modules.lora import DEFAULT_UNET_TARGETS, AdapterPart, add_adapters, adapter_layers, export_layers, \
-    load_file_adapters
+from ldm.modules.lora import DEFAULT_UNET_TARGETS, UNET_TARGET_PRESETS, AdapterPart, add_adapters, adapter_layers, \
+    export_layers, load_file_adapters, unet_targets
 from ldm.png_metadata import model_hash
 from ldm.sampling_io import read_png_text
 from ldm.util import instantiate_from_config
@@ -112,6 +112,63 @@ def test_full_size_sd_v1_unet_lora_in_diffusers_equals_ours(tmp_path):
     with torch.no_grad():
         err = (unet(x, t, context=context) - reference(x, t, encoder_hidden_states=context).sample).abs().max()
     assert err <= 1e-4
+
+
+def test_transformer_preset_adapts_feed_forward_and_proj_layers_as_diffusers_loads_them(tmp_path):
+    """--lora_targets transformer (kohya's default set, proj_in/proj_out are 1x1 convolutions): diffusers' UNet with
+    our file equals ours, and each transformer block has its 12 layers adapted."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    unet = randomize_(instantiate_from_config(OmegaConf.load(TINY_INFERENCE).model.params.unet_config)).eval()
+    reference = diffusers_unet({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
+                               TINY_INFERENCE)
+    part = AdapterPart(unet, UNET_PREFIX, lambda p: unet_diffusers_path(p, unet.num_res_blocks))
+    blocks = sum(1 for path, _ in unet.named_modules() if path.endswith("transformer_blocks.0"))
+    assert add_adapters(part, unet_targets("transformer"), rank=2, alpha=4) == blocks * 12
+    randomize_adapters(unet)
+    path = save_lora(tmp_path / "transformer.safetensors", export_layers(part), {})
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight" in keys
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=reference)
+    x, t, context = unet_inputs(unet, size=16)
+    with torch.no_grad():
+        err = (unet(x, t, context=context) - reference(x, t, encoder_hidden_states=context).sample).abs().max()
+    assert err <= 1e-4
+
+
+def test_transformer_preset_file_folds_into_a_fresh_model_as_trained(tiny_ckpt, tmp_path):
+    """What --lora (and the toy benchmark's scoring) does with a transformer-preset file: the convolutions too."""
+    trained_model = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
+    add_trained_adapters(trained_model, rank=2, unet_targets=unet_targets("transformer"))
+    randomize_adapters(trained_model)
+    path = save_lora(tmp_path / "transformer.safetensors", trained_layers(trained_model), {})
+    fresh = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
+    apply_lora_files(fresh, [str(path)])
+    x, t, context = unet_inputs(fresh.model.diffusion_model)
+    with torch.no_grad():
+        expected = trained_model.model.diffusion_model(x, t, context=context)
+        folded = fresh.model.diffusion_model(x, t, context=context)
+        base = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu").model.diffusion_model(x, t, context=context)
+    assert (expected - base).abs().max() > 1e-2
+    assert (folded - expected).abs().max() <= 1e-4
+
+
+def test_lora_targets_flag_writes_the_preset_or_the_list():
+    from argparse import ArgumentParser
+
+    from ldm.train.flags import add_flags, apply_flags
+
+    parser = ArgumentParser()
+    add_flags(parser)
+    for given, expected in (("transformer", list(UNET_TARGET_PRESETS["transformer"])),
+                            ("to_k, to_v", ["to_k", "to_v"])):
+        config = OmegaConf.load(TINY_LORA)
+        apply_flags(config, parser.parse_args(["--lora_targets", given]))
+        assert list(config.lora.unet_targets) == expected
 
 
 def test_hand_written_kohya_file_folds_into_the_named_layers(tiny_ckpt, tmp_path):
@@ -241,6 +298,8 @@ def test_another_base_model_warns_with_both_hashes(tiny_ckpt, tmp_path, trained,
     ("full_as_lora", "is a full SD checkpoint, not a LoRA; pass it with --actual_resume"),
     ("lora_as_base", "is a LoRA file (kohya layout), not model weights; pass it with --lora"),
     ("rank_without_lora", "--lora_rank is a LoRA DreamBooth option"),
+    ("empty_targets", "--lora_targets , name a preset (attention, transformer) or layers"),
+    ("unmatched_targets", "lora targets ['to_qq'] match no layer under lora_unet_"),
 ])
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(case, expected, tiny_ckpt, photo_dir, trained, tmp_path,
                                                           caplog):
@@ -252,6 +311,8 @@ def test_bad_flags_exit_2_with_one_line_naming_the_flag(case, expected, tiny_ckp
         "full_as_lora": ["--base", str(TINY_FINETUNE), "--actual_resume", str(tiny_ckpt), "--lora", str(tiny_ckpt)],
         "lora_as_base": ["--base", str(TINY_FINETUNE), "--actual_resume", lora],
         "rank_without_lora": ["--base", str(TINY_FINETUNE), "--actual_resume", str(tiny_ckpt), "--lora_rank", "8"],
+        "empty_targets": ["--base", str(TINY_LORA), "--actual_resume", str(tiny_ckpt), "--lora_targets", ","],
+        "unmatched_targets": ["--base", str(TINY_LORA), "--actual_resume", str(tiny_ckpt), "--lora_targets", "to_qq"],
     }[case]
     with caplog.at_level(logging.ERROR, logger="main"):
         assert main.main([*args, *base]) == 2

@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# --lora_targets presets: the attention projections (diffusers' train_dreambooth_lora) or every linear / 1x1
+# convolution of the transformer blocks (kohya's sd-scripts default: attention, feed-forward, proj_in/proj_out)
+UNET_TARGET_PRESETS = {
+    "attention": DEFAULT_UNET_TARGETS,
+    "transformer": (*DEFAULT_UNET_TARGETS, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+}
 TRAINED_ADAPTER = "trained"
 ADAPTABLE = (nn.Linear, nn.Conv2d)
 
@@ -51,6 +57,16 @@ class AdapterPart:
                 if diffusers is not None:
                     names[path] = kohya_name(self.prefix, diffusers)
         return names
+
+
+def unet_targets(text: str) -> list[str]:
+    """``--lora_targets``: a preset of :data:`UNET_TARGET_PRESETS` or comma-separated layer-path endings."""
+    if text in UNET_TARGET_PRESETS:
+        return list(UNET_TARGET_PRESETS[text])
+    targets = [name.strip() for name in text.split(",") if name.strip()]
+    if not targets:
+        raise ValueError(f"name a preset ({', '.join(UNET_TARGET_PRESETS)}) or layers, e.g. to_q,to_k,to_v,to_out.0")
+    return targets
 
 
 def adapter_layers(module: nn.Module) -> dict[str, nn.Module]:

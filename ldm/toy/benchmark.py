@@ -186,6 +186,11 @@ LORA_CELLS: tuple[Method, ...] = (
     Method("lora_dreambooth_lr1.5e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("1.5e-3")),
            f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
            note="rank 4 between lr 1e-3 (the tuned point) and 3e-3 (breaks the model)"),
+    Method("lora_dreambooth_transformer_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", "--lora_targets",
+                                                  "transformer", base_lr("1e-3")),
+           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
+           note="lora_dreambooth_lr1e-3 on every layer of the transformer blocks (kohya's default): the "
+                "feed-forward and proj_in/proj_out too"),
 )
 METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.export import EXPORT_FORMATS
 from ldm.lora import check_lora_specs
 from ldm.models.diffusion.compiled_unet import COMPILE_MODES
+from ldm.modules.lora import unet_targets
 from ldm.momentum import (ANCHORS, DEFAULT_GAMMA, DEFAULT_IDENTIFIER, DEFAULT_PLACEHOLDER, check_anchor_weight,
                           check_ema_decay, check_gamma)
 from ldm.train.trainer_args import PRECISIONS
@@ -77,6 +78,7 @@ class Flag:
     metavar: str | None = None
     minimum: int | None = None
     check: Callable[[Any], None] | None = None  # raises ValueError saying what is wrong
+    convert: Callable[[Any], Any] | None = None  # the checked value -> what the keys get (e.g. a preset -> a list)
     as_list: bool = False
     requires: tuple[str, str] | None = None
     refuses: tuple[str, str] | None = None
@@ -179,6 +181,10 @@ FLAGS: tuple[Flag, ...] = (
          ("lora.rank",), type=int, minimum=1, requires=LORA_ONLY),
     Flag("lora_alpha", "LoRA DreamBooth: alpha of the adapters, which scale by alpha / rank (default: the rank)",
          ("lora.alpha",), type=float, requires=LORA_ONLY),
+    Flag("lora_targets", "LoRA DreamBooth: the UNet layers that take adapters: 'attention' (to_q, to_k, to_v, to_out.0; "
+         "the default), 'transformer' (also the feed-forward and proj_in/proj_out, as kohya's sd-scripts) or "
+         "comma-separated layer-path endings", ("lora.unet_targets",), type=str, metavar="PRESET|LIST",
+         check=unet_targets, convert=unet_targets, requires=LORA_ONLY),
     # ---- Lightning's Trainer (see ldm.train.trainer_args)
     Flag("max_steps", "stop after this many steps", ("lightning.trainer.max_steps",), type=int, minimum=-1),
     Flag("max_epochs", "stop after this many epochs", ("lightning.trainer.max_epochs",), type=int, minimum=-1),
@@ -226,6 +232,7 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace, overrides: DictConf
             continue
         _check_value(flag, value)
         for path, written in writes:
+            written = written if flag.convert is None else flag.convert(written)
             _check_agreement(flag, value, path, written, overrides)
             _write(config, path, written, flag.name)
 
