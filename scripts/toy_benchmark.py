@@ -39,7 +39,7 @@ from ldm.png_metadata import model_hash
 from ldm.toy.probes import prompt_following
 from ldm.toy.benchmark import (
     FRONTIER_METHODS, INFERENCE_CONFIG, METHOD_NAMES, QUICK_METHODS, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY,
-    TOY_JUDGE, TOY_MODEL, Method, Protocol, base_files, evaluate, load_toy_model, method, prompt_suite,
+    TOY_JUDGE, TOY_MODEL, Method, Protocol, base_files, evaluate, load_toy_model, method, native_bf16, prompt_suite,
     require_toy_models, run_clock, score_run, step_saves, train,
 )
 from ldm.toy.records import load_record, record_path, save_record, stored_probe
@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "time, docs/toy_benchmark.md)")
     p.add_argument("--bf16", action="store_true",
                    help="sample and judge under CPU bfloat16 autocast (training stays fp32): about half the scoring "
-                        "time, the same judged figures where measured (docs/toy_benchmark.md); its results are "
-                        "stored apart from fp32 ones")
+                        "time on a CPU with native bfloat16 (avx512_bf16 or AMX; refused on others, where it is "
+                        "~24x slower), the same judged figures where measured (docs/toy_benchmark.md); its results "
+                        "are stored apart from fp32 ones")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced run: 1 subject, 1 seed, {' and '.join(QUICK_METHODS)}, {QUICK_SAMPLES} samples "
                         "per prompt, no prompt-following probe")
@@ -132,6 +133,9 @@ def plan(args: argparse.Namespace) -> Plan:
     samples = args.samples if args.samples is not None else (QUICK_SAMPLES if args.quick else 8)
     if samples < 1 or args.seeds < 1 or args.ddim_steps < 1:
         raise ValueError("--samples, --seeds and --ddim-steps must be at least 1")
+    if args.bf16 and not native_bf16():
+        raise ValueError("--bf16: this CPU has no native bfloat16 (avx512_bf16 or AMX), so autocast emulates it and "
+                         "scoring is about 24x slower than fp32 (docs/toy_benchmark.md): leave out --bf16")
     subjects = subject_seeds(args)
     cells = []
     for name in names:

@@ -24,7 +24,8 @@ import torch
 from ldm.cli import run_script
 from ldm.png_metadata import model_hash
 from ldm.toy.benchmark import (
-    SAMPLER, TOY_JUDGE, TOY_MODEL, Protocol, load_toy_model, method, require_toy_models, score_run, step_saves,
+    SAMPLER, TOY_JUDGE, TOY_MODEL, Protocol, load_toy_model, method, native_bf16, require_toy_models, score_run,
+    step_saves,
 )
 from ldm.toy.judge import load_judge
 from ldm.toy.records import load_record, record_path
@@ -83,6 +84,9 @@ def body(args: argparse.Namespace) -> int:
     fp32 = Protocol(samples=args.samples, ddim_steps=args.ddim_steps, base_model=model_hash(TOY_MODEL))
     bf16 = replace(fp32, bf16=True)
     runs = stored_runs(args, fp32)
+    if not native_bf16():
+        logger.warning("this CPU has no native bfloat16 (avx512_bf16 or AMX): the verdicts compare as anywhere, but "
+                       "the bf16 CPU times are those of emulation, not what --bf16 saves where the benchmark allows it")
     torch.set_num_threads(args.threads)
     base, judge_model = load_toy_model(), load_judge(TOY_JUDGE)
     for cell, subject_seed, seed, record in runs:

@@ -229,9 +229,10 @@ def test_a_run_of_another_protocol_is_kept_beside_the_first():
     assert all(p.parent == Path("w/runs/ti") and p.name.startswith("subject-0-seed-0-") for p in paths)
 
 
-def test_bf16_scoring_is_a_protocol_of_its_own_and_leaves_fp32_keys_as_they_were():
+def test_bf16_scoring_is_a_protocol_of_its_own_and_leaves_fp32_keys_as_they_were(monkeypatch):
     from scripts import toy_benchmark
 
+    monkeypatch.setattr(toy_benchmark, "native_bf16", lambda: True)
     m = method("ti")
     assert "bf16" not in PROTOCOL.fingerprint(m)["sampler"]  # fp32 results stored before the flag are still found
     bf16 = toy_benchmark.plan(toy_benchmark.build_parser().parse_args(["--bf16", "--samples", "1"])).protocol
@@ -241,6 +242,14 @@ def test_bf16_scoring_is_a_protocol_of_its_own_and_leaves_fp32_keys_as_they_were
 
 
 # ------------------------------------------------------------------------------------- bad input
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(monkeypatch):
+    from scripts import toy_benchmark
+
+    monkeypatch.setattr(toy_benchmark, "native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="--bf16: this CPU has no native bfloat16 .* leave out --bf16"):
+        toy_benchmark.plan(toy_benchmark.build_parser().parse_args(["--bf16"]))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "ti", "ti_lr9"], "unknown method 'ti_lr9'"),
     (["--strengths", "0.5", "4.5"], "--strengths: strength must be in [0, 4]"),
