@@ -51,6 +51,28 @@ def unet_inputs(unet, size: int = 16, seq_len: int = 77):
             torch.randn(2, seq_len, unet.context_dim, generator=gen))
 
 
+def random_unet_part(config: Path):
+    """A UNet of ``config`` with random weights, and its adapter part (no adapters yet)."""
+    torch.manual_seed(0)
+    unet = randomize_(instantiate_from_config(OmegaConf.load(config).model.params.unet_config)).eval()
+    return unet, AdapterPart(unet, UNET_PREFIX, lambda p: unet_diffusers_path(p, unet.num_res_blocks))
+
+
+def diffusers_lora_error(unet, config: Path, path: Path, size: int) -> float:
+    """Largest difference between ``unet`` (adapters on) and diffusers' UNet with its base weights and the file
+    at ``path`` loaded as diffusers' pipelines load a LoRA."""
+    from diffusers import StableDiffusionPipeline
+
+    base = {k: v for k, v in unet.state_dict().items() if ".lora_" not in k}
+    reference = diffusers_unet({"model.diffusion_model." + k.replace(".base_layer", ""): v for k, v in base.items()},
+                               config)
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=reference)
+    x, t, context = unet_inputs(unet, size=size)
+    with torch.no_grad():
+        return float((unet(x, t, context=context) - reference(x, t, encoder_hidden_states=context).sample).abs().max())
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_ckpt, tmp_path_factory):
     """The tiny model with random rank-4 (alpha 8) adapters on the UNet and text encoder, and its exported file."""
@@ -96,34 +118,17 @@ def test_diffusers_load_lora_weights_equals_our_adapters(trained, tiny_ckpt, tmp
 
 
 def test_full_size_sd_v1_unet_lora_in_diffusers_equals_ours(tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    torch.manual_seed(0)
-    unet = randomize_(instantiate_from_config(OmegaConf.load(FULL_INFERENCE).model.params.unet_config)).eval()
-    reference = diffusers_unet({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
-                               FULL_INFERENCE)
-    part = AdapterPart(unet, UNET_PREFIX, lambda p: unet_diffusers_path(p, unet.num_res_blocks))
+    unet, part = random_unet_part(FULL_INFERENCE)
     assert add_adapters(part, DEFAULT_UNET_TARGETS, rank=4, alpha=2) == 16 * 2 * 4  # 16 blocks x 2 attn x 4
     randomize_adapters(unet)
     path = save_lora(tmp_path / "full.safetensors", export_layers(part), {})
-    state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
-    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=reference)
-    x, t, context = unet_inputs(unet, size=8)
-    with torch.no_grad():
-        err = (unet(x, t, context=context) - reference(x, t, encoder_hidden_states=context).sample).abs().max()
-    assert err <= 1e-4
+    assert diffusers_lora_error(unet, FULL_INFERENCE, path, size=8) <= 1e-4
 
 
 def test_transformer_preset_adapts_feed_forward_and_proj_layers_as_diffusers_loads_them(tmp_path):
     """--lora_targets transformer (kohya's default set, proj_in/proj_out are 1x1 convolutions): diffusers' UNet with
     our file equals ours, and each transformer block has its 12 layers adapted."""
-    from diffusers import StableDiffusionPipeline
-
-    torch.manual_seed(0)
-    unet = randomize_(instantiate_from_config(OmegaConf.load(TINY_INFERENCE).model.params.unet_config)).eval()
-    reference = diffusers_unet({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
-                               TINY_INFERENCE)
-    part = AdapterPart(unet, UNET_PREFIX, lambda p: unet_diffusers_path(p, unet.num_res_blocks))
+    unet, part = random_unet_part(TINY_INFERENCE)
     blocks = sum(1 for path, _ in unet.named_modules() if path.endswith("transformer_blocks.0"))
     assert add_adapters(part, unet_targets("transformer"), rank=2, alpha=4) == blocks * 12
     randomize_adapters(unet)
@@ -132,12 +137,7 @@ def test_transformer_preset_adapts_feed_forward_and_proj_layers_as_diffusers_loa
         keys = set(handle.keys())
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_down.weight" in keys
     assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight" in keys
-    state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
-    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=reference)
-    x, t, context = unet_inputs(unet, size=16)
-    with torch.no_grad():
-        err = (unet(x, t, context=context) - reference(x, t, encoder_hidden_states=context).sample).abs().max()
-    assert err <= 1e-4
+    assert diffusers_lora_error(unet, TINY_INFERENCE, path, size=16) <= 1e-4
 
 
 def test_transformer_preset_file_folds_into_a_fresh_model_as_trained(tiny_ckpt, tmp_path):
