@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true",
                    help="sample and judge under CPU bfloat16 autocast (training stays fp32): about half the scoring "
                         "time on a CPU with native bfloat16 (avx512_bf16 or AMX; refused on others, where it is "
-                        "~24x slower), the same judged figures where measured (docs/toy_benchmark.md); its results "
+                        "~20x slower), the same judged figures where measured (docs/toy_benchmark.md); its results "
                         "are stored apart from fp32 ones")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced run: 1 subject, 1 seed, {' and '.join(QUICK_METHODS)}, {QUICK_SAMPLES} samples "
@@ -135,7 +135,7 @@ def plan(args: argparse.Namespace) -> Plan:
         raise ValueError("--samples, --seeds and --ddim-steps must be at least 1")
     if args.bf16 and not native_bf16():
         raise ValueError("--bf16: this CPU has no native bfloat16 (avx512_bf16 or AMX), so autocast emulates it and "
-                         "scoring is about 24x slower than fp32 (docs/toy_benchmark.md): leave out --bf16")
+                         "scoring is about 20x slower than fp32 (docs/toy_benchmark.md): leave out --bf16")
     subjects = subject_seeds(args)
     cells = []
     for name in names:

@@ -489,7 +489,7 @@ def evaluate(model, judge_model: ToyJudge, phrase: str, subject: Subject | None,
 
 def native_bf16() -> bool:
     """Whether oneDNN runs bfloat16 natively on this CPU (avx512_bf16 or AMX). Without it, CPU autocast to bfloat16
-    is emulated: scoring measured 24x slower than fp32 on an AVX2-only EPYC (docs/toy_benchmark.md)."""
+    is emulated: scoring measured 20-24x slower than fp32 on an AVX2-only EPYC (docs/toy_benchmark.md)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
