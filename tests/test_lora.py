@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -140,12 +141,51 @@ def test_transformer_preset_adapts_feed_forward_and_proj_layers_as_diffusers_loa
     assert diffusers_lora_error(unet, TINY_INFERENCE, path, size=16) <= 1e-4
 
 
-def test_transformer_preset_file_folds_into_a_fresh_model_as_trained(tiny_ckpt, tmp_path):
-    """What --lora (and the toy benchmark's scoring) does with a transformer-preset file: the convolutions too."""
+def test_locon_preset_adapts_resnets_and_resamplers_as_diffusers_loads_them(tmp_path):
+    """--lora_targets locon (kohya's LoRA-C3Lier): 3x3 convolutions too; diffusers' UNet with our file equals ours."""
+    unet, part = random_unet_part(TINY_INFERENCE)
+    adapted = add_adapters(part, unet_targets("locon"), rank=2, alpha=4)
+    randomize_adapters(unet)
+    path = save_lora(tmp_path / "locon.safetensors", export_layers(part), {})
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        down = handle.get_tensor("lora_unet_down_blocks_1_resnets_0_conv1.lora_down.weight")
+    for name in ("down_blocks_1_resnets_0_conv_shortcut", "down_blocks_0_downsamplers_0_conv",
+                 "mid_block_resnets_1_time_emb_proj", "up_blocks_2_upsamplers_0_conv", "up_blocks_3_resnets_1_conv2",
+                 "up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v"):
+        assert f"lora_unet_{name}.lora_up.weight" in keys, name
+    assert down.shape[2:] == (3, 3)
+    assert len(keys) == 3 * adapted
+    assert diffusers_lora_error(unet, TINY_INFERENCE, path, size=16) <= 1e-4
+
+
+@pytest.mark.parametrize("num_res_blocks", [1, 2])
+def test_every_unet_layer_name_is_the_diffusers_layer_with_its_weights(num_res_blocks, tmp_path):
+    """unet_diffusers_path against diffusers' own conversion of the same weights: each linear/conv layer of ours
+    (ResBlocks, resamplers, attention, conv_in/out, time embedding) names the diffusers layer holding its weight."""
+    config = OmegaConf.load(TINY_INFERENCE)
+    config.model.params.unet_config.params.num_res_blocks = num_res_blocks
+    OmegaConf.save(config, tmp_path / "unet.yaml")
+    unet, part = random_unet_part(tmp_path / "unet.yaml")
+    reference = diffusers_unet({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
+                               tmp_path / "unet.yaml")
+    theirs = dict(reference.named_modules())
+    layers = {path: layer for path, layer in unet.named_modules() if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))}
+    names = {path: unet_diffusers_path(path, num_res_blocks) for path in layers}
+    assert None not in names.values(), [path for path, name in names.items() if name is None]
+    assert len(set(names.values())) == len(names)
+    for path, name in names.items():
+        assert name in theirs, (path, name)
+        assert torch.equal(theirs[name].weight, layers[path].weight), (path, name)
+
+
+@pytest.mark.parametrize("preset", ["transformer", "locon"])
+def test_preset_file_folds_into_a_fresh_model_as_trained(preset, tiny_ckpt, tmp_path):
+    """What --lora (and the toy benchmark's scoring) does with a preset's file: 1x1 and 3x3 convolutions too."""
     trained_model = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
-    add_trained_adapters(trained_model, rank=2, unet_targets=unet_targets("transformer"))
+    add_trained_adapters(trained_model, rank=2, unet_targets=unet_targets(preset))
     randomize_adapters(trained_model)
-    path = save_lora(tmp_path / "transformer.safetensors", trained_layers(trained_model), {})
+    path = save_lora(tmp_path / f"{preset}.safetensors", trained_layers(trained_model), {})
     fresh = load_model(TINY_INFERENCE, tiny_ckpt, device="cpu")
     apply_lora_files(fresh, [str(path)])
     x, t, context = unet_inputs(fresh.model.diffusion_model)
@@ -270,7 +310,9 @@ def test_bad_files_name_the_first_mismatching_key(tiny_ckpt, tmp_path, trained):
     with pytest.raises(CheckpointError, match="key 'lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
                                               r"\.lora_down\.weight' matches no layer") as err:
         apply_lora_files(model, [str(unknown)])
-    assert "\n" not in str(err.value) and "lora_unet_down_blocks" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert re.search(r"the closest is 'lora_unet_(down|up)_blocks_\d_attentions_\d_transformer_blocks_0_attn1_to_q'",
+                     str(err.value))
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     shape = write_file(tmp_path / "shape.safetensors", {f"{name}.lora_down.weight": torch.zeros(4, 7),
                                                          f"{name}.lora_up.weight": torch.zeros(32, 4)})
@@ -298,7 +340,7 @@ def test_another_base_model_warns_with_both_hashes(tiny_ckpt, tmp_path, trained,
     ("full_as_lora", "is a full SD checkpoint, not a LoRA; pass it with --actual_resume"),
     ("lora_as_base", "is a LoRA file (kohya layout), not model weights; pass it with --lora"),
     ("rank_without_lora", "--lora_rank is a LoRA DreamBooth option"),
-    ("empty_targets", "--lora_targets , name a preset (attention, transformer) or layers"),
+    ("empty_targets", "--lora_targets , name a preset (attention, transformer, locon) or layers"),
     ("unmatched_targets", "lora targets ['to_qq'] match no layer under lora_unet_"),
 ])
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(case, expected, tiny_ckpt, photo_dir, trained, tmp_path,

@@ -1,6 +1,6 @@
 """LoRA files in the kohya / AUTOMATIC1111 layout: module names, reading and writing.
 
-One entry per adapted linear layer; ``<name>`` is the layer's diffusers module path with ``_`` for ``.``
+One entry per adapted linear or convolution layer; ``<name>`` is the layer's diffusers module path with ``_`` for ``.``
 (what kohya's sd-scripts write for SD v1 and what A1111, ComfyUI and diffusers' ``load_lora_weights`` read)::
 
     lora_unet_<name>.lora_down.weight   [r, in]    (peft's lora_A; [r, in, k, k] for a convolution)
@@ -13,9 +13,10 @@ e.g. ``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k``. M
 kohya's ``ss_*`` keys (``ss_network_dim``, ``ss_network_alpha``, ``ss_steps``, ``ss_sd_model_hash``: A1111's
 10-digit sha256 of the base checkpoint) plus ``mti_identifier`` (the DreamBooth identifier).
 
-The CompVis UNet's attention blocks sit at ``input_blocks.i.1``, ``middle_block.1`` and ``output_blocks.i.1``;
-diffusers numbers the same blocks per resolution level (:func:`unet_diffusers_path`). Nothing else of the
-diffusers layout is needed: a file's names are matched against the names the model's own layers get.
+The CompVis UNet numbers its blocks in one list per side (``input_blocks.i.j``, ``output_blocks.i.j``: a
+ResBlock at j = 0, an attention block at j = 1, a resampler last); diffusers numbers the same blocks per
+resolution level (:func:`unet_diffusers_path`). Nothing else of the diffusers layout is needed: a file's
+names are matched against the names the model's own layers get.
 """
 from __future__ import annotations
 
@@ -50,7 +51,12 @@ SCALE_RANGE = (-4.0, 4.0)
 META_RANK, META_ALPHA, META_STEPS = "ss_network_dim", "ss_network_alpha", "ss_steps"
 META_BASE_HASH, META_BASE_NAME, META_IDENTIFIER = "ss_sd_model_hash", "ss_sd_model_name", "mti_identifier"
 FIXED_METADATA = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"}
-_ATTENTION_BLOCK = re.compile(r"^(?P<part>input_blocks|output_blocks)\.(?P<index>\d+)\.1\.(?P<rest>.+)$")
+_UNET_BLOCK = re.compile(r"^(?P<side>input_blocks|output_blocks)\.(?P<index>\d+)\.(?P<slot>\d+)\.(?P<rest>.+)$")
+# a CompVis ResBlock's layers -> diffusers' ResnetBlock2D names (the norms are not adaptable)
+_RESBLOCK_LAYERS = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2",
+                    "skip_connection": "conv_shortcut"}
+_OUTER_LAYERS = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
+                 "time_embed.2": "time_embedding.linear_2", "out.2": "conv_out"}
 
 
 @dataclass(frozen=True)
@@ -83,24 +89,43 @@ class LoraFile:
 
 
 def unet_diffusers_path(path: str, num_res_blocks: int) -> str | None:
-    """The diffusers path of a layer inside a CompVis UNet's attention block, None outside one.
+    """The diffusers path of a linear/conv layer of a CompVis UNet; None for a path with none.
 
-    ``input_blocks.i.1.<rest>`` -> ``down_blocks.<(i-1) // (n+1)>.attentions.<(i-1) % (n+1)>.<rest>``,
-    ``output_blocks.i.1.<rest>`` -> ``up_blocks.<i // (n+1)>.attentions.<i % (n+1)>.<rest>``,
-    ``middle_block.1.<rest>`` -> ``mid_block.attentions.0.<rest>`` (n = ``num_res_blocks``; the layers inside a
-    SpatialTransformer have the same names in both layouts).
+    With n = ``num_res_blocks``, each resolution level holds n + 1 blocks per side:
+    ``input_blocks.i`` -> level, block = divmod(i - 1, n + 1) (block n is the level's Downsample),
+    ``output_blocks.i`` -> divmod(i, n + 1) (its Upsample sits after the last block's ResBlock/attention).
+    Inside a block, slot 0 is a ResBlock (``down_blocks.<level>.resnets.<block>``: ``in_layers.2`` ->
+    ``conv1`` ...), slot 1 an attention block (``attentions.<block>``, whose layers have the same names in
+    both layouts); ``middle_block.0/1/2`` are ``mid_block.resnets.0``, ``attentions.0``, ``resnets.1``.
     """
-    if path.startswith("middle_block.1."):
-        return "mid_block.attentions.0." + path[len("middle_block.1."):]
-    match = _ATTENTION_BLOCK.match(path)
+    if path in _OUTER_LAYERS:
+        return _OUTER_LAYERS[path]
+    if path.startswith("middle_block."):
+        slot, _, rest = path[len("middle_block."):].partition(".")
+        if slot == "1":
+            return f"mid_block.attentions.0.{rest}"
+        return _resblock_path(f"mid_block.resnets.{int(slot) // 2}", rest) if slot in ("0", "2") else None
+    match = _UNET_BLOCK.match(path)
     if match is None:
         return None
-    index, per_level = int(match["index"]), num_res_blocks + 1
-    if match["part"] == "input_blocks":
-        level, slot = divmod(index - 1, per_level)
-        return f"down_blocks.{level}.attentions.{slot}.{match['rest']}"
-    level, slot = divmod(index, per_level)
-    return f"up_blocks.{level}.attentions.{slot}.{match['rest']}"
+    index, slot, rest = int(match["index"]), int(match["slot"]), match["rest"]
+    if match["side"] == "input_blocks":
+        level, block = divmod(index - 1, num_res_blocks + 1)
+        if block == num_res_blocks:  # the Downsample: one convolution, "op"
+            return f"down_blocks.{level}.downsamplers.0.conv" if rest == "op" else None
+        side = "down_blocks"
+    else:
+        level, block = divmod(index, num_res_blocks + 1)
+        if rest == "conv":  # the Upsample's one convolution (no ResBlock or attention block has a layer "conv")
+            return f"up_blocks.{level}.upsamplers.0.conv"
+        side = "up_blocks"
+    if slot == 0:
+        return _resblock_path(f"{side}.{level}.resnets.{block}", rest)
+    return f"{side}.{level}.attentions.{block}.{rest}" if slot == 1 else None
+
+
+def _resblock_path(block: str, rest: str) -> str | None:
+    return f"{block}.{_RESBLOCK_LAYERS[rest]}" if rest in _RESBLOCK_LAYERS else None
 
 
 def text_encoder_diffusers_path(path: str) -> str | None:

@@ -1,4 +1,4 @@
-"""LoRA adapters on a model's linear layers, through peft, named in the kohya / A1111 layout.
+"""LoRA adapters on a model's linear and convolution layers, through peft, named in the kohya / A1111 layout.
 
 peft's ``inject_adapter_in_model`` serves the CompVis layout as it is: it wraps any ``nn.Linear`` /
 ``nn.Conv2d`` whose module path ends in one of the targets (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` in
@@ -12,6 +12,7 @@ kohya prefix and how a module path there becomes the diffusers path kohya names 
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -21,17 +22,21 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointError
-from ldm.checkpoint.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoraFile, LoraLayer, kohya_name
+from ldm.checkpoint.lora import LoraFile, LoraLayer, kohya_name
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-# --lora_targets presets: the attention projections (diffusers' train_dreambooth_lora) or every linear / 1x1
-# convolution of the transformer blocks (kohya's sd-scripts default: attention, feed-forward, proj_in/proj_out)
+TRANSFORMER_TARGETS = (*DEFAULT_UNET_TARGETS, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+# --lora_targets presets: the attention projections (diffusers' train_dreambooth_lora); every linear / 1x1
+# convolution of the transformer blocks (kohya's sd-scripts default: attention, feed-forward, proj_in/proj_out);
+# those and the ResBlocks' and resamplers' layers, 3x3 convolutions included (kohya's LoRA-C3Lier, i.e.
+# --network_args conv_dim=r, LyCORIS' LoCon; here at the same rank as the rest)
 UNET_TARGET_PRESETS = {
     "attention": DEFAULT_UNET_TARGETS,
-    "transformer": (*DEFAULT_UNET_TARGETS, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+    "transformer": TRANSFORMER_TARGETS,
+    "locon": (*TRANSFORMER_TARGETS, "in_layers.2", "emb_layers.1", "out_layers.3", "skip_connection", "op", "conv"),
 }
 TRAINED_ADAPTER = "trained"
 ADAPTABLE = (nn.Linear, nn.Conv2d)
@@ -90,18 +95,20 @@ def add_adapters(part: AdapterPart, targets: Iterable[str], *, rank: int = 4, al
         raise ValueError(f"lora rank must be at least 1, got {rank}")
     if not targets:
         raise ValueError("lora targets are empty: name the layers to adapt (e.g. [to_q, to_k, to_v, to_out.0])")
-    config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=targets,
-                        lora_dropout=0.0, bias="none")
-    try:
-        inject_adapter_in_model(config, part.module, adapter_name=adapter)
-    except ValueError as err:  # peft: no module matched the targets
-        raise ValueError(f"lora targets {targets} match no layer under {part.prefix}: "
-                         f"{str(err).splitlines()[0]}") from None
+    # the linear/conv layers whose paths end in a target (a ResBlock's skip_connection may be an Identity)
+    paths = [path for path, layer in part.module.named_modules() if isinstance(layer, ADAPTABLE)
+             and any(path == target or path.endswith("." + target) for target in targets)]
+    if not paths:
+        raise ValueError(f"lora targets {targets} match no layer under {part.prefix}: name linear or convolution "
+                         "layers by the end of their module path (e.g. to_q, ff.net.2)")
+    config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
+                        target_modules=paths, lora_dropout=0.0, bias="none")
+    inject_adapter_in_model(config, part.module, adapter_name=adapter)
     layers = adapter_layers(part.module)
     unnamed = [path for path in layers if part.to_diffusers(path) is None]
     if unnamed:
-        raise ValueError(f"lora target '{unnamed[0]}' has no name in the kohya/A1111 layout (only layers inside "
-                         "attention blocks and the text encoder can be exported); adapt attention layers only")
+        raise ValueError(f"lora target '{unnamed[0]}' has no name in the kohya/A1111 layout (a norm or other "
+                         "layer outside the UNet's blocks); name the layers of a preset instead")
     for layer in layers.values():
         # peft casts every input to the adapters' float32; with half base weights the model runs under autocast
         # (LatentDiffusion.weights_autocast), which casts it back, so the cast is one wasted copy per layer
@@ -127,10 +134,9 @@ def match_file(parts: Iterable[AdapterPart], lora: LoraFile) -> dict[str, tuple[
     known = {name: (part, path) for part in parts for path, name in part.kohya_names().items()}
     for name in lora.layers:
         if name not in known:
-            prefix = UNET_PREFIX if name.startswith(UNET_PREFIX) else TEXT_ENCODER_PREFIX
-            example = next((n for n in known if n.startswith(prefix)), next(iter(known), "none"))
+            example = next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.0)), "none")
             raise CheckpointError(f"{lora.path}: key '{name}.lora_down.weight' matches no layer of this model (an SD "
-                                  f"v1 UNet/CLIP text encoder with {len(known)} adaptable layers, named like "
+                                  f"v1 UNet/CLIP text encoder with {len(known)} adaptable layers; the closest is "
                                   f"'{example}'); was the LoRA made for another architecture (SDXL, SD 2)?")
     return {name: known[name] for name in lora.layers}
 

@@ -191,6 +191,13 @@ LORA_CELLS: tuple[Method, ...] = (
            f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
            note="lora_dreambooth_lr1e-3 on every layer of the transformer blocks (kohya's default): the "
                 "feed-forward and proj_in/proj_out too"),
+    Method("lora_dreambooth_transformer_lr1e-3_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}",
+           on="lora_dreambooth_transformer_lr1e-3",
+           note="the original code's recipe on lora_dreambooth_transformer_lr1e-3's adapters"),
+    Method("lora_dreambooth_locon_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", "--lora_targets", "locon",
+                                            base_lr("1e-3")),
+           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
+           note="lora_dreambooth_transformer_lr1e-3 with the ResBlocks' and resamplers' convolutions too (LoCon)"),
 )
 METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)

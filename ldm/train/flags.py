@@ -182,7 +182,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("lora_alpha", "LoRA DreamBooth: alpha of the adapters, which scale by alpha / rank (default: the rank)",
          ("lora.alpha",), type=float, requires=LORA_ONLY),
     Flag("lora_targets", "LoRA DreamBooth: the UNet layers that take adapters: 'attention' (to_q, to_k, to_v, to_out.0; "
-         "the default), 'transformer' (also the feed-forward and proj_in/proj_out, as kohya's sd-scripts) or "
+         "the default), 'transformer' (also the feed-forward and proj_in/proj_out, as kohya's sd-scripts), "
+         "'locon' (also the ResBlocks' and resamplers' convolutions, as kohya's conv_dim / LyCORIS LoCon) or "
          "comma-separated layer-path endings", ("lora.unet_targets",), type=str, metavar="PRESET|LIST",
          check=unet_targets, convert=unet_targets, requires=LORA_ONLY),
     # ---- Lightning's Trainer (see ldm.train.trainer_args)
