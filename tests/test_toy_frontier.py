@@ -320,6 +320,7 @@ OPTION_KEYS = {  # flag of a new cell -> (config key it must reach, type of its 
     "--anchor_weight": ("model.params.personalization_config.params.anchor_weight", float),
     "--norm_bound": ("model.params.personalization_config.params.norm_bound", None),
     "--init_words": ("model.params.personalization_config.params.init_words", str),
+    "--init_from_encoder": ("model.params.personalization_config.params.init_from_encoder", None),
     "--ema_decay": ("model.params.personalization_config.params.ema_decay", float),
     "--ema_bias_correction": ("model.params.personalization_config.params.ema_bias_correction", None),
     "--lora_rank": ("lora.rank", int),
@@ -349,7 +350,7 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
     from ldm.toy.benchmark import FRONTIER_METHODS
 
     names = [m.name for m in (*ANCHORING_CELLS, *LORA_CELLS)]
-    options = ("anchor", "norm_bound", "init_words", "ema", "ema_bc")
+    options = ("anchor", "norm_bound", "init_words", "cross_init", "ema", "ema_bc")
     anchored = ("ti", "momentum_0.1", "momentum_0.1_lr8e-3", "dreambooth_momentum_0.1")
     assert names == [*(f"{cell}_{option}" for option in options for cell in anchored), "lora_dreambooth",
                      "lora_dreambooth_momentum_0.1", "lora_dreambooth_lr1e-3", "lora_dreambooth_lr1e-3_momentum_0.1",

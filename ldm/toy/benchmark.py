@@ -147,6 +147,8 @@ ANCHORING_OPTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (  # (name suf
     ("norm_bound", ("--norm_bound",), "e scaled back to the start's norm after each step (only its direction trains)"),
     ("init_words", ("--init_words", str(TOY_INIT_WORDS)),
      "v starts from the mean of the toy world's feature words (inputs/init_words/toy_features.txt)"),
+    ("cross_init", ("--init_words", str(TOY_INIT_WORDS), "--init_from_encoder"),
+     "Cross Initialization: v starts from the text encoder's output for the feature words' mean at the placeholder"),
     ("ema", ("--ema_decay", "0.99"), "its moving average of e (decay 0.99) is scored: the embeddings_ema* saves"),
     ("ema_bc", ("--ema_decay", "0.99", "--ema_bias_correction"),
      "its bias-corrected moving average of e (decay 0.99; the start drops out at the first update) is scored"),
