@@ -77,10 +77,14 @@ def check_lora_specs(specs: list[str]) -> None:
             raise ValueError(f"lora file {path} does not exist")
 
 
+def unet_part(unet: torch.nn.Module) -> AdapterPart:
+    """A CompVis ``UNetModel`` as an adapter part (kohya prefix ``lora_unet_``)."""
+    return AdapterPart(unet, UNET_PREFIX, partial(unet_diffusers_path, num_res_blocks=unet.num_res_blocks))
+
+
 def model_parts(model: torch.nn.Module) -> list[AdapterPart]:
     """The UNet and (when it is CLIP) the text encoder of a LatentDiffusion, as adapter parts."""
-    unet = model.model.diffusion_model
-    parts = [AdapterPart(unet, UNET_PREFIX, partial(unet_diffusers_path, num_res_blocks=unet.num_res_blocks))]
+    parts = [unet_part(model.model.diffusion_model)]
     if hasattr(model.cond_stage_model, "text_model"):
         parts.append(AdapterPart(model.cond_stage_model, TEXT_ENCODER_PREFIX, text_encoder_diffusers_path))
     return parts

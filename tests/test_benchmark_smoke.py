@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import shutil
 import sys
 import weakref
@@ -71,6 +72,11 @@ def test_tiny_benchmark_reports_every_row_with_finite_ratios(tmp_path: Path) -> 
             assert math.isfinite(row.memory_ratio) and row.memory_ratio > 0, f"{row.name}: {row.memory_ratio}"
         if row.name.startswith(FLOP_ROWS):
             assert row.ours_flops > 0 and row.reference_flops > 0, f"{row.name}: FLOPs not counted"
+    lora_note = next(row.note for row in rows if row.name == "lora_db_step")
+    trained_file = re.search(r"LoRA file ([\d.]+) MB", lora_note)[1]  # written from trained adapters (attention)
+    assert f"attention {trained_file} MB" in lora_note, lora_note  # the preset sizes are real files' sizes
+    sizes = [float(re.search(rf"{preset} ([\d.]+) MB", lora_note)[1]) for preset in ("transformer", "locon")]
+    assert float(trained_file) < sizes[0] < sizes[1], lora_note
     if photo is not None:
         assert "1 faces" in rows[-1].note, f"the fixture photo should give one face crop: {rows[-1].note}"
     table = bench.markdown_table(rows)

@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 
 import main
 from ldm.checkpoint import CheckpointError, read_state_dict
-from ldm.checkpoint.lora import UNET_PREFIX, read_lora, save_lora, unet_diffusers_path
+from ldm.checkpoint.lora import read_lora, save_lora, unet_diffusers_path
 from ldm.inference import load_model
-from ldm.lora import add_trained_adapters, apply_lora_files, model_parts, trained_layers
-from ldm.modules.lora import DEFAULT_UNET_TARGETS, UNET_TARGET_PRESETS, AdapterPart, add_adapters, adapter_layers, \
+from ldm.lora import add_trained_adapters, apply_lora_files, model_parts, trained_layers, unet_part
+from ldm.modules.lora import DEFAULT_UNET_TARGETS, UNET_TARGET_PRESETS, add_adapters, adapter_layers, \
     export_layers, load_file_adapters, unet_targets
 from ldm.png_metadata import model_hash
 from ldm.sampling_io import read_png_text
@@ -56,7 +56,7 @@ def random_unet_part(config: Path):
     """A UNet of ``config`` with random weights, and its adapter part (no adapters yet)."""
     torch.manual_seed(0)
     unet = randomize_(instantiate_from_config(OmegaConf.load(config).model.params.unet_config)).eval()
-    return unet, AdapterPart(unet, UNET_PREFIX, lambda p: unet_diffusers_path(p, unet.num_res_blocks))
+    return unet, unet_part(unet)
 
 
 def diffusers_lora_error(unet, config: Path, path: Path, size: int) -> float:

@@ -3,7 +3,8 @@
 Both models are built from their own configs (``v1-finetune_unfrozen.yaml`` and ``v1-finetune_lora.yaml``
 beside it) with prior preservation; the LoRA model holds its frozen base in the half dtype under mixed
 precision, as ``main.py`` does (``ldm.train.training.hold_frozen_weights_in_half``). The note gives the size of
-the LoRA file (rank 4, the config's default) against the pruned full checkpoint DreamBooth writes.
+the LoRA file (rank 4, the config's default) against the pruned full checkpoint DreamBooth writes, and the
+file each ``--lora_targets`` preset would write (:func:`preset_file_sizes`).
 """
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
+
 from omegaconf import OmegaConf
 
 from bench.measure import tensor_bytes
 from bench.ours import OursStep, dreambooth_batch
 from bench.table import Row
-from ldm.checkpoint.lora import save_lora
+from ldm.checkpoint.lora import LoraLayer, save_lora
 from ldm.export import pruned_state_dict
-from ldm.lora import add_trained_adapters, trained_layers
+from ldm.lora import add_trained_adapters, trained_layers, unet_part
+from ldm.modules.lora import TRAINED_ADAPTER, UNET_TARGET_PRESETS, adapter_layers, add_adapters
 from ldm.util import instantiate_from_config, randomize_zero_weights
 
 logger = logging.getLogger("benchmark")
@@ -34,6 +38,28 @@ def _model(config_path: Path, device):
     randomize_zero_weights(model.model, std=0.02)  # the zero output conv would stop every other gradient
     model.learning_rate = float(config.model.base_learning_rate)
     return model, config
+
+
+def preset_file_sizes(config: Path, rank: int) -> dict[str, int]:
+    """Bytes of the rank-``rank`` LoRA file of each ``--lora_targets`` preset on ``config``'s UNet.
+
+    The UNet is built on the meta device (shapes only); the file is written with zero adapters of the shapes
+    peft gives them, so the size is the real file's, header included.
+    """
+    unet_config = OmegaConf.load(config).model.params.unet_config
+    sizes = {}
+    for preset, targets in UNET_TARGET_PRESETS.items():
+        with torch.device("meta"):
+            unet = instantiate_from_config(unet_config)
+        part = unet_part(unet)
+        add_adapters(part, targets, rank=rank)
+        names = part.kohya_names()
+        layers = {names[path]: LoraLayer(torch.zeros(layer.lora_A[TRAINED_ADAPTER].weight.shape),
+                                         torch.zeros(layer.lora_B[TRAINED_ADAPTER].weight.shape), float(rank))
+                  for path, layer in adapter_layers(unet).items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes[preset] = save_lora(Path(tmp) / "lora.safetensors", layers, {}).stat().st_size
+    return sizes
 
 
 def lora_rows(b, dreambooth_config: Path) -> list[Row]:
@@ -59,7 +85,10 @@ def lora_rows(b, dreambooth_config: Path) -> list[Row]:
 
     lora_m, full_m = b.pair_built(lora_step, full_step)
     mode = "measured one after the other (--sequential)" if b.args.sequential else "timed alternately"
+    presets = ", ".join(f"{preset} {size / 1e6:.2f} MB ({size / sizes['checkpoint']:.2%})"
+                        for preset, size in preset_file_sizes(lora_config, rank).items())
     return [Row("lora_db_step", "our full DB", lora_m, full_m,
                 f"{b.args.size}px, 1 subject + 1 class, rank {rank} on to_q/k/v/out, {mode}; LoRA file "
                 f"{sizes['lora'] / 1e6:.2f} MB vs fp16 checkpoint {sizes['checkpoint'] / 1e6:.0f} MB "
-                f"({sizes['lora'] / sizes['checkpoint']:.2%}); mem incl. optimizer state")]
+                f"({sizes['lora'] / sizes['checkpoint']:.2%}); --lora_targets files: {presets}; "
+                "mem incl. optimizer state")]
