@@ -356,7 +356,8 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
                      "lora_dreambooth_momentum_0.1", "lora_dreambooth_lr1e-3", "lora_dreambooth_lr1e-3_momentum_0.1",
                      "lora_dreambooth_r16_lr1e-3", "lora_dreambooth_lr3e-3", "lora_dreambooth_r16_lr5e-4",
                      "lora_dreambooth_lr1.5e-3", "lora_dreambooth_transformer_lr1e-3",
-                     "lora_dreambooth_transformer_lr1e-3_momentum_0.1", "lora_dreambooth_locon_lr1e-3"]
+                     "lora_dreambooth_transformer_lr1e-3_momentum_0.1", "lora_dreambooth_locon_lr1e-3",
+                     "lora_dreambooth_locon_lr5e-4"]
     assert FRONTIER_METHODS == ("ti", "ti_lr8e-5", "momentum_0.1", "momentum_0.1_lr8e-3", "ti_original_step",
                                 "dreambooth", "dreambooth_momentum_0.1", "dreambooth_ti_lr8e-5", "dreambooth_prior",
                                 "dreambooth_prior_momentum_0.1", "dreambooth_prior_lr4e-5",

@@ -200,6 +200,10 @@ LORA_CELLS: tuple[Method, ...] = (
                                             base_lr("1e-3")),
            f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
            note="lora_dreambooth_transformer_lr1e-3 with the ResBlocks' and resamplers' convolutions too (LoCon)"),
+    Method("lora_dreambooth_locon_lr5e-4", ("--class_word", CLASS_WORD, "--lora_rank", "4", "--lora_targets", "locon",
+                                            base_lr("5e-4")),
+           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
+           note="lora_dreambooth_locon_lr1e-3 at half the rate (at 1e-3 it breaks the model by step 200)"),
 )
 METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)
