@@ -170,7 +170,8 @@ def test_every_unet_layer_name_is_the_diffusers_layer_with_its_weights(num_res_b
     reference = diffusers_unet({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
                                tmp_path / "unet.yaml")
     theirs = dict(reference.named_modules())
-    layers = {path: layer for path, layer in unet.named_modules() if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))}
+    layers = {path: layer for path, layer in unet.named_modules()
+              if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))}
     names = {path: unet_diffusers_path(path, num_res_blocks) for path in layers}
     assert None not in names.values(), [path for path, name in names.items() if name is None]
     assert len(set(names.values())) == len(names)

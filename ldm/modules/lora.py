@@ -107,8 +107,8 @@ def add_adapters(part: AdapterPart, targets: Iterable[str], *, rank: int = 4, al
     layers = adapter_layers(part.module)
     unnamed = [path for path in layers if part.to_diffusers(path) is None]
     if unnamed:
-        raise ValueError(f"lora target '{unnamed[0]}' has no name in the kohya/A1111 layout (a norm or other "
-                         "layer outside the UNet's blocks); name the layers of a preset instead")
+        raise ValueError(f"lora target '{unnamed[0]}' has no name in the kohya/A1111 layout (a layer SD v1's UNet "
+                         "does not have, e.g. a class embedding); name the layers of a preset instead")
     for layer in layers.values():
         # peft casts every input to the adapters' float32; with half base weights the model runs under autocast
         # (LatentDiffusion.weights_autocast), which casts it back, so the cast is one wasted copy per layer
