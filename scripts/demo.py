@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         TOY_MODEL,
         evaluate,
         load_toy_model,
-        method,
         prompt_suite,
         require_toy_models,
         train,
     )
+    from ldm.toy.cells import method
     from ldm.toy.judge import load_judge
     from ldm.toy.scenes import write_photo_folder
     from ldm.train.validation.grid import labelled_grid

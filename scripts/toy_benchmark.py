@@ -38,10 +38,10 @@ from ldm.momentum import check_strength
 from ldm.png_metadata import model_hash
 from ldm.toy.probes import prompt_following
 from ldm.toy.benchmark import (
-    FRONTIER_METHODS, INFERENCE_CONFIG, METHOD_NAMES, QUICK_METHODS, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY,
-    TOY_JUDGE, TOY_MODEL, Method, Protocol, base_files, evaluate, load_toy_model, method, native_bf16, prompt_suite,
-    require_toy_models, run_clock, score_run, step_saves, train,
+    INFERENCE_CONFIG, SAMPLER, STEPS, STRENGTHS, TOY_ACCURACY, TOY_JUDGE, TOY_MODEL, Protocol, base_files, evaluate,
+    load_toy_model, native_bf16, prompt_suite, require_toy_models, run_clock, score_run, step_saves, train,
 )
+from ldm.toy.cells import FRONTIER_METHODS, METHOD_NAMES, QUICK_METHODS, Method, method
 from ldm.toy.records import load_record, record_path, save_record, stored_probe
 from ldm.toy.judge import load_judge
 from ldm.util import atomic_write

@@ -24,9 +24,9 @@ import torch
 from ldm.cli import run_script
 from ldm.png_metadata import model_hash
 from ldm.toy.benchmark import (
-    SAMPLER, TOY_JUDGE, TOY_MODEL, Protocol, load_toy_model, method, native_bf16, require_toy_models, score_run,
-    step_saves,
+    SAMPLER, TOY_JUDGE, TOY_MODEL, Protocol, load_toy_model, native_bf16, require_toy_models, score_run, step_saves,
 )
+from ldm.toy.cells import method
 from ldm.toy.judge import load_judge
 from ldm.toy.records import load_record, record_path
 from ldm.toy.world import held_out_pool

@@ -19,10 +19,8 @@ from ldm.toy.frontier import (
     best_editability, bootstrap_intervals, frontier_area, frontier_figures, mean_points, paired_difference,
     pareto_frontier, summarize_frontier,
 )
-from ldm.toy.benchmark import (
-    ANCHORING_CELLS, ANCHORING_OPTIONS, LORA_CELLS, METHODS, NO_SAVES, STEPS, TOY_INIT_WORDS, TOY_MODEL, Protocol,
-    main_argv, method, result_name, save_flags, step_saves,
-)
+from ldm.toy.benchmark import NO_SAVES, STEPS, TOY_MODEL, Protocol, main_argv, result_name, save_flags, step_saves
+from ldm.toy.cells import ANCHORING_CELLS, ANCHORING_OPTIONS, LORA_CELLS, METHODS, TOY_INIT_WORDS, method
 from ldm.toy.records import load_record, record_path, save_record
 
 # (fidelity, editability): 0, 1 and 3 are the frontier; 2 is dominated by 1, 4 repeats 1, 5 is below 3
@@ -347,7 +345,7 @@ def test_every_cell_passes_main_pys_flag_and_config_checks(m, tmp_path, caplog):
 
 
 def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
-    from ldm.toy.benchmark import FRONTIER_METHODS
+    from ldm.toy.cells import FRONTIER_METHODS
 
     names = [m.name for m in (*ANCHORING_CELLS, *LORA_CELLS)]
     options = ("anchor", "norm_bound", "init_words", "cross_init", "ema", "ema_bc")

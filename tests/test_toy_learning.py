@@ -13,9 +13,8 @@ import pytest
 from ldm.toy.scenes import write_photo_folder
 from ldm.toy.world import CLASS_WORD, held_out_pool
 from ldm.toy.probes import prompt_following
-from ldm.toy.benchmark import (
-    TOY_JUDGE, TOY_MODEL, evaluate, load_toy_model, method, native_bf16, require_toy_models, train,
-)
+from ldm.toy.benchmark import TOY_JUDGE, TOY_MODEL, evaluate, load_toy_model, native_bf16, require_toy_models, train
+from ldm.toy.cells import method
 from ldm.toy.judge import accuracy, load_judge
 
 SUBJECT_SEED = 0
