@@ -129,47 +129,44 @@ def with_option(cell: Method, suffix: str, flags: tuple[str, ...], note: str) ->
 
 ANCHORING_CELLS = tuple(with_option(cell, *option) for option in ANCHORING_OPTIONS
                         for cell in FRONTIER_CELLS if cell.name in ANCHORED_CELLS)
+
+
+def lora_cell(name: str, note: str, *, rank: int = 4, lr: str | None = None, targets: str | None = None) -> Method:
+    """A LoRA DreamBooth cell without prior preservation, compared with full DreamBooth."""
+    flags = ("--class_word", CLASS_WORD, "--lora_rank", str(rank), *(("--lora_targets", targets) if targets else ()),
+             *((base_lr(lr),) if lr else ()))
+    return Method(name, flags, f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth", note=note)
+
+
+def recipe_on(cell: str, note: str) -> Method:
+    """The original code's recipe (momentum 0.1 on ``sks``) on the model or LoRA of ``cell``."""
+    return Method(f"{cell}_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on=cell, note=note)
+
+
 # Issue 20: LoRA DreamBooth (configs/toy/v1-finetune_lora.yaml) and the original recipe on it.
 LORA_CELLS: tuple[Method, ...] = (
-    Method("lora_dreambooth", ("--class_word", CLASS_WORD, "--lora_rank", "4"), f"sks {CLASS_WORD}", embedding=False,
-           lora=True, baseline="dreambooth",
-           note="LoRA DreamBooth without prior preservation: rank 4 (alpha 4) adapters on the UNet's "
-                "attention projections, base lr 1e-4 x batch 8"),
-    Method("lora_dreambooth_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}", on="lora_dreambooth",
-           note="the original code's recipe on the toy model with the LoRA DreamBooth adapters (--lora)"),
-    Method("lora_dreambooth_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("1e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
-           note="lora_dreambooth at 10x the learning rate: base lr 1e-3 x batch 8"),
-    Method("lora_dreambooth_lr1e-3_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}",
-           on="lora_dreambooth_lr1e-3", note="the original code's recipe on lora_dreambooth_lr1e-3's adapters"),
-    Method("lora_dreambooth_r16_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "16", base_lr("1e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
-           note="lora_dreambooth_lr1e-3 at rank 16 (alpha 16): 4x the adapters' capacity"),
-    Method("lora_dreambooth_lr3e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("3e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
-           note="lora_dreambooth at 30x the learning rate: base lr 3e-3 x batch 8"),
-    Method("lora_dreambooth_r16_lr5e-4", ("--class_word", CLASS_WORD, "--lora_rank", "16", base_lr("5e-4")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
-           note="rank 16 (alpha 16) at half lora_dreambooth_lr1e-3's rate (rank 16 at 1e-3 breaks the model)"),
-    Method("lora_dreambooth_lr1.5e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", base_lr("1.5e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
-           note="rank 4 between lr 1e-3 (the tuned point) and 3e-3 (breaks the model)"),
-    Method("lora_dreambooth_transformer_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", "--lora_targets",
-                                                  "transformer", base_lr("1e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
-           note="lora_dreambooth_lr1e-3 on every layer of the transformer blocks (kohya's default): the "
-                "feed-forward and proj_in/proj_out too"),
-    Method("lora_dreambooth_transformer_lr1e-3_momentum_0.1", ("--gamma", "0.1", *ON_SKS), f"sks {CLASS_WORD}",
-           on="lora_dreambooth_transformer_lr1e-3",
-           note="the original code's recipe on lora_dreambooth_transformer_lr1e-3's adapters"),
-    Method("lora_dreambooth_locon_lr1e-3", ("--class_word", CLASS_WORD, "--lora_rank", "4", "--lora_targets", "locon",
-                                            base_lr("1e-3")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
-           note="lora_dreambooth_transformer_lr1e-3 with the ResBlocks' and resamplers' convolutions too (LoCon)"),
-    Method("lora_dreambooth_locon_lr5e-4", ("--class_word", CLASS_WORD, "--lora_rank", "4", "--lora_targets", "locon",
-                                            base_lr("5e-4")),
-           f"sks {CLASS_WORD}", embedding=False, lora=True, baseline="dreambooth",
-           note="lora_dreambooth_locon_lr1e-3 at half the rate (at 1e-3 it breaks the model by step 200)"),
+    lora_cell("lora_dreambooth", "LoRA DreamBooth without prior preservation: rank 4 (alpha 4) adapters on the UNet's "
+                                 "attention projections, base lr 1e-4 x batch 8"),
+    recipe_on("lora_dreambooth",
+              "the original code's recipe on the toy model with the LoRA DreamBooth adapters (--lora)"),
+    lora_cell("lora_dreambooth_lr1e-3", "lora_dreambooth at 10x the learning rate: base lr 1e-3 x batch 8", lr="1e-3"),
+    recipe_on("lora_dreambooth_lr1e-3", "the original code's recipe on lora_dreambooth_lr1e-3's adapters"),
+    lora_cell("lora_dreambooth_r16_lr1e-3", "lora_dreambooth_lr1e-3 at rank 16 (alpha 16): 4x the adapters' capacity",
+              rank=16, lr="1e-3"),
+    lora_cell("lora_dreambooth_lr3e-3", "lora_dreambooth at 30x the learning rate: base lr 3e-3 x batch 8", lr="3e-3"),
+    lora_cell("lora_dreambooth_r16_lr5e-4", "rank 16 (alpha 16) at half lora_dreambooth_lr1e-3's rate (rank 16 at 1e-3 "
+                                            "breaks the model)", rank=16, lr="5e-4"),
+    lora_cell("lora_dreambooth_lr1.5e-3", "rank 4 between lr 1e-3 (the tuned point) and 3e-3 (breaks the model)",
+              lr="1.5e-3"),
+    lora_cell("lora_dreambooth_transformer_lr1e-3", "lora_dreambooth_lr1e-3 on every layer of the transformer blocks "
+                                                    "(kohya's default): the feed-forward and proj_in/proj_out too",
+              lr="1e-3", targets="transformer"),
+    recipe_on("lora_dreambooth_transformer_lr1e-3",
+              "the original code's recipe on lora_dreambooth_transformer_lr1e-3's adapters"),
+    lora_cell("lora_dreambooth_locon_lr1e-3", "lora_dreambooth_transformer_lr1e-3 with the ResBlocks' and resamplers' "
+                                              "convolutions too (LoCon)", lr="1e-3", targets="locon"),
+    lora_cell("lora_dreambooth_locon_lr5e-4", "lora_dreambooth_locon_lr1e-3 at half the rate (at 1e-3 it breaks the "
+                                              "model by step 200)", lr="5e-4", targets="locon"),
 )
 METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)
