@@ -20,7 +20,8 @@ from ldm.toy.frontier import (
     pareto_frontier, summarize_frontier,
 )
 from ldm.toy.benchmark import NO_SAVES, STEPS, TOY_MODEL, Protocol, main_argv, result_name, save_flags, step_saves
-from ldm.toy.cells import ANCHORING_CELLS, ANCHORING_OPTIONS, LORA_CELLS, METHODS, TOY_INIT_WORDS, method
+from ldm.toy.cells import (ANCHORING_CELLS, ANCHORING_OPTIONS, LORA_CELLS, METHODS, TOY_INIT_WORDS, VECTOR_CELLS,
+                            method)
 from ldm.toy.records import load_record, record_path, save_record
 
 # (fidelity, editability): 0, 1 and 3 are the frontier; 2 is dominated by 1, 4 repeats 1, 5 is below 3
@@ -322,6 +323,7 @@ OPTION_KEYS = {  # flag of a new cell -> (config key it must reach, type of its 
     "--ema_decay": ("model.params.personalization_config.params.ema_decay", float),
     "--ema_bias_correction": ("model.params.personalization_config.params.ema_bias_correction", None),
     "--lora_rank": ("lora.rank", int),
+    "--num_vectors_per_token": ("model.params.personalization_config.params.num_vectors_per_token", int),
 }
 
 
@@ -366,6 +368,8 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
         base = method(m.name.removesuffix(f"_{suffix}"))
         assert m.flags == (*base.flags, *flags) and m.on == base.on and m.phrase == base.phrase
     assert method("lora_dreambooth_momentum_0.1").flags == recipe.flags
+    assert [(m.name, m.flags, m.compared_with) for m in VECTOR_CELLS] == [
+        ("ti_vectors_4", ("--gamma", "1", "--num_vectors_per_token", "4"), "ti")]
     assert TOY_INIT_WORDS.is_file()  # the shipped list the init_words cells start from
 
 

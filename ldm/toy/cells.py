@@ -68,8 +68,9 @@ def base_lr(value: str) -> str:
 # Sections 3 and 4 of the frontier protocol (docs/toy_benchmark.md). With Adam, momentum gamma at base lr
 # x equals TI at base lr gamma * x from another start (docs/method.md), so each momentum cell has a TI
 # cell with the same step in e-space: ti / momentum_0.1_lr8e-3, ti_lr8e-5 / momentum_0.1.
+TI = Method("ti", ("--gamma", "1"), "*", note="TI, base lr 8e-4 x batch 8")
 FRONTIER_CELLS: tuple[Method, ...] = (
-    Method("ti", ("--gamma", "1"), "*", note="TI, base lr 8e-4 x batch 8"),
+    TI,
     Method("ti_lr8e-5", ("--gamma", "1", base_lr("8e-5")), "*", note="TI at momentum 0.1's e-space step"),
     Method("momentum_0.1", ("--gamma", "0.1"), "*", note="momentum 0.1, base lr 8e-4", baseline="ti_lr8e-5"),
     Method("momentum_0.1_lr8e-3", ("--gamma", "0.1", base_lr("8e-3")), "*", note="momentum 0.1 at TI's e-space step",
@@ -168,7 +169,13 @@ LORA_CELLS: tuple[Method, ...] = (
     lora_cell("lora_dreambooth_locon_lr5e-4", "lora_dreambooth_locon_lr1e-3 at half the rate (at 1e-3 it breaks the "
                                               "model by step 200)", lr="5e-4", targets="locon"),
 )
-METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *LORA_CELLS)
+# Several vectors for the placeholder: the full description that draws a subject is 6-7 tokens (pattern, colour,
+# shape, class word, accessory), and one vector trained for 200 steps finds the combination less often than those
+# words do (docs/toy_benchmark.md). Each vector starts from the init word and takes TI's step.
+VECTOR_CELLS: tuple[Method, ...] = tuple(
+    with_option(TI, f"vectors_{n}", ("--num_vectors_per_token", str(n)),
+                f"{n} vectors for the placeholder, each starting from the init word") for n in (4,))
+METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *VECTOR_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)
 FRONTIER_METHODS = tuple(m.name for m in FRONTIER_CELLS)  # the default cells
 QUICK_METHODS = ("ti", "momentum_0.1")
