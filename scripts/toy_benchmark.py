@@ -23,7 +23,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -65,6 +65,7 @@ class Plan:
     subjects: list[int]
     seeds: list[int]
     protocol: Protocol
+    comparisons: list[tuple[str, str]] = field(default_factory=list)  # --compare X:Y, beside each cell's own
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "time on a CPU with native bfloat16 (avx512_bf16 or AMX; refused on others, where it is "
                         "~20x slower), the same judged figures where measured (docs/toy_benchmark.md); its results "
                         "are stored apart from fp32 ones")
+    p.add_argument("--compare", nargs="+", default=[], metavar="X:Y",
+                   help="also give X's frontier figures minus Y's, run for run (paired), for cells X and Y of the "
+                        "run (e.g. ti_vectors_4:dreambooth_prior_lr4e-5); each cell is already paired with the one "
+                        "it adds a step or option to")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced run: 1 subject, 1 seed, {' and '.join(QUICK_METHODS)}, {QUICK_SAMPLES} samples "
                         "per prompt, no prompt-following probe")
@@ -146,7 +151,19 @@ def plan(args: argparse.Namespace) -> Plan:
             cells.append(m)
     protocol = Protocol(tuple(args.steps), tuple(float(s) for s in args.strengths), samples, args.ddim_steps,
                         bf16=args.bf16)
-    return Plan(cells, names, subjects, [0] if args.quick else list(range(args.seeds)), protocol)
+    comparisons = [comparison(text, [c.name for c in cells]) for text in args.compare]
+    return Plan(cells, names, subjects, [0] if args.quick else list(range(args.seeds)), protocol, comparisons)
+
+
+def comparison(text: str, cells: Sequence[str]) -> tuple[str, str]:
+    """``X:Y`` of ``--compare`` as (X, Y), both cells this benchmark runs; else a one-line ValueError."""
+    pair = tuple(text.split(":"))
+    if len(pair) != 2 or pair[0] == pair[1]:
+        raise ValueError(f"--compare {text}: give two different cells as X:Y, e.g. ti_vectors_4:ti")
+    missing = [name for name in pair if name not in cells]
+    if missing:
+        raise ValueError(f"--compare {text}: '{missing[0]}' is not run by this benchmark; add it to --methods")
+    return pair
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -303,13 +320,14 @@ def frontier(records: list[dict]) -> dict:
             "runs": len(records)}
 
 
-def paired_differences(scored: Sequence[str], by_cell: dict[str, list[dict]]) -> dict[str, dict]:
+def paired_differences(scored: Sequence[str], by_cell: dict[str, list[dict]],
+                       comparisons: Sequence[tuple[str, str]] = ()) -> dict[str, dict]:
     """``"<cell> - <the cell it is compared with>"``: the difference of their frontier figures with paired
-    intervals, for each scored cell whose comparison cell ran too. Run i of every cell is the same subject
-    and seed (:meth:`Runner.run_all`), so the runs pair up."""
+    intervals, for each scored cell whose comparison cell ran too, then for each pair of ``comparisons``.
+    Run i of every cell is the same subject and seed (:meth:`Runner.run_all`), so the runs pair up."""
+    pairs = [(name, method(name).compared_with) for name in scored] + list(comparisons)
     result = {}
-    for name in scored:
-        other = method(name).compared_with
+    for name, other in dict.fromkeys(pairs):
         if other in by_cell and by_cell[other]:
             result[f"{name} - {other}"] = {
                 **paired_difference(run_points(by_cell[name]), run_points(by_cell[other]), FIDELITY_THRESHOLDS),
@@ -337,7 +355,7 @@ def results_json(plan_: Plan, by_cell: dict[str, list[dict]], following: dict | 
         "full_description": summarize(by_cell["full_description"]),
         "frontiers": {name: frontiers[name]["points"] for name in plan_.scored},
         "frontier_figures": {name: {k: v for k, v in f.items() if k != "points"} for name, f in frontiers.items()},
-        "paired_differences": paired_differences(plan_.scored, by_cell),
+        "paired_differences": paired_differences(plan_.scored, by_cell, plan_.comparisons),
         "prompt_following": following,
         "judge_accuracy": json.loads(TOY_ACCURACY.read_text()) if TOY_ACCURACY.is_file() else {},
         "cells": {m.name: {"flags": list(m.flags), "on": m.on, "prior": m.prior, "note": m.note} for m in plan_.cells},

@@ -102,9 +102,12 @@ def test_the_benchmark_pairs_each_cell_with_the_one_it_adds_to_and_stars_a_separ
     by_cell = {"dreambooth": records(0.5), "dreambooth_momentum_0.1": records(0.6), "ti": records(0.3),
                "momentum_0.1_lr8e-3": records(0.3), "lora_dreambooth_lr1e-3": records(0.4)}
     differences = script.paired_differences(["dreambooth_momentum_0.1", "momentum_0.1_lr8e-3",
-                                             "lora_dreambooth_lr1e-3", "momentum_0.1"], by_cell)
-    assert set(differences) == {"dreambooth_momentum_0.1 - dreambooth", "momentum_0.1_lr8e-3 - ti",
-                                "lora_dreambooth_lr1e-3 - dreambooth"}  # momentum_0.1's ti_lr8e-5 did not run
+                                             "lora_dreambooth_lr1e-3", "momentum_0.1"], by_cell,
+                                            [("ti", "dreambooth"), ("momentum_0.1_lr8e-3", "ti")])  # --compare
+    assert list(differences) == ["dreambooth_momentum_0.1 - dreambooth", "momentum_0.1_lr8e-3 - ti",
+                                 "lora_dreambooth_lr1e-3 - dreambooth",  # momentum_0.1's ti_lr8e-5 did not run
+                                 "ti - dreambooth"]  # asked for; the pair the cell has already is given once
+    assert differences["ti - dreambooth"]["difference"]["area"] == pytest.approx(0.315 ** 2 - 0.515 ** 2)
     recipe = differences["dreambooth_momentum_0.1 - dreambooth"]
     assert recipe["difference"]["area"] == pytest.approx(0.615 ** 2 - 0.515 ** 2)  # mean points (m, m): area m^2
     assert recipe["intervals"]["area"] == pytest.approx((0.615 ** 2 - 0.515 ** 2,) * 2, abs=0.02)  # paired: narrow
@@ -257,6 +260,9 @@ def test_bf16_is_refused_where_the_cpu_would_emulate_it(monkeypatch):
     (["--subject-seed", "17", "30"], "--subject-seed 30 does not exist"),
     (["--steps", "100", "50"], "--steps must be increasing positive step counts"),
     (["--ddim-steps", "0"], "--samples, --seeds and --ddim-steps must be at least 1"),
+    (["--methods", "ti", "--compare", "ti:dreambooth"], "--compare ti:dreambooth: 'dreambooth' is not run by this"),
+    (["--methods", "ti", "--compare", "ti"], "--compare ti: give two different cells as X:Y"),
+    (["--methods", "ti", "--compare", "ti:ti"], "--compare ti:ti: give two different cells as X:Y"),
 ])
 def test_frontier_benchmark_refuses_bad_input_before_any_work(argv, message, tmp_path, caplog):
     from scripts import toy_benchmark
@@ -265,6 +271,14 @@ def test_frontier_benchmark_refuses_bad_input_before_any_work(argv, message, tmp
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0]
     assert not (tmp_path / "work").exists()  # nothing trained or written
+
+
+def test_compare_pairs_any_two_cells_the_benchmark_runs_a_dreambooth_base_included():
+    from scripts import toy_benchmark
+
+    args = toy_benchmark.build_parser().parse_args(["--methods", "ti_vectors_4", "dreambooth_prior_momentum_0.1",
+                                                    "--compare", "ti_vectors_4:dreambooth_prior"])
+    assert toy_benchmark.plan(args).comparisons == [("ti_vectors_4", "dreambooth_prior")]
 
 
 def test_several_held_out_subjects_are_benchmarked_together():
