@@ -21,12 +21,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ldm.toy.cells import Method, method
+from ldm.toy.cells import ROOT, Method, method
 from ldm.toy.world import CLASS_WORD, IDENTITY_FEATURES, Subject
 from ldm.toy.judge import ToyJudge, Verdict, check_question, judge
 from ldm.util import atomic_write
 
-ROOT = Path(__file__).resolve().parents[2]
 TOY_MODEL = ROOT / "models" / "toy" / "toy-v1.safetensors"
 TOY_JUDGE = ROOT / "models" / "toy" / "toy-judge.safetensors"
 TOY_ACCURACY = ROOT / "models" / "toy" / "judge_accuracy.json"
