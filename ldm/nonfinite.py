@@ -63,6 +63,8 @@ class NonFiniteLossTracker:
         The gradients decide, not this rank's loss: DDP has averaged them, so every rank takes the same
         decision and the replicas stay equal (a NaN loss on one rank makes every rank's gradient NaN).
         Fused optimizers skip on the device; any other optimizer needs a host read of the flag here.
+        Only ``found_inf`` is set: a ``GradScaler`` (16-mixed) multiplies its scale into ``grad_scale`` when
+        there is one, and replaces ``found_inf`` with its own check, which sees NaN/Inf too.
         """
         optimizer = raw_optimizer(optimizer)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -70,7 +72,6 @@ class NonFiniteLossTracker:
             return
         found_inf = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()  # [] on the grads' device
         if skips_on_device(optimizer):
-            optimizer.grad_scale = None
             optimizer.found_inf = found_inf
         elif bool(found_inf):
             optimizer.zero_grad(set_to_none=True)

@@ -57,6 +57,10 @@ class LightningLikeStep:
         return loss
 
 
+# set_sync_debug_mode's own notice, once per process (seen with torch 2.11 on an H200): not a sync
+PROTOTYPE_NOTICE = "Synchronization debug mode is a prototype feature"
+
+
 def sync_warnings(fn) -> list[str]:
     """Messages of the synchronizing CUDA calls ``fn`` makes."""
     torch.cuda.synchronize()
@@ -67,7 +71,8 @@ def sync_warnings(fn) -> list[str]:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    messages = [str(w.message) for w in caught]
+    return [m for m in messages if "synchroniz" in m and PROTOTYPE_NOTICE not in m]
 
 
 @no_trainer_log_warning
@@ -111,7 +116,7 @@ def test_a_compiled_step_with_cuda_graphs_matches_eager_and_does_not_synchronize
 
 
 def test_cli_holds_frozen_weights_in_half_under_16_mixed(tmp_path, photo_dir, tiny_ckpt, caplog) -> None:
-    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "-n", "half", "--precision", "16-mixed", "--max_steps", "2",
+    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "-n", "half", "--gpus", "0,", "--precision", "16-mixed", "--max_steps", "2",
                      "--no_validation")
     with caplog.at_level(logging.INFO):
         assert main.main(argv) == 0

@@ -47,6 +47,26 @@ def test_a_nan_gradient_changes_no_weight_and_no_optimizer_state() -> None:
     assert not torch.equal(param.detach(), before[0]), "a finite step after it trains again"
 
 
+def test_the_skip_works_under_a_grad_scaler() -> None:
+    """16-mixed: Lightning's GradScaler steps the fused optimizer after on_before_optimizer_step (found on an H200:
+    a ``grad_scale`` left at None there made ``GradScaler.step`` raise a TypeError)."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = fused_adamw(param)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    tracker = NonFiniteLossTracker()
+    changed = []
+    for factor in (1.0, float("nan"), 1.0):
+        scaler.scale((param * factor).sum()).backward()
+        tracker.skip_update_if_bad(optimizer)
+        before = param.detach().clone()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        changed.append(not torch.equal(before, param.detach()))
+    assert changed == [True, False, True], "the NaN step must be skipped and the others taken"
+    assert scaler.get_scale() == 2.0, "the scaler saw the NaN step and halved its scale"
+
+
 def test_non_fused_optimizers_fall_back_to_a_host_check() -> None:
     param = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([param], lr=0.1)
