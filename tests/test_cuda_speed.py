@@ -116,8 +116,8 @@ def test_a_compiled_step_with_cuda_graphs_matches_eager_and_does_not_synchronize
 
 
 def test_cli_holds_frozen_weights_in_half_under_16_mixed(tmp_path, photo_dir, tiny_ckpt, caplog) -> None:
-    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "-n", "half", "--gpus", "0,", "--precision", "16-mixed", "--max_steps", "2",
-                     "--no_validation")
+    argv = base_argv(tmp_path, photo_dir, tiny_ckpt, "-n", "half", "--gpus", "0,", "--precision", "16-mixed",
+                     "--max_steps", "2", "--no_validation")
     with caplog.at_level(logging.INFO):
         assert main.main(argv) == 0
     assert "frozen weights held in float16" in caplog.text
