@@ -383,7 +383,10 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
         assert m.flags == (*base.flags, *flags) and m.on == base.on and m.phrase == base.phrase
     assert method("lora_dreambooth_momentum_0.1").flags == recipe.flags
     assert [(m.name, m.flags, m.compared_with) for m in VECTOR_CELLS] == [
-        ("ti_vectors_4", ("--gamma", "1", "--num_vectors_per_token", "4"), "ti")]
+        ("ti_vectors_4", ("--gamma", "1", "--num_vectors_per_token", "4"), "ti"),
+        ("momentum_0.1_vectors_4", ("--gamma", "0.1", "--num_vectors_per_token", "4"), "momentum_0.1"),
+        ("momentum_0.1_lr8e-3_vectors_4", ("--gamma", "0.1", "--base_learning_rate", "8e-3", "--num_vectors_per_token",
+                                           "4"), "momentum_0.1_lr8e-3")]
     assert TOY_INIT_WORDS.is_file()  # the shipped list the init_words cells start from
 
 

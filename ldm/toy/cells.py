@@ -171,10 +171,12 @@ LORA_CELLS: tuple[Method, ...] = (
 )
 # Several vectors for the placeholder: the full description that draws a subject is 6-7 tokens (pattern, colour,
 # shape, class word, accessory), and one vector trained for 200 steps finds the combination less often than those
-# words do (docs/toy_benchmark.md). Each vector starts from the init word and takes TI's step.
-VECTOR_CELLS: tuple[Method, ...] = (
-    with_option(TI, "vectors_4", ("--num_vectors_per_token", "4"),
-                "4 vectors for the placeholder, each starting from the init word"),)
+# words do (docs/toy_benchmark.md). Each vector starts from the init word and takes its cell's step; on
+# momentum 0.1 (issue 19's baseline) at its own step and at TI's e-space step.
+VECTOR_CELLS: tuple[Method, ...] = tuple(
+    with_option(cell, "vectors_4", ("--num_vectors_per_token", "4"),
+                "4 vectors for the placeholder, each starting from the init word")
+    for cell in FRONTIER_CELLS if cell.name in ("ti", "momentum_0.1", "momentum_0.1_lr8e-3"))
 METHODS: tuple[Method, ...] = (*FRONTIER_CELLS, *EARLIER_CELLS, *ANCHORING_CELLS, *VECTOR_CELLS, *LORA_CELLS)
 METHOD_NAMES = tuple(m.name for m in METHODS)
 FRONTIER_METHODS = tuple(m.name for m in FRONTIER_CELLS)  # the default cells
