@@ -385,8 +385,8 @@ def test_the_new_cells_are_named_by_the_issues_and_not_run_by_default():
     assert [(m.name, m.flags, m.compared_with) for m in VECTOR_CELLS] == [
         ("ti_vectors_4", ("--gamma", "1", "--num_vectors_per_token", "4"), "ti"),
         ("momentum_0.1_vectors_4", ("--gamma", "0.1", "--num_vectors_per_token", "4"), "momentum_0.1"),
-        ("momentum_0.1_lr8e-3_vectors_4", ("--gamma", "0.1", "--base_learning_rate", "8e-3", "--num_vectors_per_token",
-                                           "4"), "momentum_0.1_lr8e-3")]
+        ("momentum_0.1_lr8e-3_vectors_4", ("--gamma", "0.1", "model.base_learning_rate=8e-3",
+                                           "--num_vectors_per_token", "4"), "momentum_0.1_lr8e-3")]
     assert TOY_INIT_WORDS.is_file()  # the shipped list the init_words cells start from
 
 

@@ -68,9 +68,8 @@ def base_lr(value: str) -> str:
 # Sections 3 and 4 of the frontier protocol (docs/toy_benchmark.md). With Adam, momentum gamma at base lr
 # x equals TI at base lr gamma * x from another start (docs/method.md), so each momentum cell has a TI
 # cell with the same step in e-space: ti / momentum_0.1_lr8e-3, ti_lr8e-5 / momentum_0.1.
-TI = Method("ti", ("--gamma", "1"), "*", note="TI, base lr 8e-4 x batch 8")
 FRONTIER_CELLS: tuple[Method, ...] = (
-    TI,
+    Method("ti", ("--gamma", "1"), "*", note="TI, base lr 8e-4 x batch 8"),
     Method("ti_lr8e-5", ("--gamma", "1", base_lr("8e-5")), "*", note="TI at momentum 0.1's e-space step"),
     Method("momentum_0.1", ("--gamma", "0.1"), "*", note="momentum 0.1, base lr 8e-4", baseline="ti_lr8e-5"),
     Method("momentum_0.1_lr8e-3", ("--gamma", "0.1", base_lr("8e-3")), "*", note="momentum 0.1 at TI's e-space step",
