@@ -1,4 +1,5 @@
-"""The anchoring rows: a TI step with each option of issue 19 against the same step without it.
+"""The anchoring rows: a TI step with each option of issue 19 (and 4 vectors for the placeholder) against the
+same step without it.
 
 Each option's model is built from the benchmark's config with the option set under
 ``personalization_config.params`` (as ``main.py --anchor_weight ...`` sets it) and given the same
@@ -17,11 +18,13 @@ from .table import Row
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS: dict[str, dict[str, object]] = {
+    "control": {},  # a second model without options: the comparison's own bias (two instances, one timed first)
     "anchor_pull": {"anchor_weight": 0.01, "anchor": "init"},
     "norm_bound": {"norm_bound": True},
     "init_words": {"init_words": str(ROOT / "inputs" / "init_words" / "given_names.txt")},
     "ema": {"ema_decay": 0.99},
     "ema_bias_corrected": {"ema_decay": 0.99, "ema_bias_correction": True},
+    "vectors_4": {"num_vectors_per_token": 4},
     "all_four": {"anchor_weight": 0.01, "norm_bound": True, "ema_decay": 0.99,
                  "init_words": str(ROOT / "inputs" / "init_words" / "given_names.txt")},
 }
@@ -30,6 +33,8 @@ TARGET = "target <= 1.05"
 
 def describe(options: dict[str, object]) -> str:
     """The options as flags would show them, a word list by its file name."""
+    if not options:
+        return "no option: the control"
     return ", ".join(f"{k}={Path(str(v)).name if k == 'init_words' else v}" for k, v in options.items())
 
 
