@@ -399,10 +399,10 @@ def markdown_tables(results: dict) -> str:
         lines.append(f"| {name} | {cells} | {f['runs']} |")
     if results.get("paired_differences"):
         lines += ["", "| paired difference (same subjects and seeds) | "
-                  + " | ".join(f"at fidelity >= {t:g}" for t in FIDELITY_THRESHOLDS) + " | frontier area | runs |",
-                  "| --- " * (len(keys) + 2) + "|"]
+                  + " | ".join(f"at fidelity >= {t:g}" for t in FIDELITY_THRESHOLDS)
+                  + " | frontier area | margin at every fidelity | runs |", "| --- " * (len(keys) + 3) + "|"]
         for name, d in results["paired_differences"].items():
-            cells = " | ".join(signed(d["difference"][k], d["intervals"][k]) for k in keys)
+            cells = " | ".join(signed(d["difference"][k], d["intervals"][k]) for k in [*keys, "margin"])
             lines.append(f"| {name} | {cells} | {d['runs']} |")
     lines += ["", "| method (last save, strength 1) | fidelity | editability | identity features | asked attribute "
                   "| runs |", "| --- | --- | --- | --- | --- | --- |"]

@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.toy.frontier import (
-    best_editability, bootstrap_intervals, frontier_area, frontier_figures, mean_points, paired_difference,
-    pareto_frontier, summarize_frontier,
+    best_editability, bootstrap_intervals, frontier_area, frontier_figures, frontier_margin, mean_points,
+    paired_difference, pareto_frontier, summarize_frontier,
 )
 from ldm.toy.benchmark import NO_SAVES, STEPS, TOY_MODEL, Protocol, main_argv, result_name, save_flags, step_saves
 from ldm.toy.cells import (ANCHORING_CELLS, ANCHORING_OPTIONS, LORA_CELLS, METHODS, TOY_INIT_WORDS, VECTOR_CELLS,
@@ -74,6 +74,15 @@ def test_a_figure_missing_in_too_many_resamples_has_no_interval():
     assert summary["figure_intervals"]["best_editability_at_0.5"] is None  # a quarter of resamples: none
 
 
+def test_the_margin_is_the_least_excess_over_the_fidelities_the_baseline_reaches():
+    y = [(0.2, 0.6), (0.5, 0.4), (0.1, 0.1)]  # frontier (0.2, 0.6), (0.5, 0.4)
+    assert frontier_margin([(0.6, 0.5), (0.3, 0.7)], y) == pytest.approx(0.1)  # above at every f in (0, 0.5]
+    assert frontier_margin([(0.3, 0.9), (0.45, 0.8)], y) == pytest.approx(-0.4)  # reaches no f in (0.45, 0.5]
+    assert frontier_margin([(0.9, 0.3)], y) == pytest.approx(-0.3)  # more faithful, less editable at low f
+    assert frontier_margin([(0.9, 0.3)], [(0.0, 0.5)]) is None  # the baseline reaches no fidelity
+    assert frontier_margin(y, y) == 0.0
+
+
 def test_a_paired_difference_sees_a_shift_that_the_separate_intervals_hide():
     rng = np.random.default_rng(3)
     subject = rng.uniform(0.2, 0.8, (15, 1, 1))  # what each subject does to every method: a wide spread
@@ -83,7 +92,8 @@ def test_a_paired_difference_sees_a_shift_that_the_separate_intervals_hide():
     paired = paired_difference(runs_x, runs_y, thresholds)
     expected = {k: frontier_figures(mean_points(runs_x), thresholds)[k] - v
                 for k, v in frontier_figures(mean_points(runs_y), thresholds).items()}
-    assert paired["difference"] == pytest.approx(expected)
+    assert {k: v for k, v in paired["difference"].items() if k != "margin"} == pytest.approx(expected)
+    assert paired["difference"]["margin"] > 0 and paired["intervals"]["margin"][0] > 0, "above everywhere, paired"
     low, high = paired["intervals"]["area"]
     assert 0 < low <= expected["area"] <= high, "paired: the shift is beyond the interval"
     x_ci = summarize_frontier(runs_x, thresholds)["figure_intervals"]["area"]

@@ -15,6 +15,11 @@ Intervals are 95% percentile-bootstrap intervals over runs: runs are drawn with 
 mean points and every figure derived from them are recomputed, and the 2.5th and 97.5th percentiles
 of each figure are the interval. With a single run there is nothing to resample and no interval.
 
+X's frontier is **above** Y's when, at every fidelity level f in (0, F_Y] that Y reaches (F_Y: Y's most
+faithful mean point), X's best editability at f exceeds Y's (0 where a method has no point reaching f):
+``frontier_margin(x, y)``, the smallest such excess, is positive. Both are staircases that step only at
+their frontier points' fidelities, so the minimum is taken at those fidelities.
+
 Two methods run on the same subjects and seeds (run i of one and run i of the other share subject,
 seed and sampling noise) are compared **paired** (:func:`paired_difference`): the same runs are drawn
 for both, and the interval is that of the difference of their figures. What the subject does to both
@@ -62,6 +67,17 @@ def frontier_area(points: Sequence[Point]) -> float:
         area += (fidelity - previous) * editability
         previous = fidelity
     return area
+
+
+def frontier_margin(points_x: Sequence[Point], points_y: Sequence[Point]) -> float | None:
+    """The smallest excess of x's best editability over y's across the fidelities y reaches (see the module
+    docstring): positive when x's frontier is above y's everywhere; None when y reaches no fidelity above 0."""
+    reach = max((f for f, _ in points_y), default=0.0)
+    levels = {points[i][0] for points in (points_x, points_y) for i in pareto_frontier(points)}
+    levels = sorted(f for f in levels if 0 < f <= reach)
+    if not levels:
+        return None
+    return min((best_editability(points_x, f) or 0.0) - (best_editability(points_y, f) or 0.0) for f in levels)
 
 
 def frontier_figures(points: Sequence[Point], thresholds: Sequence[float]) -> dict[str, float | None]:
@@ -137,10 +153,12 @@ def summarize_frontier(runs: np.ndarray, thresholds: Sequence[float]) -> dict:
 
 
 def difference_figures(runs_x: np.ndarray, runs_y: np.ndarray, thresholds: Sequence[float]) -> dict[str, float | None]:
-    """Each frontier figure of runs_x's mean points minus runs_y's (None where either figure is None)."""
-    x = frontier_figures(mean_points(runs_x), thresholds)
-    y = frontier_figures(mean_points(runs_y), thresholds)
-    return {name: None if x[name] is None or y[name] is None else x[name] - y[name] for name in x}
+    """Each frontier figure of runs_x's mean points minus runs_y's (None where either figure is None), and the
+    margin by which x's frontier is above y's (:func:`frontier_margin`)."""
+    points_x, points_y = mean_points(runs_x), mean_points(runs_y)
+    x, y = frontier_figures(points_x, thresholds), frontier_figures(points_y, thresholds)
+    differences = {name: None if x[name] is None or y[name] is None else x[name] - y[name] for name in x}
+    return {**differences, "margin": frontier_margin(points_x, points_y)}
 
 
 def paired_difference(runs_x: np.ndarray, runs_y: np.ndarray, thresholds: Sequence[float]) -> dict:
