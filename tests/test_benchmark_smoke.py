@@ -20,8 +20,8 @@ INFERENCE_ROWS = ["unet_forward", "vae_decode", "ddim2_cfg", "sample_ddim2_b1"]
 TI_ROWS = ["ti_step_b1", "ti_step_b2"]
 TI_PART_ROWS = ["ti_part_table_adamw"] + [f"ti_{part}_b{n}" for n in (1, 2)
                                           for part in ("part_text", "part_unet", "part_vae", "floor", "part_saved")]
-ANCHORING_ROWS = [f"{option}_b{n}" for option in ("anchor_pull", "norm_bound", "init_words", "ema",
-                                                 "ema_bias_corrected", "all_four") for n in (1, 2)]
+ANCHORING_ROWS = [f"{option}_b{n}" for option in ("control", "anchor_pull", "norm_bound", "init_words", "ema",
+                                                 "ema_bias_corrected", "vectors_4", "all_four") for n in (1, 2)]
 TRAINING_ROWS = ["face_step_b1", "face_step_b2", *ANCHORING_ROWS, "db_step", "lora_db_step"]
 FLOP_ROWS = ("unet_forward", "vae_decode", "ddim", "sample", "ti_step", "face_step", "db_step")
 VALIDATION_ROW = "validation_save"
